@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# System setup for a jobcage node: packages, kernel-header links, tracefs.
+# Shared by `make bootstrap` (Debian, this repo) and the vagrant boxes.
+# Idempotent: every step checks before it acts, and says what it did.
+set -euo pipefail
+
+log() { printf 'bootstrap: %s\n' "$*"; }
+
+. /etc/os-release
+family=${ID_LIKE:-$ID}
+
+DEB_PKGS=(python3 python3-venv python3-dev python3-bpfcc bpfcc-tools bpftrace linux-headers-amd64
+          sudo util-linux procps gcc make libc6-dev sqlite3 tmux
+          munge slurmctld slurmd slurm-client auditd)
+RPM_PKGS=(python3 python3-devel python3-bcc bcc-tools bpftrace kernel-devel-$(uname -r) sudo util-linux
+          procps-ng gcc make sqlite tmux munge slurm slurm-slurmctld slurm-slurmd audit)
+
+case "$family" in
+  *debian*)
+    missing=()
+    for p in "${DEB_PKGS[@]}"; do
+      dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+    done
+    if ((${#missing[@]})); then
+      log "apt-get install ${missing[*]}"
+      export DEBIAN_FRONTEND=noninteractive
+      # Debian starts daemons on install; we run our own (tests start Slurm privately).
+      printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d
+      apt-get update -q
+      apt-get install -y -q --no-install-recommends "${missing[@]}"
+      rm -f /usr/sbin/policy-rc.d
+    else
+      log "apt packages present"
+    fi
+    ;;
+  *rhel*|*fedora*|*centos*)
+    log "dnf install (EL)"
+    dnf install -y -q epel-release || true
+    dnf install -y -q "${RPM_PKGS[@]}"
+    ;;
+  *) log "unknown distribution '$ID': install bcc, kernel headers, python3-venv yourself"; ;;
+esac
+
+# bcc compiles against /lib/modules/$(uname -r)/build.  When no headers package
+# matches the running kernel (a 6.18 kernel with Debian's 6.1 headers), point the
+# links at the newest installed headers: safe because our BPF reads no kernel struct.
+kmod=/lib/modules/$(uname -r)
+if [ ! -e "$kmod/build/include" ]; then
+  hdr=$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -1 || true)
+  common=$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -1 || true)
+  if [ -n "$hdr" ]; then
+    mkdir -p "$kmod"
+    ln -sfn "$hdr" "$kmod/build"
+    log "created $kmod/build -> $hdr (no headers for $(uname -r))"
+    if [ -n "$common" ] && [ ! -e "$kmod/source/include" ]; then
+      ln -sfn "$common" "$kmod/source"
+      log "created $kmod/source -> $common"
+    fi
+  else
+    log "WARNING: no kernel headers found; BPF tracing will fall back to the proc connector"
+  fi
+fi
+
+# Tracepoint formats come from tracefs at run time.
+if [ ! -e /sys/kernel/tracing/events ]; then
+  mount -t tracefs tracefs /sys/kernel/tracing 2>/dev/null && log "mounted tracefs" || log "WARNING: cannot mount tracefs"
+fi
+if [ ! -e /sys/kernel/debug/tracing ] && ! mountpoint -q /sys/kernel/debug; then
+  mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null && log "mounted debugfs" || true
+fi
+exit 0
