@@ -72,9 +72,13 @@ class ProtocolError(JobcageError):
     """Garbage on the control socket."""
 
 
+class StoreError(JobcageError):
+    """The state database is unusable."""
+
+
 # Map for re-raising errors that crossed the control socket.
 BY_NAME: dict[str, type[JobcageError]] = {
     c.__name__: c for c in (JobcageError, InvalidArgument, AccessDenied, NoSuchProcess, CgroupError,
                             NoSuchCgroup, Unsupported, Timeout, NoSuchJob, JobExists, AgentUnavailable,
-                            ProtocolError)
+                            ProtocolError, StoreError)
 }
