@@ -165,7 +165,7 @@ class Agent:
 
             self.tracer = Tracer(self.on_event, backend=backend)
             self.tracer_backend = self.tracer.backend
-        except JobcageError as e:
+        except Exception as e:  # containment must not depend on tracing
             log.warning("tracing disabled: %s", e)
             return
         try:
@@ -173,7 +173,7 @@ class Agent:
 
             self.accounting = Accounting(self.tracer)
             self.accounting.start()
-        except JobcageError as e:
+        except Exception as e:
             log.warning("per-identity accounting disabled: %s", e)
             self.accounting = None
 
