@@ -12,11 +12,11 @@ USAGE = {
     "prologue": "jobcage prologue JOB_ID --uid UID [--gid GID] [--pids-max N] [--pid PID] [--json]",
     "adopt": "jobcage adopt JOB_ID [--pid PID]   (default: the caller's parent)",
     "run": "jobcage run JOB_ID -- CMD [ARG...]",
-    "epilogue": "jobcage epilogue JOB_ID [--json]",
+    "epilogue": "jobcage epilogue JOB_ID [--json] [--missing-ok]",
 }
 VALUED = {"prologue": {"--uid", "--gid", "--pids-max", "--pid"}, "adopt": {"--pid"}, "run": set(),
           "epilogue": set()}
-FLAGS = {"prologue": {"--json"}, "adopt": set(), "run": set(), "epilogue": {"--json"}}
+FLAGS = {"prologue": {"--json"}, "adopt": set(), "run": set(), "epilogue": {"--json", "--missing-ok"}}
 
 
 class UsageError(Exception):
@@ -94,13 +94,18 @@ def main(argv: list[str]) -> int:
         print(f"jobcage {cmd}: {e}\nusage: {USAGE[cmd]}", file=sys.stderr)
         return 2
 
-    from cgroups.errors import JobcageError
+    from cgroups.errors import JobcageError, NoSuchJob
 
     from .client import invoke
 
     method = "adopt" if cmd == "run" else cmd
     try:
         result = invoke(method, **{k: v for k, v in params.items() if v is not None})
+    except NoSuchJob as e:
+        # Batch epilogs run for every job, also ones started before jobcage was
+        # installed or whose prologue failed: --missing-ok keeps the node in service.
+        print(f"jobcage {cmd}: {e}", file=sys.stderr)
+        return 0 if opts.get("--missing-ok") else 1
     except JobcageError as e:
         print(f"jobcage {cmd}: {e}", file=sys.stderr)
         return 1
