@@ -50,6 +50,8 @@ class Api:
             "declare": (ANY, self.declare),
             "whois": (ANY, self.whois),
             "trace": (ANY, self.trace),
+            "prune": (ROOT, self.prune),
+            "cleanup": (ROOT, self.cleanup),
         }
 
     def dispatch(self, caller: Caller, method: object, params: object) -> object:
@@ -118,6 +120,16 @@ class Api:
     def trace(self, caller: Caller, job_id: str) -> dict:
         self.m.check_read(validate_job_id(job_id), caller.uid)
         return self.m.trace_data(job_id)
+
+
+    def prune(self, caller: Caller, kill: bool = False, min_uid: int | None = None,
+              uids: list[int] | None = None) -> dict:
+        if uids is not None and (not isinstance(uids, list) or not all(isinstance(u, int) for u in uids)):
+            raise InvalidArgument(f"invalid uids: {uids!r}")
+        return self.m.prune(bool(kill), None if min_uid is None else _int("min uid", min_uid), uids)
+
+    def cleanup(self, caller: Caller, uid: int, dry_run: bool = False) -> dict:
+        return self.m.cleanup_uid(_int("uid", uid), bool(dry_run))
 
 
 def parse_signal(name: object) -> int:

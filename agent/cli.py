@@ -234,3 +234,44 @@ def whois(uid: int, at: str | None, as_json: bool) -> None:
 def declare(job_id: str, uid: int, label: str) -> None:
     """Declare a payload identity (gLExec 'declare only' mode); job owner or root."""
     invoke("declare", job_id=job_id, uid=uid, label=label)
+
+
+@cli.command()
+@click.option("--kill", "do_kill", is_flag=True, help="kill them (default: dry run)")
+@click.option("--min-uid", type=int, help="ignore processes of lower uids (default from config: 1000)")
+@click.option("--uid", "uids", type=int, multiple=True, help="only these uids (repeatable)")
+@click.option("--json", "as_json", is_flag=True)
+@errors
+def prune(do_kill: bool, min_uid: int | None, uids: tuple[int, ...], as_json: bool) -> None:
+    """Processes that belong to no job (by cgroup, not by uid). Dry run unless --kill."""
+    r = invoke("prune", kill=do_kill, min_uid=min_uid, uids=list(uids) or None)
+    assert isinstance(r, dict)
+    if as_json:
+        _json(r)
+        return
+    verb = "would kill" if r["dry_run"] else "stray"
+    for s in r["strays"]:
+        click.echo(f"{verb}: pid {s['pid']} uid {s['uid']} ({s['user']}) {s['cmd'][:60]!r}: {s['reason']}")
+    if not r["dry_run"]:
+        click.echo(f"killed {len(r.get('killed', []))}, survivors {len(r.get('survivors', []))}, "
+                   f"spared {len(r.get('skipped', []))}")
+        if r.get("survivors"):
+            sys.exit(1)
+    elif not r["strays"]:
+        click.echo("no stray processes")
+
+
+@cli.command()
+@click.option("--uid", type=int, required=True)
+@click.option("--dry-run", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+@errors
+def cleanup(uid: int, dry_run: bool, as_json: bool) -> None:
+    """Remove files of UID in the configured dirs (refused while a running job holds UID)."""
+    r = invoke("cleanup", uid=uid, dry_run=dry_run)
+    assert isinstance(r, dict)
+    if as_json:
+        _json(r)
+        return
+    click.echo(f"{'would remove' if dry_run else 'removed'} {r['removed_files']} file(s), "
+               f"{r['removed_dirs']} dir(s); skipped {sum(r['skipped_counts'].values())}: {r['skipped_counts']}")

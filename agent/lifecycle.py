@@ -256,12 +256,64 @@ class JobManager:
             self.store.set_identity_cpu(job["jid"], cpu, time.time())
 
     def _cleanup(self, job: dict) -> dict:
-        """Per-job TMPDIR and files of the job's identities (issue: pruning/cleanup)."""
+        """Per-job TMPDIR, then files of the job's identities that no other running
+        job holds (a shared pool uid stays until its last job ends)."""
         out: dict = {}
         if job.get("tmpdir"):
             from .tmpdir import remove_job_tmpdir
 
-            out["tmpdir"] = _report(remove_job_tmpdir(self.config.tmpdir_base, job["job_id"]))
+            out["tmpdir"] = remove_job_tmpdir(self.config.tmpdir_base, job["job_id"]).to_dict()
+        if self.config.cleanup_enabled and self.config.cleanup_dirs:
+            uids = {i["uid"] for i in self.store.identities(job["jid"])}
+            held = self.uids_held(exclude_jid=job["jid"])
+            out["uids_kept"] = sorted(uids & held)
+            uids = {u for u in uids - held if u >= self.config.prune_min_uid}
+            out["uids_cleaned"] = sorted(uids)
+            if uids:
+                from .cleanup import cleanup
+
+                files = cleanup(self.config.cleanup_dirs, uids, min_uid=self.config.prune_min_uid).to_dict()
+                # Other users' files are the normal case, counted but not listed in a summary.
+                files["skipped"] = [s for s in files["skipped"] if s["reason"] != "other-uid"]
+                out["files"] = files
+        return out
+
+    def uids_held(self, exclude_jid: int | None = None) -> set[int]:
+        """Uids that some running job holds right now (owner or traced identity)."""
+        return {i["uid"] for j in self.store.jobs("active") if j["jid"] != exclude_jid
+                for i in self.store.identities(j["jid"])}
+
+    def cleanup_uid(self, uid: int, dry_run: bool = False) -> dict:
+        """`jobcage cleanup --uid`: the epilogue's file cleanup for one uid, refused
+        while a running job holds it."""
+        if uid < self.config.prune_min_uid:
+            raise InvalidArgument(f"uid {uid} is below min_uid {self.config.prune_min_uid}")
+        self.reconcile()
+        holders = [j["job_id"] for j in self.store.jobs("active")
+                   if any(i["uid"] == uid for i in self.store.identities(j["jid"]))]
+        if holders:
+            raise AccessDenied(f"uid {uid} is held by running job(s) {', '.join(holders)}")
+        from .cleanup import cleanup
+
+        return cleanup(self.config.cleanup_dirs, {uid}, min_uid=self.config.prune_min_uid,
+                       dry_run=dry_run).to_dict()
+
+    def prune(self, kill: bool = False, min_uid: int | None = None, uids: list[int] | None = None) -> dict:
+        """Processes in no job's cgroup (uid >= min_uid, not exempt); killed with kill."""
+        from functools import partial
+
+        from .prune import find_strays, kill_strays, pids_in_cgroup_tree
+
+        cfg = self.config
+        self.driver.ensure_subtree()
+        in_jobs = partial(pids_in_cgroup_tree, self.driver.membership_root())
+        strays = find_strays(in_jobs, min_uid=cfg.prune_min_uid if min_uid is None else min_uid,
+                             only_uids=set(uids) if uids else None, exempt_uids=cfg.prune_exempt_uids,
+                             exempt_users=cfg.prune_exempt_users, exempt_commands=cfg.prune_exempt_commands,
+                             exempt_sshd=cfg.prune_exempt_sshd)
+        out: dict = {"dry_run": not kill, "strays": [s.to_dict() for s in strays]}
+        if kill and strays:
+            out.update(kill_strays(strays, cfg.kill_timeout).to_dict())
         return out
 
     # -- views --------------------------------------------------------------------
@@ -389,10 +441,3 @@ class JobManager:
                 self.store.end_job(job["jid"], time.time(), job["cpu_seconds"], job["pids_limit_hits"],
                                    {"job_id": job["job_id"], "state": "ended"}, "cgroup vanished")
         return live
-
-
-def _report(rep: object) -> object:
-    """A cleanup report as plain data (dataclass or dict)."""
-    from dataclasses import asdict, is_dataclass
-
-    return asdict(rep) if is_dataclass(rep) and not isinstance(rep, type) else rep

@@ -121,6 +121,10 @@ class Driver:
         """The membership directory: the one shown to users and read for pids."""
         return self._dirs(check_name(name))[0]
 
+    def membership_root(self) -> str:
+        """The subtree directory whose descendants' cgroup.procs are the members."""
+        return self._dirs(None)[0]
+
     def _pids_dir(self, name: str) -> str:
         raise Unsupported("no pids controller on this node")
 
