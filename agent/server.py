@@ -43,10 +43,12 @@ class _Handler(socketserver.BaseRequestHandler):
         caller = peercred(sock)  # on every request: the kernel says who is calling
         try:
             req = protocol.recv(sock)
-        except (ProtocolError, OSError) as e:
-            log.info("bad request from pid %s uid %s: %s", caller.pid, caller.uid, e)
+        except (ProtocolError, OSError, RecursionError) as e:
+            # RecursionError: json.loads of a deeply nested document, e.g. "[" * 100000
+            msg = "message is nested too deeply" if isinstance(e, RecursionError) else str(e)
+            log.info("bad request from pid %s uid %s: %s", caller.pid, caller.uid, msg)
             try:
-                protocol.send(sock, {"ok": False, "error": ProtocolError(str(e)).to_dict()})
+                protocol.send(sock, {"ok": False, "error": ProtocolError(msg).to_dict()})
             except OSError:
                 pass
             return
@@ -99,6 +101,7 @@ class Agent:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._pending: list[TraceEvent] = []
+        self._next_prune = time.monotonic() + 60 * config.prune_interval
 
     # -- Observer protocol (called by JobManager, from any thread) ------------------
     def job_started(self, job: dict, cgroup_id: int | None, pids: list[int]) -> None:
@@ -202,6 +205,24 @@ class Agent:
                 if lost:
                     self.store.add_events_lost(jid, lost)
         self.store.set_meta("heartbeat", str(time.time()))
+        if self.config.prune_interval > 0 and time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + 60 * self.config.prune_interval
+            self._prune()
+
+    def _prune(self) -> None:
+        """Agent-mode prune: kill strays and write what was killed to the audit trail."""
+        try:
+            r = self.manager.prune(kill=True)
+        except JobcageError as e:
+            log.warning("prune failed: %s", e)
+            return
+        evs = [TraceEvent("prune", pid=s["pid"], ppid=s["ppid"], uid=s["uid"], comm=s["cmd"][:64],
+                          detail={"reason": s["reason"], "result": outcome})
+               for outcome in ("killed", "survivors") for s in r.get(outcome, [])]
+        if evs:
+            self.store.add_events(None, evs)
+            log.info("prune: killed %d stray process(es), %d survivor(s)", len(r.get("killed", [])),
+                     len(r.get("survivors", [])))
 
     # -- run ---------------------------------------------------------------------------
     def serve(self) -> None:
