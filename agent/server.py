@@ -122,6 +122,8 @@ class Agent:
         with self._lock:
             if self.accounting is None:
                 return None
+            if self.tracer is not None:
+                self.tracer.poll(0)  # exits first: accounting attributes exit records through them
             self.accounting.poll()
             return self.accounting.job_cpu_by_uid(job_id, pids or self.manager.driver.pids(job_id))
 
@@ -142,6 +144,10 @@ class Agent:
         if not self._pending:
             return
         batch, self._pending = self._pending, []
+        with self.store.transaction():
+            self._write(batch)
+
+    def _write(self, batch: list[TraceEvent]) -> None:
         by_job: dict[int, list[TraceEvent]] = {}
         for ev in batch:
             jid = self._jids.get(ev.job_id or "")
@@ -149,13 +155,18 @@ class Agent:
                 continue
             by_job.setdefault(jid, []).append(ev)
             owner = self._owner.get(ev.job_id or "", -1)
-            for uid in {ev.uid, ev.euid}:
-                if uid >= 0 and (uid != owner or ev.kind in ("setuid", "exec")):
-                    via = ev.detail.get("via") or (ev.filename if ev.kind in ("setuid", "exec") else None)
-                    self.store.touch_identity(jid, uid, ev.ts, via if uid != owner else None)
-            if ev.kind == "fork" or ev.detail.get("orig_ppid") is not None:
-                self.store.set_lineage(jid, ev.pid, int(ev.detail.get("orig_ppid", ev.ppid)),
-                                       ev.detail.get("via"), ev.ts)
+            # An identity is a uid the job's processes *run as*: the real uid of an exec,
+            # or the new real uid of a successful set*uid.  Helpers' transient euids
+            # (sudo passes through root and daemon) are in the trail, not identities.
+            ident = None
+            if ev.kind == "exec" and ev.uid >= 0:
+                ident = ev.uid
+            elif ev.kind == "setuid" and ev.detail.get("ok") and ev.uid > 0:
+                ident = ev.uid
+            if ident is not None:
+                self.store.touch_identity(jid, ident, ev.ts, ev.detail.get("via") if ident != owner else None)
+            if ev.detail.get("orig_ppid") is not None:
+                self.store.set_lineage(jid, ev.pid, int(ev.detail["orig_ppid"]), ev.detail.get("via"), ev.ts)
         for jid, evs in by_job.items():
             self.store.add_events(jid, evs)
 
@@ -253,15 +264,16 @@ class Agent:
         next_reconcile = 0.0
         try:
             while not self._stop.is_set():
-                if self.tracer is not None:
-                    self.tracer.poll(100)
-                else:
-                    self._stop.wait(0.1)
+                # The tracer is not thread-safe and control threads add/remove jobs:
+                # poll without blocking under the lock, wait outside it.
                 with self._lock:
+                    n = self.tracer.poll(0) if self.tracer is not None else 0
                     self._flush()
                     if time.monotonic() >= next_reconcile:
                         self._periodic()
                         next_reconcile = time.monotonic() + cfg.reconcile_interval
+                if not n:
+                    self._stop.wait(0.05)
         finally:
             sd_notify("STOPPING=1")
             server.shutdown()

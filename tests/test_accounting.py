@@ -1,0 +1,122 @@
+"""Per-identity CPU accounting against the kernel's own number: the job cgroup's cpu.stat usage_usec.
+
+A pilot job burns CPU under its own uid, then as a pool uid through the setuid-root helper; the per-uid sum
+(taskstats exit records + /proc for live tasks, membership from the tracer) must match the cgroup within 2%.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # tracefixtures / jctest, package or not
+
+import tracefixtures as tf  # noqa: E402
+from tracefixtures import PYTHON, Helpers, TraceUsers, drive, shell_job  # noqa: E402
+
+from agent.accounting import Accounting, live_cpu_by_uid, parse_messages, parse_taskstats  # noqa: E402
+
+trace_users, helpers, make_cgroup, make_tracer = tf.trace_users, tf.helpers, tf.make_cgroup, tf.make_tracer
+
+pytestmark = [pytest.mark.root]
+
+BURN_S = 1.5
+
+
+@pytest.mark.bpf
+@pytest.mark.parametrize("backend", ["bpf", "proc"])
+def test_cpu_per_identity_matches_cgroup(backend: str, trace_users: TraceUsers, helpers: Helpers, make_cgroup,
+                                         make_tracer) -> None:
+    pilot, pool = trace_users.pilot, trace_users.pool
+    tracer, _ = make_tracer(backend)
+    acc = Accounting(tracer)
+    acc.start()
+    try:
+        cg = make_cgroup()
+        script = (f"{PYTHON} {helpers.burn} {BURN_S}\n"
+                  f"{helpers.sutest} {pool.uid} {pool.gid} {PYTHON} {helpers.burn} {BURN_S}")
+        job = shell_job(cg, script, pilot)
+        tracer.add_job("acct", pilot.uid, cg.id, pids=[job.pid])
+        u0 = cg.usage_usec()
+        job.release()
+        snapshots: list[tuple[dict[int, float], float]] = []
+        last = [time.monotonic()]
+
+        def tick() -> None:
+            acc.poll(0)
+            if time.monotonic() - last[0] > 0.5:   # mid-run: live tasks from /proc + exited ones
+                last[0] = time.monotonic()
+                snapshots.append((acc.job_cpu_by_uid("acct", cg.procs()), (cg.usage_usec() - u0) / 1e6))
+
+        drive([tracer], lambda: job.proc.poll() is not None, timeout=60, tick=tick)
+        assert job.proc.wait() == 0, job.proc.communicate()[1]
+        time.sleep(0.1)
+        tracer.poll(10)
+        acc.poll(50)
+        usage = (cg.usage_usec() - u0) / 1e6
+        by_uid = acc.job_cpu_by_uid("acct", cg.procs())
+    finally:
+        acc.close()
+    total = sum(by_uid.values())
+    print(f"\n{backend}: per uid {by_uid}, sum {total:.4f}s, cgroup usage {usage:.4f}s, "
+          f"ratio {total / usage:.4f}; {acc.records} exit records read")
+    assert abs(total - usage) / usage < 0.02, (by_uid, usage)
+    assert set(by_uid) <= {pilot.uid, pool.uid}
+    for uid in (pilot.uid, pool.uid):   # half the work each
+        assert 0.4 < by_uid[uid] / total < 0.6, by_uid
+        assert by_uid[uid] >= BURN_S
+    # while the pool payload ran, the live part was counted too
+    mid = [s for s, u in snapshots if s.get(pool.uid, 0) > 0.3 and pool.uid in s]
+    assert mid, f"no mid-run snapshot saw the pool uid burning: {snapshots}"
+    for s, u in snapshots:
+        if u > 1.0:
+            assert abs(sum(s.values()) - u) / u < 0.05, (s, u)
+
+
+def _stats(version: int, uid: int, pid: int, virt_ns: int, utime_us: int, stime_us: int) -> bytes:
+    shift = 48 if version == 15 else 0
+    buf = bytearray(400)
+    struct.pack_into("=H", buf, 0, version)
+    struct.pack_into("=QQ", buf, 64 + shift, 0, virt_ns)
+    buf[80 + shift:84 + shift] = b"burn"
+    struct.pack_into("=III", buf, 120 + shift, uid, uid, pid)
+    struct.pack_into("=QQ", buf, 152 + shift, utime_us, stime_us)
+    return bytes(buf)
+
+
+def test_parse_taskstats_layouts() -> None:
+    """The precise runtime when present, utime+stime otherwise; version 15's shifted layout."""
+    r = parse_taskstats(_stats(16, 1001, 42, 1_234_567, 0, 0))
+    assert r is not None and (r.uid, r.pid, r.cpu_ns, r.comm) == (1001, 42, 1_234_567, "burn")
+    r = parse_taskstats(_stats(14, 7, 9, 0, 300, 200))
+    assert r is not None and r.cpu_ns == 500_000
+    r = parse_taskstats(_stats(15, 1002, 43, 99, 0, 0))
+    assert r is not None and (r.uid, r.pid, r.cpu_ns) == (1002, 43, 99)
+    assert parse_taskstats(b"\x10\x00" + b"\0" * 20) is None
+
+
+def test_parse_messages_skips_thread_group_aggregates() -> None:
+    def nla(typ: int, payload: bytes) -> bytes:
+        raw = struct.pack("=HH", 4 + len(payload), typ) + payload
+        return raw + b"\0" * (-len(raw) % 4)
+
+    def msg(kind: int, pid: int, stats: bytes) -> bytes:
+        body = b"\x02\x01\0\0" + nla(kind, nla(1, struct.pack("=I", pid)) + nla(3, stats))
+        return struct.pack("=IHHII", 16 + len(body), 0x20, 0, 0, 0) + body
+
+    data = msg(4, 10, _stats(16, 5, 10, 1000, 0, 0)) + msg(5, 10, _stats(16, 5, 10, 9999, 0, 0))
+    recs = parse_messages(data)
+    assert [(r.pid, r.cpu_ns) for r in recs] == [(10, 1000)]
+
+
+def test_live_cpu_of_this_process() -> None:
+    import os
+    t0 = time.process_time()
+    while time.process_time() - t0 < 0.2:
+        pass
+    live = live_cpu_by_uid([os.getpid()])
+    assert live[os.getuid()] / 1e9 >= time.process_time() - 0.05

@@ -1,0 +1,288 @@
+"""Identity tracer on the real kernel: real BPF, real setuid helpers (sutest, sudo, setpriv), real users.
+
+Each scenario runs a pilot job in its own raw cgroup2 directory; the tracer is told about the job before the job
+starts (GatedJob), like the agent's prologue.  The proc-connector backend runs *next to* the BPF tracer on the
+same job, so both see the very same processes.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # tracefixtures / jctest, package or not
+
+import tracefixtures as tf  # noqa: E402
+from jctest import require  # noqa: E402
+from tracefixtures import PYTHON, GatedJob, Helpers, TraceUsers, drive, shell_job  # noqa: E402
+
+# the fixtures of tracefixtures, visible to this module's tests
+trace_users, helpers, make_cgroup, make_tracer = tf.trace_users, tf.helpers, tf.make_cgroup, tf.make_tracer
+
+from agent.events import TraceEvent  # noqa: E402
+from agent.tracer import Tracer, proc_ppid  # noqa: E402
+from cgroups.errors import InvalidArgument, JobExists, NoSuchJob, Unsupported  # noqa: E402
+
+pytestmark = [pytest.mark.root, pytest.mark.bpf]
+
+ID = "/usr/bin/id"
+
+
+def _scenario(helper: str, users: TraceUsers, h: Helpers, sudoers) -> tuple[str, object, int, str]:
+    """(shell script, pilot user or None for root, owner uid, helper binary) running `id -u` as the pool user."""
+    pool = users.pool
+    if helper == "sutest":
+        return f"{h.sutest} {pool.uid} {pool.gid} {ID} -u", users.pilot, users.pilot.uid, str(h.sutest)
+    if helper == "sudo":
+        sudoers(f"{users.pilot.name} ALL=({pool.name}) NOPASSWD: ALL")
+        return f"sudo -n -u {pool.name} {ID} -u", users.pilot, users.pilot.uid, "/usr/bin/sudo"
+    # setpriv needs CAP_SETUID: a root pilot (a batch system's root starter) uses it
+    return (f"setpriv --reuid={pool.uid} --regid={pool.gid} --clear-groups {ID} -u", None, 0,
+            "/usr/bin/setpriv")
+
+
+def _run(tracers: list[Tracer], job: GatedJob, job_id: str, owner: int, cgroup_id: int | None,
+         timeout: float = 30.0) -> str:
+    for t in tracers:
+        t.add_job(job_id, owner, cgroup_id, pids=[job.pid])
+    job.release()
+    drive(tracers, lambda: job.proc.poll() is not None, timeout)
+    out, err = job.proc.communicate()
+    assert job.proc.returncode == 0, f"job failed: {err}"
+    return out
+
+
+def _first(events: list[TraceEvent], what: str, **match: object) -> TraceEvent:
+    for e in events:
+        if all((e.detail.get(k[7:]) if k.startswith("detail_") else getattr(e, k)) == v for k, v in match.items()):
+            return e
+    raise AssertionError(f"no {what} event with {match} in:\n" + "\n".join(
+        f"  {e.kind} pid={e.pid} ppid={e.ppid} uid={e.uid} euid={e.euid} {e.filename} {e.detail}" for e in events))
+
+
+@pytest.mark.parametrize("mode", ["cgroup", "pidmap", "perfbuf"])
+@pytest.mark.parametrize("helper", ["sutest", "sudo", "setpriv"])
+def test_identity_trail(helper: str, mode: str, trace_users: TraceUsers, helpers: Helpers, sudoers,
+                        make_cgroup, make_tracer) -> None:
+    """exec of the helper -> identity change (old/new uid, return code) -> exec of the payload, with pids and
+    parents; in cgroup mode (the kernel filters by cgroup2 id), pid-map mode (forks inherit the job) and with
+    the perf buffer older kernels get."""
+    script, pilot, owner, helper_path = _scenario(helper, trace_users, helpers, sudoers)
+    pool = trace_users.pool
+    tracer, col = make_tracer("bpf", pid_filter=(mode != "cgroup"), perf_buffer=(mode == "perfbuf"))
+    assert tracer.backend == "bpf" and tracer.buffer == ("perf" if mode == "perfbuf" else "ring")
+    cg = make_cgroup()
+    job = shell_job(cg, script, pilot)
+    job_id = f"trail-{helper}-{mode}"
+    out = _run([tracer], job, job_id, owner, None if mode == "pidmap" else cg.id)
+    assert out.split() == [str(pool.uid)], "the payload did not run as the pool user"
+    ev = col.of(job_id)
+
+    # 1. the helper is exec'd by the pilot's shell, under the pilot's uid
+    hx = _first(ev, "helper exec", kind="exec", filename=helper_path)
+    assert hx.ppid == job.pid and hx.uid == owner
+    if helper in ("sutest", "sudo"):
+        assert hx.detail.get("setuid_file") is True and hx.detail.get("file_uid") == 0
+        assert hx.euid == 0, "effective uid after exec of a setuid-root file"
+
+    # 2. the identity change: old uid, new uid, return code, through the helper
+    sw = _first(ev, "identity change", kind="setuid", uid=pool.uid, detail_ok=True)
+    assert sw.detail["ret"] == 0 and sw.detail["old_uid"] != pool.uid
+    assert sw.detail["syscall"] in ("setuid", "setreuid", "setresuid")
+    assert sw.filename == helper_path
+    assert sw.euid == pool.uid
+    assert sw.ts >= hx.ts
+    if helper == "sudo":   # sudo switches in a child it forked
+        assert sw.pid != hx.pid and sw.ppid == hx.pid
+    else:                  # sutest / setpriv switch in place, then exec
+        assert sw.pid == hx.pid and sw.ppid == job.pid
+
+    # 3. the payload runs as the pool user, in the process that switched
+    px = _first(ev, "payload exec", kind="exec", filename=ID)
+    assert px.pid == sw.pid and px.ppid == sw.ppid
+    assert px.uid == pool.uid and px.euid == pool.uid
+    assert px.ts >= sw.ts
+
+    # 4. its exit is reported (uid differs from the owner's), lineage says where it came from
+    _first(ev, "payload exit", kind="exit", pid=px.pid, uid=pool.uid)
+    rec = tracer.lineage(job_id)[px.pid]
+    assert rec["ppid"] == px.ppid and rec["uid"] == pool.uid and rec["via"] == helper_path
+    assert px.detail["orig_ppid"] == px.ppid and px.detail["via"] == helper_path   # for the store
+    c = tracer.counters(job_id)
+    assert c["forks"] >= 1 and c["fork_failed"] == 0 and c["events_lost"] == 0
+
+
+@pytest.mark.parametrize("backend", ["bpf", "proc"])
+def test_failed_setuid_recorded(backend: str, trace_users: TraceUsers, make_cgroup, make_tracer) -> None:
+    """A non-root payload calling setuid(0): recorded with its error by BPF; the proc connector reports committed
+    changes only, so it must show no identity change at all."""
+    pilot = trace_users.pilot
+    tracer, col = make_tracer(backend)
+    cg = make_cgroup()
+    code = "import os\ntry:\n    os.setuid(0)\nexcept PermissionError:\n    print('denied')"
+    job = shell_job(cg, f"{PYTHON} -c \"{code}\"", pilot)
+    out = _run([tracer], job, "failsetuid", pilot.uid, cg.id)
+    assert out.strip() == "denied"
+    if backend == "proc":
+        assert not col.of("failsetuid", "setuid")
+        return
+    e = _first(col.of("failsetuid"), "failed setuid", kind="setuid", detail_syscall="setuid")
+    assert e.detail["ok"] is False and e.detail["ret"] == -1 and e.detail["errno"] == "EPERM"
+    assert e.detail["args"] == [0] and e.detail["old_uid"] == pilot.uid
+    assert e.uid == pilot.uid and e.euid == pilot.uid, "a failed setuid changes nothing"
+    assert e.filename == PYTHON or e.filename.startswith("/usr/bin/python3")
+
+
+@pytest.mark.parametrize("backend", ["bpf", "proc"])
+def test_double_fork_setsid_keeps_original_parent(backend: str, trace_users: TraceUsers, helpers: Helpers,
+                                                  make_cgroup, make_tracer) -> None:
+    """A payload (pool uid, via sutest) that daemonizes: the grandchild is reparented, the lineage still names
+    its original parent and, through it, the payload and the helper."""
+    pilot, pool = trace_users.pilot, trace_users.pool
+    tracer, col = make_tracer(backend)
+    cg = make_cgroup()
+    job = shell_job(cg, f"{helpers.sutest} {pool.uid} {pool.gid} {PYTHON} {helpers.daemonize} 30", pilot)
+    out = _run([tracer], job, "daemon", pilot.uid, cg.id)
+    payload, child, grandchild = (int(x) for x in out.split())
+    assert grandchild in cg.procs(), "the daemon is still in the job's cgroup"
+    assert proc_ppid(grandchild) != child, "the grandchild was reparented"
+    lin = tracer.lineage("daemon")
+    assert lin[grandchild]["ppid"] == child
+    assert lin[child]["ppid"] == payload
+    assert lin[payload]["ppid"] == job.pid
+    assert lin[grandchild]["uid"] == pool.uid
+    sid = _first(col.of("daemon"), "setsid", kind="setsid", pid=child)
+    assert sid.ppid == payload and sid.detail["ok"] and sid.detail["ret"] == child
+    assert sid.uid == pool.uid
+    if backend == "bpf":   # the proc connector carries no file names (its exe reads race the execs)
+        assert lin[grandchild]["via"] == str(helpers.sutest)
+
+
+def test_proc_backend_same_identities(trace_users: TraceUsers, helpers: Helpers, sudoers, make_cgroup,
+                                      make_tracer) -> None:
+    """The proc-connector fallback and BPF, on the same job at the same time, see the same identities in the
+    same processes."""
+    pilot, pool = trace_users.pilot, trace_users.pool
+    bpf_t, bpf_col = make_tracer("bpf")
+    proc_t, proc_col = make_tracer("proc")
+    assert proc_t.backend == "proc"
+    cg = make_cgroup()
+    sudoers(f"{pilot.name} ALL=({pool.name}) NOPASSWD: ALL")
+    # a sleep in the payload keeps /proc readable for the proc backend's lookups
+    script = (f"{helpers.sutest} {pool.uid} {pool.gid} /bin/sh -c 'sleep 0.3'\n"
+              f"sudo -n -u {pool.name} /bin/sh -c 'sleep 0.3'")
+    job = shell_job(cg, script, pilot)
+    _run([bpf_t, proc_t], job, "same", pilot.uid, cg.id)
+
+    def identities(col, tracer: Tracer) -> tuple[set[int], dict[int, int]]:
+        switched = {e.pid: e.uid for e in col.of("same", "setuid") if e.detail["ok"] and e.uid == pool.uid}
+        uids = {e.uid for e in col.of("same") if e.kind in ("exec", "setuid") and e.detail.get("ok", True)}
+        return uids, switched
+
+    bpf_uids, bpf_switched = identities(bpf_col, bpf_t)
+    proc_uids, proc_switched = identities(proc_col, proc_t)
+    assert pool.uid in bpf_uids and pilot.uid in bpf_uids
+    assert proc_uids == bpf_uids
+    assert proc_switched == bpf_switched and len(bpf_switched) == 2   # the same two processes
+    bpf_exec = {(e.pid, e.uid) for e in bpf_col.of("same", "exec") if e.uid == pool.uid}
+    proc_exec = {(e.pid, e.uid) for e in proc_col.of("same", "exec") if e.uid == pool.uid}
+    assert proc_exec == bpf_exec
+    bl, pl = bpf_t.lineage("same"), proc_t.lineage("same")
+    for pid in bpf_switched:
+        assert pl[pid]["ppid"] == bl[pid]["ppid"] and pl[pid]["uid"] == bl[pid]["uid"] == pool.uid
+
+
+def test_fork_bomb_counts_not_flood(trace_users: TraceUsers, helpers: Helpers, make_cgroup, make_tracer) -> None:
+    """A fork bomb under a v1 pids.max set before it starts: forks and failed forks are counted in the kernel,
+    user space gets a handful of events, and identity events of the same job are all delivered meanwhile."""
+    pilot, pool = trace_users.pilot, trace_users.pool
+    tracer, col = make_tracer("bpf")
+    cg = make_cgroup(pids_max=32)
+    pairs = 2000
+    idloop = GatedJob(cg, [PYTHON, str(helpers.idloop), str(pool.uid), str(pairs)])   # root, toggles euid
+    bomb = GatedJob(cg, [str(helpers.forkbomb), "4"], pilot)
+    tracer.add_job("bomb", pilot.uid, cg.id)
+    bomb.release("x")
+    t0 = time.monotonic()
+    drive([tracer], lambda: time.monotonic() - t0 > 1.0)
+    assert int((cg.pids_path / "pids.current").read_text()) <= 32
+    during = len(col.of("bomb"))
+    idloop.release()
+    drive([tracer], lambda: idloop.proc.poll() is not None, timeout=60)
+    drive([tracer], lambda: bomb.proc.poll() is not None, timeout=60)   # the bomb stops itself
+    assert idloop.proc.communicate()[0].strip() == "done"
+    c = tracer.counters("bomb")
+    ids = col.of("bomb", "setuid", pid=idloop.pid)
+    assert len(ids) == 2 * pairs, f"identity events lost: {len(ids)} of {2 * pairs}, counters {c}"
+    assert all(e.detail["ok"] and e.detail["syscall"] == "setresuid" for e in ids)
+    assert [e.euid for e in ids[:2]] == [pool.uid, 0]
+    assert c["events_lost"] == 0
+    assert c["fork_failed"] >= 1000, c
+    assert c["forks"] >= 32, c
+    failed_events = col.of("bomb", "fork_failed")
+    assert 1 <= len(failed_events) <= 2 * (os.cpu_count() or 1) * 6, "fork failures are rate limited"
+    assert failed_events[0].detail["errno"] == "EAGAIN"
+    others = [e for e in col.of("bomb") if e.pid != idloop.pid and e.kind != "fork_failed"]
+    assert len(others) <= 10, f"the bomb flooded user space: {len(others)} events"
+    assert during <= 20
+    print(f"\nfork bomb: {c}, {len(failed_events)} fork_failed events, {len(ids)} identity events")
+
+
+def test_seed_running_job(trace_users: TraceUsers, helpers: Helpers, make_cgroup, make_tracer) -> None:
+    """A job that was running before the tracer (agent restart): its processes are seeded from /proc with their
+    identity, and the exit of the pool-uid process is still reported."""
+    pilot, pool = trace_users.pilot, trace_users.pool
+    cg = make_cgroup()
+    job = shell_job(cg, f"{helpers.sutest} {pool.uid} {pool.gid} /bin/sleep 30 & echo $!; wait", pilot)
+    job.release()
+    assert job.proc.stdout is not None
+    sleeper = int(job.proc.stdout.readline())
+    time.sleep(0.2)
+    tracer, col = make_tracer("bpf")
+    tracer.add_job("seeded", pilot.uid, cg.id)     # pids come from the cgroup
+    lin = tracer.lineage("seeded")
+    assert lin[job.pid]["seeded"] and lin[job.pid]["uid"] == pilot.uid
+    assert lin[sleeper]["seeded"] and lin[sleeper]["uid"] == pool.uid and lin[sleeper]["ppid"] == job.pid
+    os.kill(sleeper, 9)
+    drive([tracer], lambda: job.proc.poll() is not None)
+    e = _first(col.of("seeded"), "exit", kind="exit", pid=sleeper)
+    assert e.uid == pool.uid and e.ppid == job.pid
+
+
+def test_job_bookkeeping(make_cgroup, make_tracer) -> None:
+    tracer, col = make_tracer("bpf", pid_filter=False)
+    with pytest.raises(InvalidArgument):
+        type(tracer)(col, backend="nonsense")
+    cg = make_cgroup()
+    tracer.add_job("a", 0, cg.id)
+    with pytest.raises(JobExists):
+        tracer.add_job("a", 0, cg.id)
+    with pytest.raises(Unsupported):   # no cgroup and no pid filter: nothing to follow
+        tracer.add_job("b", 0, None, pids=[os.getpid()])
+    job = shell_job(cg, "/bin/true")
+    job.release()
+    drive([tracer], lambda: job.proc.poll() is not None)
+    assert col.of("a", "exec")
+    tracer.remove_job("a")
+    assert tracer.counters("a")["forks"] >= 1     # readable after removal
+    assert "a" not in tracer.jobs()
+    n = len(col.events)
+    job2 = shell_job(cg, "/bin/true")
+    job2.release()
+    drive([tracer], lambda: job2.proc.poll() is not None)
+    assert len(col.events) == n, "no events for a removed job"
+    with pytest.raises(NoSuchJob):
+        tracer.counters("never")
+
+
+def test_auto_backend_prefers_bpf(make_tracer) -> None:
+    tracer, _ = make_tracer("auto")
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        require(False, "bcc is not importable")
+    assert tracer.backend == "bpf" and tracer.fallback_reason is None
