@@ -170,8 +170,26 @@ def main() -> int:
         left = uid_procs({pilot, pool})
         verdict = "[bold green]nothing survived[/bold green]" if not left else f"[bold red]SURVIVORS: {left}[/bold red]"
         con.print(f"processes of {PILOT}/{POOL} on the node: {len(left)} -> {verdict}")
-        if os.path.exists(JOBTRACE):
-            run(JOBTRACE, JOB, "--events", check=False)
+        step("The audit trail kept after the job (identity switches and escapes; `jobtrace JOB --events`)")
+        r = subprocess.run([JOBTRACE, JOB, "--events", "--json"], capture_output=True, text=True)
+        shown = 0
+        switch_ts = None
+        for line in r.stdout.splitlines():
+            e = json.loads(line)
+            d = e["detail"]
+            if e["kind"] == "setuid" and d.get("old_uid") == e["uid"]:
+                continue  # sudo's own juggling of its effective uid: in the trail, not shown here
+            if e["kind"] == "setuid" and e["uid"] == pool:
+                switch_ts = e["ts"]
+            if e["kind"] in ("setuid", "setsid") or (e["kind"] == "exec" and "sleep" not in e["comm"]) \
+                    or (e["kind"] == "fork_failed" and shown < 12):
+                shown += 1
+                extra = (f"{d.get('syscall')} {d.get('old_uid')}->{e['uid']} ret={d.get('ret')}"
+                         if e["kind"] == "setuid" else e["filename"] or "")
+                con.print(f"  {e['ts'][11:23]} {e['kind']:<11} pid {e['pid']:<6} ppid {e['ppid']:<6} "
+                          f"uid {e['uid']:<5} euid {e['euid']:<5} {extra}", markup=False)
+        step(f"Back-mapping, after the job ended: who held uid {pool} at {switch_ts}?")
+        run(JOBCAGE, "whois", "--uid", str(pool), "--at", switch_ts or "")
         return 0 if not left else 1
     finally:
         step("Cleaning up the demo")
