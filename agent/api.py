@@ -81,7 +81,8 @@ class Api:
 
     def adopt(self, caller: Caller, job_id: str, pid: int) -> dict:
         self.m.adopt(validate_job_id(job_id), _int("pid", pid, minimum=1), caller.uid)
-        return {"job_id": job_id, "pid": pid}
+        job = self.m.store.job(job_id) or {}
+        return {"job_id": job_id, "pid": pid, "tmpdir": job.get("tmpdir")}
 
     def suspend(self, caller: Caller, job_id: str) -> dict:
         return self.m.suspend(validate_job_id(job_id))

@@ -10,13 +10,13 @@ import sys
 
 USAGE = {
     "prologue": "jobcage prologue JOB_ID --uid UID [--gid GID] [--pids-max N] [--pid PID] [--json]",
-    "adopt": "jobcage adopt JOB_ID [--pid PID]   (default: the caller's parent)",
+    "adopt": "jobcage adopt JOB_ID [--pid PID] [--export-tmpdir]   (default pid: the caller's parent)",
     "run": "jobcage run JOB_ID -- CMD [ARG...]",
     "epilogue": "jobcage epilogue JOB_ID [--json] [--missing-ok]",
 }
 VALUED = {"prologue": {"--uid", "--gid", "--pids-max", "--pid"}, "adopt": {"--pid"}, "run": set(),
           "epilogue": set()}
-FLAGS = {"prologue": {"--json"}, "adopt": set(), "run": set(), "epilogue": {"--json", "--missing-ok"}}
+FLAGS = {"prologue": {"--json"}, "adopt": {"--export-tmpdir"}, "run": set(), "epilogue": {"--json", "--missing-ok"}}
 
 
 class UsageError(Exception):
@@ -109,12 +109,17 @@ def main(argv: list[str]) -> int:
     except JobcageError as e:
         print(f"jobcage {cmd}: {e}", file=sys.stderr)
         return 1
+    tmpdir = result.get("tmpdir") if isinstance(result, dict) else None
     if cmd == "run":
+        if tmpdir:
+            os.environ["TMPDIR"] = tmpdir  # the job's private TMPDIR, for the command we exec
         try:
             os.execvp(rest[0], rest)
         except OSError as e:
             print(f"jobcage run: cannot execute {rest[0]}: {e.strerror}", file=sys.stderr)
             return 127
+    if opts.get("--export-tmpdir") and tmpdir:
+        print(f"export TMPDIR={tmpdir}")  # the form Slurm's TaskProlog output understands
     if opts.get("--json"):
         import json
 
