@@ -256,6 +256,10 @@ class Agent:
         os.chmod(cfg.socket_path, 0o666)  # anyone may connect; SO_PEERCRED decides what they may do
         t = threading.Thread(target=server.serve_forever, name="control", daemon=True)
         t.start()
+        if cfg.metrics_port:
+            from .metrics import serve as serve_metrics
+
+            serve_metrics(self, cfg.metrics_port)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
         log.info("agent ready: cgroups %s, tracer %s, %d job(s), socket %s",

@@ -1,0 +1,42 @@
+"""The agent's Prometheus endpoint reports live job numbers read from the kernel."""
+
+from __future__ import annotations
+
+import socket
+import urllib.request
+
+import pytest
+from jctest import AgentProc, JcEnv
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+PORT = _free_port()
+
+
+def _scrape() -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{PORT}/metrics", timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("jobcage_"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+@pytest.mark.jc_config({"agent": {"metrics_port": PORT}})
+def test_metrics_follow_the_job(jc_env: JcEnv, agent_proc: AgentProc) -> None:
+    jc_env.jobcage("prologue", "m1", "--uid", "0", "--pids-max", "77").ok()
+    before = _scrape()
+    labels = '{job_id="m1",owner="0"}'
+    assert before["jobcage_jobs"] == 1
+    assert before[f"jobcage_job_pids_max{labels}"] == 77
+    assert before[f"jobcage_job_processes{labels}"] == 0
+    jc_env.jobcage("suspend", "m1").ok()
+    assert _scrape()[f"jobcage_job_suspended{labels}"] == 1
+    jc_env.jobcage("epilogue", "m1").ok()
+    assert _scrape()["jobcage_jobs"] == 0
