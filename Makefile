@@ -9,6 +9,7 @@ bootstrap:
 	@test "$$(id -u)" = 0 || { echo "make bootstrap: run as root (sudo make ...)" >&2; exit 1; }
 	@bash vagrant/provision.sh
 	@bash scripts/bootstrap-venv.sh
+	@bash scripts/build-slurm-plugin.sh
 
 demo: bootstrap
 	@$(PY) scripts/demo.py

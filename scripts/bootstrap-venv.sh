@@ -5,6 +5,10 @@ set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 venv=$top/.venv
 py=/usr/bin/python3
+# EL9's /usr/bin/python3 is 3.9 and jobcage needs 3.11: use python3.11 there (Debian 12's python3 is 3.11).
+if ! "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && command -v python3.11 >/dev/null; then
+  py=$(command -v python3.11)
+fi
 if [ ! -x "$venv/bin/python" ]; then
   echo "bootstrap: creating $venv from $py"
   "$py" -m venv --system-site-packages "$venv"
@@ -15,6 +19,18 @@ if [ ! -e "$stamp" ] || [ "$top/pyproject.toml" -nt "$stamp" ]; then
   # compat mode: a plain .pth path entry; the default import-hook finder costs ~10 ms per hook call
   "$venv/bin/pip" install -q --disable-pip-version-check --config-settings editable_mode=compat -e "$top[test]"
   touch "$stamp"
+fi
+# bcc's Python module is pure Python over libbcc.so: when the distribution built it for another Python
+# (EL9: python3-bcc for 3.9), expose that one package -- not its whole site-packages -- to the venv.
+if ! "$venv/bin/python" -c 'import bcc' 2>/dev/null; then
+  bccdir=$(/usr/bin/python3 -c 'import bcc, os; print(os.path.dirname(bcc.__file__))' 2>/dev/null || true)
+  if [ -n "$bccdir" ]; then
+    mkdir -p "$venv/bcc-shim"
+    ln -sfn "$bccdir" "$venv/bcc-shim/bcc"
+    sp=$("$venv/bin/python" -c 'import site; print(site.getsitepackages()[0])')
+    echo "$venv/bcc-shim" > "$sp/bcc-shim.pth"
+    echo "bootstrap: bcc from $bccdir made importable in $venv"
+  fi
 fi
 "$venv/bin/python" -c 'import bcc' 2>/dev/null || { echo "bootstrap: ERROR: bcc not importable from $venv" >&2; exit 1; }
 for s in jobcage jobtrace; do

@@ -19,6 +19,7 @@ import contextlib
 import os
 import pwd
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -562,7 +563,20 @@ class SlurmCluster:
                                 f"{self.job_info(job_id)}\njob output:\n{self.job_output(job_id)}\n{self.logs()}")
 
     def node_state(self) -> str:
-        return self.run("sinfo", "-h", "-n", self.node, "-o", "%t", check=False).stdout.strip()
+        """sinfo-style short state, from scontrol's node record: sinfo's %t lagged once under heavy
+        load ('mix' for over a minute while scontrol said State=IDLE CPUAlloc=0)."""
+        out = self.run("scontrol", "-o", "show", "node", self.node, check=False).stdout
+        m = re.search(r"\bState=(\S+)", out)
+        if not m:
+            return ""
+        base, *flags = m.group(1).split("+")
+        star = "*" if base.endswith("*") or "NOT_RESPONDING" in flags else ""
+        base = base.rstrip("*~#!%$@^-").lower()
+        if "DRAIN" in flags:
+            return ("drain" if base == "idle" else "drng") + star
+        if "COMPLETING" in flags:
+            return "comp" + star
+        return {"allocated": "alloc", "mixed": "mix"}.get(base, base) + star
 
     def wait_node_state(self, states: Iterable[str], timeout: float = 60.0) -> str:
         """Wait for the node's short state (sinfo %t: idle, alloc, mix, comp, drain, ...).  After a job ends the

@@ -383,7 +383,7 @@ def test_hooks_call_jobcage_with_the_contract(hooked_cluster: SlurmCluster, stub
     assert calls[0].endswith(f"argv=[prologue][{job}][--uid][{user.uid}][--gid][{user.gid}]")
     assert calls[1].startswith(f"uid={user.uid} ")
     assert calls[1].endswith(f"argv=[adopt][{job}][--pid][{script_pid}]")
-    assert calls[2].startswith("uid=0 ") and calls[2].endswith(f"argv=[epilogue][{job}]")
+    assert calls[2].startswith("uid=0 ") and calls[2].endswith(f"argv=[epilogue][{job}][--missing-ok]")
     assert "jobcage" not in hooked_cluster.job_output(job)  # nothing leaks into the job's output
 
 
@@ -408,4 +408,4 @@ def test_task_prolog_hook_failure_is_reported(hooked_cluster: SlurmCluster, stub
     assert len(argvs) == 3, argvs
     assert argvs[0] == f"[prologue][{job}][--uid][{user.uid}][--gid][{user.gid}]"
     assert argvs[1].startswith(f"[adopt][{job}][--pid][")
-    assert argvs[2] == f"[epilogue][{job}]"  # the Epilog runs even though the task never did
+    assert argvs[2] == f"[epilogue][{job}][--missing-ok]"  # the Epilog runs even though the task never did

@@ -12,8 +12,11 @@ family=${ID_LIKE:-$ID}
 DEB_PKGS=(python3 python3-venv python3-dev python3-bpfcc bpfcc-tools bpftrace linux-headers-amd64
           sudo util-linux procps gcc make libc6-dev sqlite3 tmux
           munge slurmctld slurmd slurm-client auditd)
-RPM_PKGS=(python3 python3-devel python3-bcc bcc-tools bpftrace kernel-devel-$(uname -r) sudo util-linux
-          procps-ng gcc make sqlite tmux munge slurm slurm-slurmctld slurm-slurmd audit)
+# EL9: /usr/bin/python3 is 3.9, jobcage needs 3.11 (bootstrap-venv.sh picks python3.11 and lends it the
+# distribution's bcc); Slurm and munge come from EPEL (which needs CRB); kernel-devel is installed apart,
+# as the exact running kernel's package may be gone from the mirrors.
+RPM_PKGS=(python3 python3-devel python3.11 python3.11-devel python3-bcc bcc-tools bpftrace sudo util-linux
+          shadow-utils procps-ng gcc make sqlite tmux rsync munge slurm slurm-slurmctld slurm-slurmd audit)
 
 case "$family" in
   *debian*)
@@ -34,9 +37,24 @@ case "$family" in
     fi
     ;;
   *rhel*|*fedora*|*centos*)
-    log "dnf install (EL)"
-    dnf install -y -q epel-release || true
-    dnf install -y -q "${RPM_PKGS[@]}"
+    missing=()
+    for p in "${RPM_PKGS[@]}"; do rpm -q "$p" >/dev/null 2>&1 || missing+=("$p"); done
+    if ((${#missing[@]})); then
+      if ! rpm -q epel-release >/dev/null 2>&1; then
+        log "enabling CRB and EPEL"
+        dnf install -y -q dnf-plugins-core
+        dnf config-manager --set-enabled crb 2>/dev/null || dnf config-manager --set-enabled powertools 2>/dev/null || true
+        dnf install -y -q epel-release
+      fi
+      log "dnf install ${missing[*]}"
+      dnf install -y -q "${missing[@]}"
+    else
+      log "rpm packages present"
+    fi
+    if ! rpm -q "kernel-devel-$(uname -r)" >/dev/null 2>&1; then
+      dnf install -y -q "kernel-devel-$(uname -r)" \
+        || log "WARNING: no kernel-devel-$(uname -r) in the repos (update the kernel and reboot); tracing will use the proc connector"
+    fi
     ;;
   *) log "unknown distribution '$ID': install bcc, kernel headers, python3-venv yourself"; ;;
 esac
