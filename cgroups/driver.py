@@ -207,28 +207,38 @@ class Driver:
     def attach(self, name: str, pid: int) -> None:
         """Move pid (the whole process) into the cgroup in every hierarchy.
 
-        The membership hierarchy comes last so that a process visible as a
-        member is already limited; a child forked in between is caught by sync().
+        The membership hierarchy comes first: a child forked between the writes
+        is then a member (frozen and killed with the job) that sync() moves into
+        the other hierarchies.  The other order would leave such a child in the
+        job's limits but outside its membership, where kill and freeze miss it.
         """
         if pid <= 0:
             raise InvalidArgument(f"invalid pid: {pid}")
-        for d in reversed(self._dirs(check_name(name))):
+        for d in self._dirs(check_name(name)):
             write(os.path.join(d, "cgroup.procs"), str(pid), pid=pid)
         self.sync(name)
 
-    def sync(self, name: str) -> None:
-        """Make every secondary hierarchy hold the members of the primary one."""
+    def sync(self, name: str, rounds: int = 10) -> None:
+        """Make every secondary hierarchy hold the members of the primary one.
+
+        Repeated until a round moves nobody: a member may fork while it waits
+        for its move, and its child inherits the old secondary cgroups."""
         dirs = self._dirs(check_name(name))
         if len(dirs) < 2:
             return
-        members = set(self.pids(name))
-        for d in dirs[1:]:
-            have = {int(x) for x in read(os.path.join(d, "cgroup.procs")).split()}
-            for pid in members - have:
-                try:
-                    write(os.path.join(d, "cgroup.procs"), str(pid), pid=pid)
-                except NoSuchProcess:
-                    pass
+        for _ in range(rounds):
+            moved = 0
+            members = set(self.pids(name))
+            for d in dirs[1:]:
+                have = {int(x) for x in read(os.path.join(d, "cgroup.procs")).split()}
+                for pid in members - have:
+                    try:
+                        write(os.path.join(d, "cgroup.procs"), str(pid), pid=pid)
+                        moved += 1
+                    except NoSuchProcess:
+                        pass
+            if not moved:
+                return
 
     def set_pids_max(self, name: str, limit: int | None) -> None:
         if limit is not None and limit < 0:

@@ -1,0 +1,687 @@
+"""Helpers of the jobcage test suite (the fixtures in conftest.py are built on them).
+
+Everything here reads the kernel directly (/proc, cgroupfs), never jobcage's own code, so a bug in jobcage
+cannot hide itself from the tests nor break their cleanup.  Safety rules kept by every function:
+processes are only ever signalled when they are in one of *our* test cgroup subtrees (names starting with
+``SUBTREE_PREFIX``) or run as a uid of a user the suite created; nothing is matched by name or pattern.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+T = TypeVar("T")
+
+CI = os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+SUBTREE_PREFIX = "jobcage-t"
+USER_PREFIX = "jct"
+V1_USED = ("pids", "freezer", "cpuacct")  # the v1 hierarchies any jobcage driver may create cgroups in
+
+# The jobcage under test: the one installed next to the interpreter running pytest (the project's venv), so
+# a fresh CI clone tests its own code, not whatever /usr/local/bin points at.
+_BIN = Path(sys.executable).parent
+JOBCAGE = str(_BIN / "jobcage") if (_BIN / "jobcage").exists() else (shutil.which("jobcage") or "jobcage")
+PYTHON = sys.executable
+
+
+def require(cond: object, why: str) -> None:
+    """A missing prerequisite: skip on a developer's machine, FAIL in CI (CI=true), where a skip would hide
+    that the node (or `make bootstrap`) lacks something the project promises to support."""
+    if cond:
+        return
+    if CI:
+        pytest.fail(f"prerequisite missing (CI=true, so this fails instead of skipping): {why}", pytrace=False)
+    pytest.skip(why)
+
+
+def wait_for(pred: Callable[[], T], timeout: float, what: str, interval: float = 0.02) -> T:
+    """Poll until pred() is truthy and return it; fail the test naming `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout:g}s waiting for {what}", pytrace=False)
+        time.sleep(interval)
+
+
+# --- /proc ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Proc:
+    pid: int
+    ppid: int
+    state: str          # one letter of /proc/PID/stat: R S D T Z ...
+    sid: int
+    starttime: int      # clock ticks since boot: (pid, starttime) names a process even across pid reuse
+    uid: int            # real
+    euid: int
+    suid: int
+    sigign: int         # mask of ignored signals
+    comm: str
+    cmdline: str
+
+
+def proc(pid: int) -> Proc | None:
+    """A snapshot of /proc/PID, None when it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        status = Path(f"/proc/{pid}/status").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    comm = stat[stat.index("(") + 1:stat.rindex(")")]
+    f = stat[stat.rindex(")") + 2:].split()
+    st = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    uids = st["Uid"].split()
+    return Proc(pid=pid, ppid=int(f[1]), state=f[0], sid=int(f[3]), starttime=int(f[19]), uid=int(uids[0]),
+                euid=int(uids[1]), suid=int(uids[2]), sigign=int(st["SigIgn"].strip(), 16), comm=comm,
+                cmdline=cmdline.replace(b"\0", b" ").decode(errors="replace").strip())
+
+
+def alive(pid: int, starttime: int | None = None) -> bool:
+    """Exists and is not a zombie (pid 1 on these VMs reaps orphans lazily), and if starttime is given, is
+    still the same process (not a reused pid)."""
+    p = proc(pid)
+    return p is not None and p.state not in ("Z", "X") and (starttime is None or p.starttime == starttime)
+
+
+def all_pids() -> list[int]:
+    return [int(e) for e in os.listdir("/proc") if e.isdigit()]
+
+
+def pids_of_uid(uid: int) -> list[int]:
+    """Live processes whose real, effective or saved uid is `uid`."""
+    out = []
+    for pid in all_pids():
+        p = proc(pid)
+        if p is not None and p.state not in ("Z", "X") and uid in (p.uid, p.euid, p.suid):
+            out.append(pid)
+    return out
+
+
+def proc_cgroups(pid: int) -> dict[str, str]:
+    """/proc/PID/cgroup as {hierarchy key: path}: '' for cgroup2, the controller list ('pids', 'cpu,cpuacct')
+    for v1; each controller of a co-mounted v1 hierarchy is also a key of its own."""
+    out: dict[str, str] = {}
+    try:
+        text = Path(f"/proc/{pid}/cgroup").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return out
+    for line in text.splitlines():
+        _hid, ctrls, path = line.split(":", 2)
+        out[ctrls] = path
+        for c in ctrls.split(","):
+            out.setdefault(c, path)
+    return out
+
+
+# --- cgroup hierarchies ----------------------------------------------------------------------------------------
+
+def hierarchies() -> dict[str, Path]:
+    """{'unified': cgroup2 mount, 'pids'|'freezer'|'cpuacct': v1 mount} of those that are mounted."""
+    out: dict[str, Path] = {}
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        parts = line.split()
+        if len(parts) < 4:
+            continue
+        mnt, fstype, opts = parts[1].replace("\\040", " "), parts[2], parts[3].split(",")
+        if fstype == "cgroup2":
+            out.setdefault("unified", Path(mnt))
+        elif fstype == "cgroup":
+            for c in V1_USED:
+                if c in opts:
+                    out.setdefault(c, Path(mnt))
+    return out
+
+
+def mode_unavailable(mode: str) -> str | None:
+    """Why this node cannot run the jobcage driver `mode` ('auto', 'v1', 'hybrid', 'v2'), None if it can."""
+    h = hierarchies()
+    v2 = h.get("unified")
+    v2_kill = v2 is not None and any((d / "cgroup.kill").exists() for d in v2.iterdir() if d.is_dir())
+    if mode == "auto":
+        return None if (v2 is not None or "freezer" in h or "pids" in h) else "no cgroup hierarchy mounted"
+    if mode == "v1":
+        missing = [c for c in ("freezer", "pids") if c not in h]
+        return f"v1 hierarchies missing: {', '.join(missing)}" if missing else None
+    if mode == "hybrid":
+        if v2 is None or "pids" not in h:
+            return "hybrid needs cgroup2 plus a v1 pids hierarchy"
+        return None if v2_kill else "cgroup2 has no cgroup.kill"
+    if mode == "v2":
+        if v2 is None or h.get("pids") is not None:
+            return "not a pure cgroup2 node"
+        return None
+    return f"unknown mode {mode}"
+
+
+def _cg_pids(d: Path) -> list[int]:
+    try:
+        return [int(x) for x in (d / "cgroup.procs").read_text().split()]
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+
+
+def _try_write(path: Path, value: str) -> None:
+    with contextlib.suppress(OSError):
+        path.write_text(value)
+
+
+def subtree_dirs(subtree: str) -> list[Path]:
+    """The subtree's top directory in every hierarchy where it exists."""
+    return [root / subtree for root in hierarchies().values() if (root / subtree).is_dir()]
+
+
+def tree_listing(subtree: str) -> set[str]:
+    """Every cgroup directory under the subtree, in every hierarchy ('hierarchy:relpath')."""
+    out = set()
+    for key, root in hierarchies().items():
+        top = root / subtree
+        for d, dirs, _files in os.walk(top):
+            for name in dirs:
+                out.add(f"{key}:{os.path.relpath(os.path.join(d, name), root)}")
+    return out
+
+
+def purge_subtree(subtree: str, timeout: float = 30.0) -> list[str]:
+    """Kill every process in the subtree's cgroups (through the cgroups, never by name) and rmdir all of
+    them, bottom-up, in every hierarchy.  Returns problems (empty = clean)."""
+    if not subtree.startswith(SUBTREE_PREFIX) or "/" in subtree or ".." in subtree:
+        raise ValueError(f"refusing to purge {subtree!r}: not a test subtree")
+    deadline = time.monotonic() + timeout
+    problems: list[str] = []
+    while True:
+        tops = subtree_dirs(subtree)
+        dirs = [Path(d) for top in tops for d, _s, _f in os.walk(top, topdown=False)]
+        busy = {d: _cg_pids(d) for d in dirs}
+        busy = {d: p for d, p in busy.items() if p}
+        if not busy:
+            break
+        if time.monotonic() > deadline:
+            problems.append(f"processes survive in {subtree}: {sorted({p for v in busy.values() for p in v})}")
+            break
+        for d, pids in busy.items():
+            _try_write(d / "pids.max", "0")              # v1/v2 pids: no new forks while we kill
+            if (d / "cgroup.kill").exists():
+                _try_write(d / "cgroup.kill", "1")
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+        for d in dirs:                                    # a frozen task dies only once thawed
+            if (d / "freezer.state").exists():
+                _try_write(d / "freezer.state", "THAWED")
+            if (d / "cgroup.freeze").exists():
+                _try_write(d / "cgroup.freeze", "0")
+        time.sleep(0.05)
+    for top in subtree_dirs(subtree):
+        for d, _s, _f in os.walk(top, topdown=False):
+            while True:
+                try:
+                    os.rmdir(d)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError as e:
+                    if e.errno == errno.EBUSY and time.monotonic() < deadline:
+                        time.sleep(0.02)  # the last exit is still being torn down
+                        continue
+                    problems.append(f"cannot rmdir {d}: {e.strerror}")
+                    break
+    return problems
+
+
+def thaw_test_cgroups_of(pid: int) -> None:
+    """Thaw the freezer cgroups holding pid if (and only if) they belong to a test subtree: a frozen
+    process cannot die, and user teardown may run before the jc_env teardown."""
+    h = hierarchies()
+    for key, path in proc_cgroups(pid).items():
+        if not path.startswith("/" + SUBTREE_PREFIX):
+            continue
+        if key == "freezer" and "freezer" in h:
+            _try_write(h["freezer"] / path.lstrip("/") / "freezer.state", "THAWED")
+        if key == "" and "unified" in h:
+            _try_write(h["unified"] / path.lstrip("/") / "cgroup.freeze", "0")
+
+
+# --- users ---------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    uid: int
+    gid: int
+    home: Path
+
+    def argv(self, argv: Sequence[str]) -> list[str]:
+        """argv run as this user: setpriv execs in place (no PAM, no extra fork), so a Popen's pid is the
+        command's pid."""
+        return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}", "--init-groups", "--", *argv]
+
+    def env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
+        env = dict(os.environ if base is None else base)
+        env.update(HOME=str(self.home), USER=self.name, LOGNAME=self.name)
+        return env
+
+
+def _run_locked(argv: list[str], attempts: int = 30) -> subprocess.CompletedProcess[str]:
+    """useradd/userdel fail while another process holds /etc/passwd's lock (other sessions): retry."""
+    for attempt in range(attempts):
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+        if r.returncode == 0 or "lock" not in (r.stderr + r.stdout).lower() or attempt == attempts - 1:
+            return r
+        time.sleep(0.1 + secrets.randbelow(300) / 1000)
+    raise AssertionError("unreachable")
+
+
+def create_user(prefix: str = USER_PREFIX) -> User:
+    name = f"{prefix}{secrets.token_hex(4)}"
+    r = _run_locked(["useradd", "--create-home", "--shell", "/bin/sh", "--user-group", "-K", "UID_MIN=1000",
+                     name])
+    if r.returncode != 0:
+        raise RuntimeError(f"useradd {name} failed: {r.stderr.strip()}")
+    e = pwd.getpwnam(name)
+    assert e.pw_uid >= 1000, e
+    return User(name=name, uid=e.pw_uid, gid=e.pw_gid, home=Path(e.pw_dir))
+
+
+def kill_uid(uid: int, timeout: float = 20.0) -> list[int]:
+    """SIGKILL every process of a uid the suite created, until none is left; returns survivors."""
+    if uid < 1000:
+        raise ValueError(f"refusing to kill processes of system uid {uid}")
+    deadline = time.monotonic() + timeout
+    while pids := pids_of_uid(uid):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            thaw_test_cgroups_of(pid)
+        if time.monotonic() > deadline:
+            return pids
+        time.sleep(0.05)
+    return []
+
+
+def delete_user(user: User) -> list[str]:
+    problems = []
+    left = kill_uid(user.uid)
+    if left:
+        problems.append(f"processes of {user.name} survive: {left}")
+    r = _run_locked(["userdel", "--remove", user.name])
+    # userdel -r exits 12 when only the mail spool was missing: the user is gone all the same.
+    if r.returncode not in (0, 12):
+        problems.append(f"userdel {user.name}: {r.stderr.strip()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(f"/run/sudo/ts/{user.name}")
+    return problems
+
+
+# --- the control socket, spoken raw (for garbage tests and for talking to the agent as another uid) -----------
+
+def socket_exchange(path: str, payload: bytes, *, shutdown: bool = True, timeout: float = 20.0) -> dict | None:
+    """Send raw bytes, read one length-prefixed JSON answer; None if the agent closed without answering."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(payload)
+        if shutdown:
+            s.shutdown(socket.SHUT_WR)
+        hdr = _recv_exact(s, 4)
+        if hdr is None:
+            return None
+        (n,) = struct.unpack("!I", hdr)
+        body = _recv_exact(s, n)
+        return None if body is None else json.loads(body)
+
+
+def _recv_exact(s: socket.socket, n: int) -> bytes | None:
+    buf = b""
+    while len(buf) < n:
+        try:
+            chunk = s.recv(n - len(buf))
+        except ConnectionResetError:
+            return None
+        if not chunk:
+            return None
+        buf += chunk
+    return buf
+
+
+def frame(obj: object) -> bytes:
+    data = obj if isinstance(obj, bytes) else json.dumps(obj).encode()
+    return struct.pack("!I", len(data)) + data
+
+
+def request(path: str, method: str, **params: Any) -> dict:
+    """One well-formed request; the raw response dict ({'ok': ..., 'result'|'error': ...})."""
+    resp = socket_exchange(path, frame({"method": method, "params": params}))
+    assert resp is not None, f"agent closed the connection without answering {method}"
+    return resp
+
+
+# --- TOML (just what a jobcage config needs) ---------------------------------------------------------------------
+
+def toml_value(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)  # a JSON string is a valid TOML basic string
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def toml_dump(doc: Mapping[str, Mapping[str, object]]) -> str:
+    out = []
+    for section, values in doc.items():
+        out.append(f"[{section}]")
+        out.extend(f"{k} = {toml_value(v)}" for k, v in values.items())
+        out.append("")
+    return "\n".join(out)
+
+
+def merge(base: dict[str, dict[str, Any]], over: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    out = {k: dict(v) for k, v in base.items()}
+    for section, values in over.items():
+        out.setdefault(section, {}).update(values)
+    return out
+
+
+# --- running things ------------------------------------------------------------------------------------------
+
+@dataclass
+class Result:
+    """A finished command: what tests assert on."""
+    argv: list[str]
+    rc: int
+    out: str
+    err: str
+
+    def ok(self) -> Result:
+        assert self.rc == 0, f"{' '.join(self.argv)} -> rc {self.rc}\nstdout: {self.out}\nstderr: {self.err}"
+        return self
+
+    def json(self) -> Any:
+        return json.loads(self.ok().out)
+
+    def clean_error(self, rc: int = 1, contains: str | None = None) -> str:
+        """The contract for expected failures: exit rc, exactly one line on stderr, no traceback."""
+        what = f"{' '.join(self.argv)!r} -> rc {self.rc}\nstdout: {self.out}\nstderr: {self.err}"
+        assert self.rc == rc, what
+        assert "Traceback" not in self.err, what
+        lines = [ln for ln in self.err.splitlines() if ln.strip()]
+        if rc == 1:
+            assert len(lines) == 1, what
+        else:
+            assert lines, what
+        if contains is not None:
+            assert contains.lower() in self.err.lower(), what
+        return lines[0]
+
+
+@dataclass
+class Tracked:
+    """Popen handles a fixture started, to be killed at teardown if the cgroup purge did not get them."""
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    def add(self, p: subprocess.Popen) -> subprocess.Popen:
+        self.procs.append(p)
+        return p
+
+    def kill_all(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    p.kill()
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    p.wait(timeout=10)
+
+
+def read_int(path: Path | str) -> int | None:
+    """An integer a test process writes to a file; None while it is missing or half-written."""
+    try:
+        text = Path(path).read_text().strip()
+    except FileNotFoundError:
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def read_pid_files(paths: Iterable[Path]) -> list[int]:
+    return [p for p in (read_int(x) for x in paths) if p]
+
+
+# --- a private jobcage installation: config, subtree, state, socket ------------------------------------------------
+
+class JcEnv:
+    """One private jobcage "node" for a test: its own cgroup subtree (``jobcage-t<hex>`` in every hierarchy),
+    state dir, control socket and TOML config; ``env`` carries JOBCAGE_CONFIG for subprocesses.
+
+    ``base`` (a short 0755 dir under /tmp) holds the config, the socket and ``scratch`` (mode 1777, for files
+    the test users write): test users must reach them, and a socket path must stay under 108 bytes.
+    """
+
+    def __init__(self, state_dir: Path, mode: str = "auto",
+                 overrides: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        self.subtree = f"{SUBTREE_PREFIX}{secrets.token_hex(4)}"
+        self.base = Path(tempfile.mkdtemp(prefix="jct-", dir="/tmp"))
+        self.base.chmod(0o755)
+        self.scratch = self.base / "scratch"
+        self.scratch.mkdir()
+        self.scratch.chmod(0o1777)
+        self.state_dir = state_dir
+        self.config_path = self.base / "jobcage.toml"
+        self.socket_path = str(self.base / "agent.sock")
+        self.tracked = Tracked()
+        self.doc: dict[str, dict[str, Any]] = {
+            "cgroups": {"mode": mode, "subtree": self.subtree},
+            "agent": {"state_dir": str(state_dir), "socket": self.socket_path, "reconcile_interval": 1.0},
+            "tracer": {"backend": "off"},
+            "cleanup": {"enabled": False},
+        }
+        self.write_config(overrides or {})
+        self.env = dict(os.environ, JOBCAGE_CONFIG=str(self.config_path))
+
+    # config ---------------------------------------------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        return str(self.doc["cgroups"]["mode"])
+
+    def write_config(self, overrides: Mapping[str, Mapping[str, Any]]) -> None:
+        """Merge {section: {key: value}} into the config and rewrite it (restart an agent to apply)."""
+        self.doc = merge(self.doc, overrides)
+        assert self.doc["cgroups"]["subtree"] == self.subtree, "the subtree is the fixture's, not the test's"
+        self.config_path.write_text(toml_dump(self.doc))
+        self.config_path.chmod(0o644)
+
+    def config(self) -> Any:
+        from agent.config import load
+
+        return load(str(self.config_path))
+
+    def driver(self) -> Any:
+        """The cgroups driver of this env (same mode, same subtree)."""
+        from cgroups import get_driver
+
+        cfg = self.config()
+        return get_driver(cfg.cgroup_mode, cfg.cgroup_subtree)
+
+    def manager(self) -> Any:
+        """A JobManager on this env: the direct path, in-process."""
+        from agent.lifecycle import JobManager
+
+        return JobManager(self.config())
+
+    # commands -------------------------------------------------------------------------------------------------
+    def run(self, argv: Sequence[str], user: User | None = None, timeout: float = 120.0,
+            input: str | None = None) -> Result:
+        argv = list(argv) if user is None else user.argv(argv)
+        env = self.env if user is None else user.env(self.env)
+        cwd = "/" if user is None else str(user.home)
+        try:
+            r = subprocess.run(argv, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                               input=input, stdin=None if input is not None else subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as e:
+            pytest.fail(f"{' '.join(argv)} did not finish in {timeout:g}s (stderr: {e.stderr!r})", pytrace=False)
+        return Result(argv, r.returncode, r.stdout, r.stderr)
+
+    def jobcage(self, *args: str, user: User | None = None, timeout: float = 120.0) -> Result:
+        """`jobcage ARGS` as a real subprocess (as root, or as `user`)."""
+        return self.run([JOBCAGE, *args], user=user, timeout=timeout)
+
+    def popen(self, argv: Sequence[str], user: User | None = None, **kw: Any) -> subprocess.Popen:
+        """A background process (as root or `user`), killed at teardown if still running."""
+        argv = list(argv) if user is None else user.argv(argv)
+        kw.setdefault("env", self.env if user is None else user.env(self.env))
+        kw.setdefault("cwd", "/" if user is None else str(user.home))
+        kw.setdefault("stdin", subprocess.DEVNULL)
+        kw.setdefault("stdout", subprocess.DEVNULL)
+        kw.setdefault("stderr", subprocess.DEVNULL)
+        kw.setdefault("start_new_session", True)  # a stray terminal signal must not reach pytest
+        return self.tracked.add(subprocess.Popen(argv, **kw))
+
+    def start_job(self, job_id: str, script: str, user: User | None = None, shell: str = "/bin/sh",
+                  via_root: bool = True) -> subprocess.Popen:
+        """`jobcage run JOB -- sh -c SCRIPT` in the background.
+
+        via_root=True: root runs the job starter (the direct path, like a batch system's prolog) and drops to
+        `user` with setpriv after joining the job; via_root=False: `user` runs `jobcage run` itself (that
+        needs the agent, the only way a non-root caller reaches the job)."""
+        cmd = [shell, "-c", script]
+        if user is not None and via_root:
+            return self.popen([JOBCAGE, "run", job_id, "--", *user.argv(cmd)], env=user.env(self.env),
+                              cwd=str(user.home))
+        return self.popen([JOBCAGE, "run", job_id, "--", *cmd], user=user)
+
+    # kernel views ---------------------------------------------------------------------------------------------
+    def cgroup_dirs(self, job_id: str) -> dict[str, Path]:
+        """{hierarchy: directory} of a job in every hierarchy this env's mode uses."""
+        h = hierarchies()
+        keys = {"v1": ("freezer", "pids", "cpuacct"), "hybrid": ("unified", "pids"),
+                "v2": ("unified",)}[self.effective_mode()]
+        return {k: h[k] / self.subtree / job_id for k in keys if k in h}
+
+    def effective_mode(self) -> str:
+        if self.mode != "auto":
+            return self.mode
+        from cgroups.detect import detect
+
+        return detect().mode
+
+    def member_dir(self, job_id: str) -> Path:
+        """Where membership is read: cgroup2 (hybrid, v2) or the v1 freezer."""
+        return next(iter(self.cgroup_dirs(job_id).values()))
+
+    def job_pids(self, job_id: str) -> list[int]:
+        """Live members, read straight from cgroupfs (zombies excluded)."""
+        return [p for p in _cg_pids(self.member_dir(job_id)) if alive(p)]
+
+    def in_job(self, pid: int, job_id: str) -> bool:
+        """pid is in the job's cgroup in *every* hierarchy the mode uses (membership and limits)."""
+        cg = proc_cgroups(pid)
+        want = f"/{self.subtree}/{job_id}"
+        keys = {"unified": ""}
+        return all(cg.get(keys.get(k, k)) == want for k in self.cgroup_dirs(job_id))
+
+    def listing(self) -> set[str]:
+        return tree_listing(self.subtree)
+
+    def cleanup(self) -> list[str]:
+        self.tracked.kill_all()
+        problems = purge_subtree(self.subtree)
+        shutil.rmtree(self.base, ignore_errors=True)
+        return problems
+
+
+class AgentProc:
+    """`jobcage agent --config PATH` as a subprocess of the test, with its log in the state dir."""
+
+    def __init__(self, env: JcEnv, log_dir: Path) -> None:
+        self.env = env
+        self.log_path = log_dir / "agent.log"
+        self.proc: subprocess.Popen | None = None
+        self.starts = 0
+
+    def start(self, timeout: float = 60.0) -> AgentProc:
+        assert self.proc is None or self.proc.poll() is not None, "agent already running"
+        self.starts += 1
+        log = open(self.log_path, "a")  # noqa: SIM115 - the child keeps it; closed with the process
+        log.write(f"--- start {self.starts} ---\n")
+        log.flush()
+        self.proc = subprocess.Popen([JOBCAGE, "agent", "--config", str(self.env.config_path)], env=self.env.env,
+                                     stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd="/",
+                                     start_new_session=True)
+        log.close()
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                pytest.fail(f"agent exited with {self.proc.returncode} at start:\n{self.log()}", pytrace=False)
+            if self.ping():
+                return self
+            if time.monotonic() > deadline:
+                pytest.fail(f"agent did not answer ping within {timeout:g}s:\n{self.log()}", pytrace=False)
+            time.sleep(0.05)
+
+    def ping(self) -> bool:
+        try:
+            return bool(socket_exchange(self.env.socket_path, frame({"method": "ping", "params": {}}),
+                                        timeout=5).get("ok"))  # type: ignore[union-attr]
+        except (OSError, AttributeError, ValueError):
+            return False
+
+    def call(self, method: str, **params: Any) -> dict:
+        """Raw request as root: {'ok': True, 'result': ...} or {'ok': False, 'error': {...}}."""
+        return request(self.env.socket_path, method, **params)
+
+    def result(self, method: str, **params: Any) -> Any:
+        resp = self.call(method, **params)
+        assert resp.get("ok"), f"{method}({params}) failed: {resp}"
+        return resp["result"]
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int | None:
+        """Stop it (SIGTERM, then SIGKILL after `timeout`); returns the exit code."""
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(timeout=30)
+
+    def restart(self) -> AgentProc:
+        self.stop()
+        return self.start()
+
+    def log(self, tail: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text().splitlines()[-tail:])
+        except FileNotFoundError:
+            return "(no log)"
