@@ -134,9 +134,14 @@ def resume(job_id: str) -> None:
 @errors
 def kill(job_id: str, sig: str) -> None:
     """Signal every process of the job (KILL: returns when the job is empty)."""
+    from cgroups.errors import InvalidArgument
+
     from .api import parse_signal
 
-    parse_signal(sig)  # usage errors before any round trip
+    try:
+        parse_signal(sig)  # a bad signal is a usage error (exit 2), caught before any round trip
+    except InvalidArgument as e:
+        raise click.BadParameter(str(e), param_hint="--signal") from None
     invoke("kill", job_id=job_id, signal_name=sig)
 
 

@@ -73,6 +73,8 @@ def load(path: str | None = None) -> Config:
         if path != DEFAULT_PATH:
             raise InvalidArgument(f"config file not found: {path}", path=path) from None
         return cfg
+    except OSError as e:
+        raise InvalidArgument(f"cannot read config {path}: {e.strerror}", path=path) from None
     import tomllib  # only when there is a file: keeps the hook path lean
 
     try:
