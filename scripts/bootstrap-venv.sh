@@ -33,9 +33,30 @@ if ! "$venv/bin/python" -c 'import bcc' 2>/dev/null; then
   fi
 fi
 "$venv/bin/python" -c 'import bcc' 2>/dev/null || { echo "bootstrap: ERROR: bcc not importable from $venv" >&2; exit 1; }
-for s in jobcage jobtrace; do
-  if [ "$(readlink -f /usr/local/bin/$s 2>/dev/null)" != "$venv/bin/$s" ]; then
-    ln -sfn "$venv/bin/$s" /usr/local/bin/$s
-    echo "bootstrap: linked /usr/local/bin/$s -> $venv/bin/$s"
+# The hook commands run once per job, so /usr/local/bin/jobcage is a launcher that
+# skips `site` (.pth processing) and pip's wrapper (which imports re) for them; every
+# other command gets the full environment.
+site_dir=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+launcher=$venv/bin/jobcage-launcher
+cat > "$launcher.new" <<LAUNCHER
+#!$venv/bin/python -IS
+import sys
+sys.path[:0] = ["$top"]
+sys.path.append("$site_dir")
+if len(sys.argv) > 1 and sys.argv[1] in ("prologue", "adopt", "run", "epilogue"):
+    from agent.hook import main as hook_main
+    sys.exit(hook_main(sys.argv[1:]))
+import site
+site.main()
+from agent.main import main
+main()
+LAUNCHER
+chmod 755 "$launcher.new"
+mv "$launcher.new" "$launcher"
+for pair in "jobcage:$launcher" "jobtrace:$venv/bin/jobtrace"; do
+  s=${pair%%:*} target=${pair#*:}
+  if [ "$(readlink -f /usr/local/bin/$s 2>/dev/null)" != "$target" ]; then
+    ln -sfn "$target" /usr/local/bin/$s
+    echo "bootstrap: linked /usr/local/bin/$s -> $target"
   fi
 done
