@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import socket
+# _socket, not socket: socket.py pulls in enum and selectors (~5 ms on every hook call)
+import _socket
 
 from cgroups.errors import BY_NAME, AgentUnavailable, JobcageError
 
@@ -12,7 +13,7 @@ from . import protocol
 def call(socket_path: str, method: str, timeout: float | None = 60.0, **params: object) -> object:
     """One request, one response.  Raises AgentUnavailable if nobody listens, or the
     agent's own error re-raised as the same exception class."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
     s.settimeout(timeout)
     try:
         try:

@@ -8,15 +8,18 @@ leave a node unprotected.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
 
 from cgroups.errors import InvalidArgument
 
 DEFAULT_PATH = "/etc/jobcage/jobcage.toml"
 
 
-@dataclass
 class Config:
+    """Every setting with its default; ``load`` fills it from TOML.
+
+    A plain class, not a dataclass: importing dataclasses costs ~7 ms and every hook
+    call loads the config.  Annotations (strings, PEP 563) give load() the types."""
+
     # [cgroups]
     cgroup_mode: str = "auto"          # auto | v1 | hybrid | v2
     cgroup_subtree: str = "jobcage"    # relative path under each hierarchy root
@@ -33,16 +36,22 @@ class Config:
     tracer_backend: str = "auto"       # auto | bpf | proc | off
     # [prune]
     prune_min_uid: int = 1000
-    prune_exempt_uids: list[int] = field(default_factory=list)
-    prune_exempt_users: list[str] = field(default_factory=list)
-    prune_exempt_commands: list[str] = field(default_factory=list)
+    prune_exempt_uids: list[int] = []
+    prune_exempt_users: list[str] = []
+    prune_exempt_commands: list[str] = []
     prune_exempt_sshd: bool = True
     prune_interval: float = 0.0        # minutes between agent prunes; 0 = off
     # [cleanup]
     cleanup_enabled: bool = True
-    cleanup_dirs: list[str] = field(default_factory=lambda: ["/tmp", "/var/tmp", "/dev/shm"])
+    cleanup_dirs: list[str] = ["/tmp", "/var/tmp", "/dev/shm"]
     tmpdir_base: str = ""              # per-job TMPDIR parent; "" = off
     path: str = ""                     # where this config came from
+
+    def __init__(self, path: str = "") -> None:
+        for name in Config.__annotations__:
+            value = getattr(Config, name)
+            setattr(self, name, list(value) if isinstance(value, list) else value)  # no shared lists
+        self.path = path
 
     @property
     def db_path(self) -> str:
@@ -81,7 +90,7 @@ def load(path: str | None = None) -> Config:
         doc = tomllib.loads(data.decode())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise InvalidArgument(f"{path}: {e}", path=path) from None
-    types = {f.name: f.type for f in fields(Config)}
+    types = Config.__annotations__
     for section, values in doc.items():
         keys = SECTIONS.get(section)
         if keys is None or not isinstance(values, dict):

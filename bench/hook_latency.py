@@ -33,7 +33,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-JOBCAGE = str(BIN / "jobcage") if (BIN / "jobcage").exists() else (shutil.which("jobcage") or "jobcage")
+# what batch systems call: the installed launcher (/usr/local/bin/jobcage), else the venv script
+JOBCAGE = shutil.which("jobcage") or str(BIN / "jobcage")
 PYTHON = str(BIN / "python") if (BIN / "python").exists() else sys.executable
 TARGET_MS = 25.0
 
