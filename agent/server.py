@@ -98,6 +98,7 @@ class Agent:
         self.tracer_backend = "off"
         self._jids: dict[str, int] = {}
         self._owner: dict[str, int] = {}
+        self._lost_base: dict[str, int] = {}   # events_lost stored by earlier agents: the tracer counts from 0
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._pending: list[TraceEvent] = []
@@ -110,6 +111,7 @@ class Agent:
         with self._lock:
             self._jids[job["job_id"]] = job["jid"]
             self._owner[job["job_id"]] = job["owner_uid"]
+            self._lost_base[job["job_id"]] = int(job.get("events_lost") or 0)
             if self.tracer is not None:
                 self.tracer.add_job(job["job_id"], job["owner_uid"], cgroup_id, pids)
 
@@ -134,6 +136,7 @@ class Agent:
                 self.tracer.remove_job(job_id)
             self._jids.pop(job_id, None)
             self._owner.pop(job_id, None)
+            self._lost_base.pop(job_id, None)
 
     # -- tracer events -----------------------------------------------------------------
     def on_event(self, ev: TraceEvent) -> None:
@@ -191,6 +194,14 @@ class Agent:
             log.warning("per-identity accounting disabled: %s", e)
             self.accounting = None
 
+    def _poll_accounting(self) -> None:
+        acc = self.accounting
+        try:
+            if acc is not None:
+                acc.poll(0)
+        except OSError as e:
+            log.warning("taskstats read failed: %s", e)
+
     def _record_gap(self, jobs: list[str]) -> None:
         """The agent was down: say so in every running job's trail."""
         last = self.store.get_meta("heartbeat")
@@ -214,7 +225,7 @@ class Agent:
             if jid is not None and self.tracer is not None:
                 lost = self.tracer.counters(job_id).get("events_lost", 0)
                 if lost:
-                    self.store.add_events_lost(jid, lost)
+                    self.store.add_events_lost(jid, self._lost_base.get(job_id, 0) + lost)
         self.store.set_meta("heartbeat", str(time.time()))
         if self.config.prune_interval > 0 and time.monotonic() >= self._next_prune:
             self._next_prune = time.monotonic() + 60 * self.config.prune_interval
@@ -265,13 +276,19 @@ class Agent:
         log.info("agent ready: cgroups %s, tracer %s, %d job(s), socket %s",
                  self.manager.driver.mode, self.tracer_backend, len(live), cfg.socket_path)
         sd_notify("READY=1")
-        next_reconcile = 0.0
+        next_reconcile = next_accounting = 0.0
         try:
             while not self._stop.is_set():
                 # The tracer is not thread-safe and control threads add/remove jobs:
                 # poll without blocking under the lock, wait outside it.
                 with self._lock:
                     n = self.tracer.poll(0) if self.tracer is not None else 0
+                    if self.accounting is not None and time.monotonic() >= next_accounting:
+                        # Every exit on the node sends a taskstats record: read them as they come, or the
+                        # socket overruns and jobs lose the CPU of their exited tasks.  Not every turn: a
+                        # record waits a few polls for its task's exit tracepoint (see Accounting).
+                        next_accounting = time.monotonic() + 0.2
+                        self._poll_accounting()
                     self._flush()
                     if time.monotonic() >= next_reconcile:
                         self._periodic()
