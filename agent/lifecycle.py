@@ -396,10 +396,6 @@ class JobManager:
     def whois(self, uid: int, at: float) -> list[dict]:
         out = []
         for r in self.store.whois(uid, at):
-            # The store matches on the job's lifetime: a job that took uid only later did not hold it at `at`.
-            # 1 ms of slack: times handed back to us as ISO strings are truncated to milliseconds.
-            if r["first_seen"] is not None and r["first_seen"] > at + 0.001:
-                continue
             r = dict(r, uid=uid, user=user_name(uid), pilot_user=user_name(r["pilot_uid"]))
             for k in ("job_start", "job_end", "first_seen", "last_seen"):
                 r[k] = iso(r[k])

@@ -162,7 +162,10 @@ class Store:
         rows = self._x(
             "SELECT j.jid, j.job_id, j.owner_uid, j.created, j.ended, j.state, i.first_seen, i.last_seen, i.via "
             "FROM identities i JOIN jobs j ON j.jid=i.jid WHERE i.uid=? AND j.created<=? "
-            "AND (j.ended IS NULL OR j.ended>=?) ORDER BY j.jid", (uid, at, at)).fetchall()
+            "AND (j.ended IS NULL OR j.ended>=?) "
+            # a job that took uid only later did not hold it at `at`; 1 ms of slack because
+            # times handed back to us as ISO strings are truncated to milliseconds
+            "AND i.first_seen<=? ORDER BY j.jid", (uid, at, at, at + 0.001)).fetchall()
         out = []
         for jid, job_id, owner, created, ended, state, first, last, via in rows:
             decl = [d for d in self.declarations(jid) if d["uid"] == uid]
