@@ -1,0 +1,647 @@
+#!/usr/bin/env python3
+"""What tracing costs: fork+exec throughput under jobcage's tracer and its peers, identity events at 5,000
+setuid calls/s, and the agent's CPU while a job execs 1,000 times a second.
+
+1. Throughput.  A small C spawner (compiled with gcc here) runs 2 workers, each looping fork + execve(/bin/true)
+   + waitpid.  Configurations, interleaved in rounds of short runs (default 6 x 2 s each: these VMs are noisy),
+   medians compared with the no-tracer baseline:
+     none                  no tracer; the spawner in a job's cgroup (like every other "in job" run)
+     none, outside job     no tracer; the spawner in the bench's own cgroup
+     jobcage               the real `jobcage agent` ([tracer] backend = bpf), the spawner inside a job: every
+                           exec is an event the agent decodes and writes to its audit trail
+     jobcage, outside job  the agent running, the spawner in no job: the cost of the in-kernel job filter alone
+     auditd execve rule    `auditctl -a always,exit -F arch=b64 -S execve -k jcbench`, a private auditd
+                           (log in the bench's temp dir) consuming the records, backlog limit 8192
+     bpftrace              `bpftrace -o /dev/null` printing every tracepoint:sched:sched_process_exec
+   The agent is started before and stopped after each round's jobcage runs (its BPF programs are detached for
+   the others); auditd runs throughout, but audit is enabled and the rule loaded only for its own runs.  Audit is
+   enabled once before the first round so every run sees the same kernel state: once enabled, the kernel gives
+   every new task an audit context until reboot (a small cost the "none" runs then include too).
+2. Identity events.  A C loop, root inside a job, alternates setresuid(U, U, 0) / setresuid(0, 0, 0) (a real uid
+   switch and back) paced at 5,000 calls/s for 5 s; the setuid events in the job's trail are counted (read from
+   the agent's store: the trail is too long for one control-socket answer) and `show` gives events_lost.
+3. Agent CPU.  The spawner paced at 1,000 exec/s inside a job for 10 s; the agent's utime+stime from
+   /proc/PID/stat over the run (and including the drain of what was still queued at its end), plus idle.
+
+Root only.  Everything is private and removed at the end: a config with its own cgroup subtree
+``jobcage-ovh<hex>``, state dir and socket in a temp dir; the agent, auditd, bpftrace and spawners this
+script started (by pid); the audit rule; the kernel's audit enabled flag and backlog limit are restored.
+
+    .venv/bin/python bench/trace_overhead.py [--rounds 6] [--run-seconds 2] [--only throughput,setuid,cpu] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import random
+import secrets
+import shutil
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from agent.client import call  # noqa: E402
+from cgroups.errors import JobcageError  # noqa: E402
+
+_BIN = Path(sys.executable).parent
+JOBCAGE = str(_BIN / "jobcage") if (_BIN / "jobcage").exists() else (shutil.which("jobcage") or "jobcage")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+AUDIT_KEY = "jcbench"
+AUDIT_RULE = ["always,exit", "-F", "arch=b64", "-S", "execve", "-k", AUDIT_KEY]
+AUDIT_BACKLOG = 8192   # what audit.rules usually sets (-b 8192); the kernel default 64 makes writers wait
+BPFTRACE_PROG = 'tracepoint:sched:sched_process_exec { printf("%d %s\\n", pid, str(args->filename)); }'
+
+SPAWNER_C = r"""
+/* spawner SECONDS WORKERS RATE: after one byte on stdin, WORKERS processes loop fork + execve(/bin/true) +
+ * waitpid for SECONDS; RATE > 0 paces them to RATE exec/s in all.  Prints "EXECS ELAPSED_SECONDS". */
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec / 1e9; }
+int main(int argc, char **argv) {
+    if (argc < 4) return 2;
+    double secs = atof(argv[1]), rate = atof(argv[3]);
+    int workers = atoi(argv[2]), fds[2];
+    char c, *av[] = {"true", NULL}, *ev[] = {NULL};
+    if (read(0, &c, 1) != 1 || pipe(fds)) return 2;
+    double t0 = now(), end = t0 + secs;
+    for (int w = 0; w < workers; w++) {
+        if (fork() != 0) continue;
+        long n = 0;
+        double step = rate > 0 ? workers / rate : 0, next = t0 + step * w / workers;
+        while (now() < end) {
+            pid_t p = fork();
+            if (p == 0) { execve("/bin/true", av, ev); _exit(127); }
+            if (p < 0) continue;
+            waitpid(p, NULL, 0);
+            n++;
+            if (step > 0) {
+                next += step;
+                double d = next - now();
+                if (d > 0) { struct timespec ts = {(time_t)d, (long)((d - (time_t)d) * 1e9)}; nanosleep(&ts, NULL); }
+            }
+        }
+        if (write(fds[1], &n, sizeof n) != sizeof n) _exit(1);
+        _exit(0);
+    }
+    close(fds[1]);
+    long total = 0, n;
+    while (read(fds[0], &n, sizeof n) == sizeof n) total += n;
+    while (wait(NULL) > 0) ;
+    printf("%ld %.6f\n", total, now() - t0);
+    return 0;
+}
+"""
+
+SETUIDLOOP_C = r"""
+/* setuidloop UID RATE SECONDS: as root, after one byte on stdin, alternate setresuid(UID, UID, 0) and
+ * setresuid(0, 0, 0) at RATE calls/s for SECONDS (the saved uid 0 allows the way back).
+ * Prints "CALLS FAILED ELAPSED_SECONDS". */
+#include <stdio.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec / 1e9; }
+int main(int argc, char **argv) {
+    if (argc < 4) return 2;
+    uid_t uid = (uid_t)atol(argv[1]);
+    double rate = atof(argv[2]), secs = atof(argv[3]);
+    char c;
+    if (read(0, &c, 1) != 1) return 2;
+    long calls = 0, failed = 0;
+    double t0 = now();
+    for (;;) {
+        double t = now() - t0;
+        if (t >= secs && !(calls & 1)) break;
+        long due = (long)(t * rate);
+        if (calls >= due && t < secs) { struct timespec ts = {0, 100000}; nanosleep(&ts, NULL); continue; }
+        if ((calls & 1) ? setresuid(0, 0, 0) : setresuid(uid, uid, 0)) failed++;
+        calls++;
+    }
+    printf("%ld %ld %.6f\n", calls, failed, now() - t0);
+    return 0;
+}
+"""
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (its threads included) from /proc/PID/stat."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    f = text[text.rindex(")") + 2:].split()
+    return (int(f[11]) + int(f[12])) / CLK_TCK
+
+
+def run(argv: Sequence[str], **kw: Any) -> str:
+    r = subprocess.run(list(argv), capture_output=True, text=True, **kw)
+    if r.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} -> {r.returncode}: {r.stderr.strip() or r.stdout.strip()}")
+    return r.stdout
+
+
+def wait_until(pred: Callable[[], object], timeout: float, what: str, interval: float = 0.05) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := pred()):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+    return value
+
+
+def audit_status() -> dict[str, int]:
+    out = {}
+    for line in run(["auditctl", "-s"]).splitlines():
+        k, _, v = line.partition(" ")
+        with contextlib.suppress(ValueError):
+            out[k] = int(v.split()[0])
+    return out
+
+
+def free_uid(start: int = 61000) -> int:
+    """A uid no account uses (the setuid loop's target)."""
+    import pwd
+
+    used = {p.pw_uid for p in pwd.getpwall()}
+    return next(u for u in range(start, start + 10000) if u not in used)
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+class Bench:
+    """A private jobcage (config, subtree, state, agent) and the peers, all torn down by cleanup()."""
+
+    def __init__(self, workers: int) -> None:
+        self.workers = workers
+        self.dir = Path(tempfile.mkdtemp(prefix="jcbench-", dir="/tmp"))
+        self.dir.chmod(0o755)
+        self.subtree = f"jobcage-ovh{secrets.token_hex(4)}"
+        self.sock = str(self.dir / "agent.sock")
+        self.cfg = self.dir / "jobcage.toml"
+        self.cfg.write_text(
+            f'[cgroups]\nmode = "auto"\nsubtree = "{self.subtree}"\n'
+            f'[agent]\nstate_dir = "{self.dir / "state"}"\nsocket = "{self.sock}"\nreconcile_interval = 1.0\n'
+            '[tracer]\nbackend = "bpf"\n[cleanup]\nenabled = false\n')
+        self.env = dict(os.environ, JOBCAGE_CONFIG=str(self.cfg))
+        self.jobs: list[str] = []
+        self.agent: subprocess.Popen | None = None
+        self.auditd: subprocess.Popen | None = None
+        self.audit_saved: dict[str, int] | None = None
+        self.audit_on_now = False
+        self.bpftrace: subprocess.Popen | None = None
+        self.spawner = self.dir / "spawner"
+        self.setuidloop = self.dir / "setuidloop"
+
+    # -- setup --------------------------------------------------------------------------------------------------
+    def build(self) -> None:
+        for exe, src in ((self.spawner, SPAWNER_C), (self.setuidloop, SETUIDLOOP_C)):
+            exe.with_suffix(".c").write_text(src)
+            run(["gcc", "-O2", "-Wall", "-o", str(exe), str(exe.with_suffix(".c"))])
+
+    def jobcage(self, *args: str) -> str:
+        return run([JOBCAGE, *args], env=self.env, timeout=300)
+
+    def prologue(self, job: str) -> None:
+        self.jobcage("prologue", job, "--uid", "0", "--pids-max", "256")
+        self.jobs.append(job)
+
+    def show(self, job: str) -> dict:
+        return json.loads(self.jobcage("show", job, "--json"))
+
+    # -- the agent ----------------------------------------------------------------------------------------------
+    def agent_start(self) -> None:
+        assert self.agent is None
+        logf = open(self.dir / "agent.log", "a")  # noqa: SIM115 - the child keeps it
+        self.agent = subprocess.Popen([JOBCAGE, "agent", "--config", str(self.cfg)], env=self.env,
+                                      stdin=subprocess.DEVNULL, stdout=logf, stderr=logf, start_new_session=True)
+        logf.close()
+
+        def ping() -> dict | None:
+            assert self.agent is not None
+            if self.agent.poll() is not None:
+                raise RuntimeError(f"agent exited: {(self.dir / 'agent.log').read_text()[-2000:]}")
+            try:
+                r = call(self.sock, "ping", timeout=2)
+            except JobcageError:
+                return None
+            return r if isinstance(r, dict) else None
+
+        info = wait_until(ping, 180, "the agent")
+        if info.get("tracer") != "bpf":
+            raise RuntimeError(f"the agent runs tracer {info.get('tracer')!r}, not bpf: see {self.dir}/agent.log")
+        self.settle_agent()
+
+    def agent_stop(self) -> None:
+        if self.agent is None:
+            return
+        if self.agent.poll() is None:
+            self.agent.send_signal(signal.SIGTERM)
+            try:
+                self.agent.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.agent.kill()
+                self.agent.wait(timeout=30)
+        self.agent = None
+
+    def agent_cpu(self) -> float:
+        assert self.agent is not None
+        return cpu_seconds(self.agent.pid)
+
+    def settle_agent(self, timeout: float = 60.0) -> None:
+        """Wait until the agent has worked off what is queued (< 3% CPU over 0.3 s)."""
+        deadline = time.monotonic() + timeout
+        while self.agent is not None and time.monotonic() < deadline:
+            c0 = self.agent_cpu()
+            time.sleep(0.3)
+            if self.agent_cpu() - c0 < 0.01:
+                return
+
+    # -- auditd ---------------------------------------------------------------------------------------------------
+    def auditd_start(self) -> None:
+        """A private auditd (config and log in our temp dir) unless one already runs; leaves audit as it was."""
+        self.audit_saved = audit_status()
+        if self.audit_saved.get("enabled") == 2:
+            raise RuntimeError("audit configuration is locked (enabled 2)")
+        if self.audit_saved.get("pid", 0):
+            log(f"auditd already running (pid {self.audit_saved['pid']}): using it")
+            return
+        d = self.dir / "audit"
+        (d / "plugins").mkdir(parents=True)
+        base = Path("/etc/audit/auditd.conf")
+        lines = [ln for ln in (base.read_text().splitlines() if base.exists() else [])
+                 if ln.split("=")[0].strip() not in ("log_file", "plugin_dir", "max_log_file",
+                                                     "max_log_file_action", "num_logs")]
+        lines += [f"log_file = {d / 'audit.log'}", f"plugin_dir = {d / 'plugins'}", "max_log_file = 50",
+                  "max_log_file_action = ROTATE", "num_logs = 2"]
+        (d / "auditd.conf").write_text("\n".join(lines) + "\n")
+        (d / "auditd.conf").chmod(0o640)
+        logf = open(self.dir / "auditd.log", "a")  # noqa: SIM115
+        self.auditd = subprocess.Popen(["auditd", "-n", "-s", "nochange", "-c", str(d)], stdin=subprocess.DEVNULL,
+                                       stdout=logf, stderr=logf, start_new_session=True)
+        logf.close()
+        wait_until(lambda: audit_status().get("pid") == self.auditd.pid, 30, "auditd to register")  # type: ignore[union-attr]
+
+    def audit_on(self) -> None:
+        run(["auditctl", "-b", str(AUDIT_BACKLOG)])
+        run(["auditctl", "-e", "1"])
+        run(["auditctl", "-a", *AUDIT_RULE])
+        self.audit_on_now = True
+
+    def audit_off(self) -> None:
+        """Remove our rule and restore the enabled flag and backlog limit."""
+        if not self.audit_on_now:
+            return
+        with contextlib.suppress(RuntimeError):
+            run(["auditctl", "-d", *AUDIT_RULE])
+        saved = self.audit_saved or {}
+        run(["auditctl", "-e", str(saved.get("enabled", 0))])
+        run(["auditctl", "-b", str(saved.get("backlog_limit", 64))])
+        self.audit_on_now = False
+
+    def auditd_stop(self) -> None:
+        if self.auditd is not None and self.auditd.poll() is None:
+            self.auditd.send_signal(signal.SIGTERM)
+            try:
+                self.auditd.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.auditd.kill()
+                self.auditd.wait(timeout=30)
+        self.auditd = None
+
+    # -- bpftrace -------------------------------------------------------------------------------------------------
+    def bpftrace_start(self) -> None:
+        logf = open(self.dir / "bpftrace.log", "a")  # noqa: SIM115
+        self.bpftrace = subprocess.Popen(["bpftrace", "-o", "/dev/null", "-e", BPFTRACE_PROG],
+                                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=logf,
+                                         start_new_session=True)
+        logf.close()
+        bt = self.bpftrace
+
+        def attached() -> bool:
+            # its program loaded and the tracepoint's perf event open: attached (the output goes to /dev/null,
+            # so its "Attaching 1 probe..." cannot be watched)
+            if bt.poll() is not None:
+                raise RuntimeError(f"bpftrace exited: {(self.dir / 'bpftrace.log').read_text()[-1000:]}")
+            links = []
+            with contextlib.suppress(OSError):
+                for fd in os.listdir(f"/proc/{bt.pid}/fd"):
+                    with contextlib.suppress(OSError):
+                        links.append(os.readlink(f"/proc/{bt.pid}/fd/{fd}"))
+            return "anon_inode:bpf-prog" in links and "anon_inode:[perf_event]" in links
+
+        wait_until(attached, 120, "bpftrace to attach")
+        time.sleep(0.5)
+        c0 = cpu_seconds(bt.pid)   # settled: LLVM is done
+        while True:
+            time.sleep(0.3)
+            c1 = cpu_seconds(bt.pid)
+            if c1 - c0 < 0.01:
+                break
+            c0 = c1
+
+    def bpftrace_stop(self) -> None:
+        if self.bpftrace is not None and self.bpftrace.poll() is None:
+            self.bpftrace.send_signal(signal.SIGINT)
+            try:
+                self.bpftrace.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.bpftrace.kill()
+                self.bpftrace.wait(timeout=30)
+        self.bpftrace = None
+
+    # -- workloads ------------------------------------------------------------------------------------------------
+    def start_gated(self, argv: list[str], job: str | None) -> subprocess.Popen:
+        """argv (a C program waiting for one byte on stdin) started inside `job` through `jobcage run`, or in the
+        bench's own cgroup; returns once it runs where it should."""
+        exe = argv[0]
+        if job is not None:
+            argv = [JOBCAGE, "run", job, "--", *argv]
+        p = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=self.env)
+        wait_until(lambda: os.path.realpath(f"/proc/{p.pid}/exe") == exe or p.poll() is not None, 120,
+                   f"{exe} to start")
+        if p.poll() is not None:
+            raise RuntimeError(f"{' '.join(argv)} exited with {p.returncode}")
+        placed = f"/{self.subtree}/" in Path(f"/proc/{p.pid}/cgroup").read_text()
+        if placed != (job is not None):
+            raise RuntimeError(f"pid {p.pid} {'is not' if job else 'is'} in a job")
+        return p
+
+    @staticmethod
+    def release(p: subprocess.Popen, timeout: float) -> list[str]:
+        assert p.stdin is not None
+        p.stdin.write("g")
+        p.stdin.close()
+        p.stdin = None   # so communicate() does not flush it
+        out, _ = p.communicate(timeout=timeout)
+        if p.returncode != 0:
+            raise RuntimeError(f"{p.args} exited with {p.returncode}")
+        return out.split()
+
+    def spawn(self, secs: float, rate: float, job: str | None,
+              on_start: Callable[[], None] | None = None) -> tuple[int, float]:
+        p = self.start_gated([str(self.spawner), f"{secs}", str(self.workers), f"{rate}"], job)
+        if on_start:
+            on_start()
+        n, elapsed = self.release(p, secs + 300)
+        return int(n), float(elapsed)
+
+    def store_count(self, job: str, kind: str) -> int:
+        """Events of a kind in the job's trail, read from the agent's store (read-only)."""
+        db = sqlite3.connect(f"file:{self.dir / 'state' / 'jobcage.db'}?mode=ro", uri=True, timeout=30)
+        try:
+            return int(db.execute("SELECT count(*) FROM events WHERE job_id=? AND kind=?", (job, kind)).fetchone()[0])
+        finally:
+            db.close()
+
+    # -- teardown -------------------------------------------------------------------------------------------------
+    def cleanup(self) -> list[str]:
+        problems: list[str] = []
+        for step in (self.bpftrace_stop, self.audit_off, self.auditd_stop):
+            try:
+                step()
+            except Exception as e:  # keep going: everything else must still be undone
+                problems.append(f"{step.__name__}: {e}")
+        with contextlib.suppress(Exception):
+            if any(AUDIT_KEY in ln for ln in run(["auditctl", "-l"]).splitlines()):
+                problems.append("the audit rule is still loaded")
+        for job in self.jobs:   # direct path when the agent is down: kills what is left, removes the cgroups
+            try:
+                self.jobcage("epilogue", job)
+            except Exception as e:
+                problems.append(f"epilogue {job}: {e}")
+        self.agent_stop()
+        for line in Path("/proc/self/mounts").read_text().splitlines():
+            parts = line.split()
+            if len(parts) > 2 and parts[2] in ("cgroup", "cgroup2"):
+                top = Path(parts[1]) / self.subtree
+                for d, _dirs, _files in sorted(os.walk(top), key=lambda t: -len(t[0])):
+                    try:
+                        os.rmdir(d)
+                    except OSError as e:
+                        problems.append(f"rmdir {d}: {e}")
+        shutil.rmtree(self.dir, ignore_errors=True)
+        return problems
+
+
+# -- the three measurements -----------------------------------------------------------------------------------------
+
+CONFIGS = {   # name -> (tracer, inside a job)
+    "none": ("none", True),
+    "none, outside job": ("none", False),
+    "jobcage": ("agent", True),
+    "jobcage, outside job": ("agent", False),
+    "auditd execve rule": ("auditd", True),
+    "bpftrace exec printf": ("bpftrace", True),
+}
+BASELINE = {"none": "none", "none, outside job": "none, outside job", "jobcage": "none",
+            "jobcage, outside job": "none, outside job", "auditd execve rule": "none", "bpftrace exec printf": "none"}
+
+
+def throughput(b: Bench, rounds: int, secs: float, rng: random.Random, peers: bool) -> dict:
+    job = "tput"
+    b.prologue(job)
+    names = [n for n in CONFIGS if peers or CONFIGS[n][0] in ("none", "agent")]
+    rates: dict[str, list[float]] = {n: [] for n in names}
+    agent_cpu_per_exec: list[float] = []
+    lost_per_run: list[int] = []
+    if peers:
+        b.auditd_start()
+        b.audit_on()    # audit "ever enabled" before the first run: the same kernel state for every run
+        b.audit_off()
+    for r in range(rounds):
+        blocks = [("agent", [n for n in names if CONFIGS[n][0] == "agent"]),
+                  ("off", [n for n in names if CONFIGS[n][0] != "agent"])]
+        if r % 2:
+            blocks.reverse()
+        for kind, block in blocks:
+            rng.shuffle(block)
+            if kind == "agent":
+                b.agent_start()
+            try:
+                for name in block:
+                    tracer, in_job = CONFIGS[name]
+                    if tracer == "auditd":
+                        b.audit_on()
+                    elif tracer == "bpftrace":
+                        b.bpftrace_start()
+                    try:
+                        lost0 = b.show(job)["events_lost"] if tracer == "agent" and in_job else 0
+                        b.settle_agent()
+                        a0 = b.agent_cpu() if b.agent else 0.0
+                        n, el = b.spawn(secs, 0, job if in_job else None)
+                        rates[name].append(n / el)
+                        if tracer == "agent" and in_job:
+                            b.settle_agent()
+                            agent_cpu_per_exec.append((b.agent_cpu() - a0) / n)
+                            time.sleep(1.5)   # events_lost reaches the store at the agent's reconcile
+                            lost_per_run.append(b.show(job)["events_lost"] - lost0)
+                    finally:
+                        if tracer == "auditd":
+                            b.audit_off()
+                        elif tracer == "bpftrace":
+                            b.bpftrace_stop()
+                    log(f"round {r + 1}/{rounds} {name:<22} {n / el:8.0f} exec/s")
+            finally:
+                if kind == "agent":
+                    b.agent_stop()
+    if peers:
+        b.auditd_stop()
+    rows = []
+    for name in names:
+        base = median(rates[BASELINE[name]])
+        # paired: each round's run against the same round's baseline run (cancels drift of the node's load)
+        paired = median([x / y for x, y in zip(rates[name], rates[BASELINE[name]], strict=True)])
+        rows.append({"config": name, "median": median(rates[name]), "min": min(rates[name]),
+                     "max": max(rates[name]), "runs": len(rates[name]), "ratio": median(rates[name]) / base,
+                     "paired_ratio": paired, "baseline": BASELINE[name], "rates": [round(x) for x in rates[name]]})
+    return {"rows": rows, "run_seconds": secs, "rounds": rounds, "workers": b.workers,
+            "agent_cpu_us_per_exec": 1e6 * median(agent_cpu_per_exec), "events_lost_per_run": lost_per_run}
+
+
+def setuid_rate(b: Bench, rate: float, secs: float) -> dict:
+    job = "suid"
+    b.prologue(job)
+    uid = free_uid()
+    b.agent_start()
+    try:
+        p = b.start_gated([str(b.setuidloop), str(uid), f"{rate}", f"{secs}"], job)
+        a0 = b.agent_cpu()
+        calls, failed, elapsed = b.release(p, secs + 120)
+        calls_i, elapsed_f = int(calls), float(elapsed)
+        wait_until(lambda: b.store_count(job, "setuid") >= calls_i, 120, "the setuid events in the trail", 0.5)
+        b.settle_agent()
+        cpu = b.agent_cpu() - a0
+        time.sleep(1.5)   # events_lost reaches the store at the agent's reconcile
+        s = b.show(job)
+        recorded = b.store_count(job, "setuid")
+        ident = next((i for i in s["identities"] if i["uid"] == uid), None)
+    finally:
+        b.agent_stop()
+    return {"target_rate": rate, "calls": calls_i, "failed": int(failed), "achieved_rate": calls_i / elapsed_f,
+            "setuid_events_in_trail": recorded, "events_lost": s["events_lost"], "identity_recorded": ident is not None,
+            "agent_cpu_seconds": cpu, "seconds": elapsed_f}
+
+
+def agent_cpu(b: Bench, rate: float, secs: float) -> dict:
+    job = "cpu"
+    b.prologue(job)
+    b.agent_start()
+    try:
+        i0 = b.agent_cpu()
+        time.sleep(5)
+        idle = (b.agent_cpu() - i0) / 5
+        marks: dict[str, float] = {}
+
+        def start() -> None:
+            marks["cpu"], marks["t"] = b.agent_cpu(), time.monotonic()
+
+        n, el = b.spawn(secs, rate, job, on_start=start)
+        run_cpu = b.agent_cpu() - marks["cpu"]
+        b.settle_agent()
+        total_cpu = b.agent_cpu() - marks["cpu"]
+        time.sleep(1.5)
+        lost = b.show(job)["events_lost"]
+        execs = b.store_count(job, "exec")
+    finally:
+        b.agent_stop()
+    return {"target_rate": rate, "execs": n, "achieved_rate": n / el, "seconds": el,
+            "agent_cpu_pct_during": 100 * run_cpu / el, "agent_cpu_pct_with_drain": 100 * total_cpu / el,
+            "agent_cpu_pct_idle": 100 * idle, "exec_events_in_trail": execs, "events_lost": lost}
+
+
+def report(res: dict) -> None:
+    print(f"\njobcage trace overhead -- kernel {platform.release()}, {os.cpu_count()} CPUs, "
+          f"load {res['load_before']} -> {res['load_after']}")
+    t = res.get("throughput")
+    if t:
+        print(f"\nfork+exec throughput: {t['workers']} workers, {t['rounds']} interleaved runs of {t['run_seconds']:g} s "
+              f"per configuration, medians")
+        print(f"  {'configuration':<24}{'exec/s':>9}{'min':>9}{'max':>9}{'ratio':>8}{'paired':>8}   baseline")
+        for row in t["rows"]:
+            print(f"  {row['config']:<24}{row['median']:9.0f}{row['min']:9.0f}{row['max']:9.0f}"
+                  f"{row['ratio']:8.3f}{row['paired_ratio']:8.3f}   {row['baseline']}")
+        print("  ratio: median / baseline median; paired: median over rounds of run / same round's baseline run")
+        print(f"  agent CPU per traced exec: {t['agent_cpu_us_per_exec']:.0f} us; "
+              f"events lost per jobcage run: {t['events_lost_per_run']}")
+    s = res.get("setuid")
+    if s:
+        print(f"\nidentity events: {s['calls']} setresuid calls at {s['achieved_rate']:.0f}/s "
+              f"(target {s['target_rate']:g}) for {s['seconds']:.1f} s, {s['failed']} failed: "
+              f"{s['setuid_events_in_trail']} setuid events in the trail, events_lost {s['events_lost']}, "
+              f"identity recorded: {s['identity_recorded']}, agent CPU {s['agent_cpu_seconds']:.2f} s")
+    c = res.get("cpu")
+    if c:
+        print(f"\nagent CPU at {c['achieved_rate']:.0f} exec/s (target {c['target_rate']:g}) for {c['seconds']:.1f} s: "
+              f"{c['agent_cpu_pct_during']:.1f}% of one core during the run, {c['agent_cpu_pct_with_drain']:.1f}% "
+              f"including the drain, {c['agent_cpu_pct_idle']:.1f}% idle; {c['exec_events_in_trail']} exec events "
+              f"in the trail, events_lost {c['events_lost']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=6, help="interleaved runs per configuration (default 6)")
+    ap.add_argument("--run-seconds", type=float, default=2.0, help="seconds per run (default 2)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--setuid-rate", type=float, default=5000.0)
+    ap.add_argument("--setuid-seconds", type=float, default=5.0)
+    ap.add_argument("--exec-rate", type=float, default=1000.0)
+    ap.add_argument("--cpu-seconds", type=float, default=10.0)
+    ap.add_argument("--only", default="throughput,setuid,cpu", help="comma list of throughput, setuid, cpu")
+    ap.add_argument("--no-peers", action="store_true", help="skip auditd and bpftrace")
+    ap.add_argument("--seed", type=int, default=None)
+    ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    args = ap.parse_args(argv)
+    if os.geteuid() != 0:
+        print("trace_overhead: run as root", file=sys.stderr)
+        return 1
+    needed = ["gcc"] + ([] if args.no_peers else ["auditctl", "auditd", "bpftrace"])
+    missing = [t for t in needed if shutil.which(t) is None]
+    if missing:
+        print(f"trace_overhead: missing {', '.join(missing)}", file=sys.stderr)
+        return 1
+    only = set(args.only.split(","))
+    seed = args.seed if args.seed is not None else int(time.time())
+    res: dict[str, Any] = {"seed": seed, "load_before": os.getloadavg()[0]}
+    b = Bench(args.workers)
+    problems: list[str] = []
+    try:
+        b.build()
+        if "throughput" in only:
+            res["throughput"] = throughput(b, args.rounds, args.run_seconds, random.Random(seed), not args.no_peers)
+        if "setuid" in only:
+            res["setuid"] = setuid_rate(b, args.setuid_rate, args.setuid_seconds)
+        if "cpu" in only:
+            res["cpu"] = agent_cpu(b, args.exec_rate, args.cpu_seconds)
+    finally:
+        problems = b.cleanup()
+    res["load_after"] = os.getloadavg()[0]
+    if problems:
+        print("trace_overhead: cleanup problems: " + "; ".join(problems), file=sys.stderr)
+    if args.json:
+        print(json.dumps(res, indent=2))
+    else:
+        report(res)
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
