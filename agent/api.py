@@ -17,6 +17,7 @@ from cgroups.errors import AccessDenied, InvalidArgument, ProtocolError
 from .lifecycle import JobManager, validate_job_id
 
 ROOT, ANY = "root", "any"
+EVENTS_PAGE = 1000  # events per answer: ~250 bytes each, well under protocol.MAX_MESSAGE
 
 
 @dataclass(frozen=True)
@@ -103,9 +104,11 @@ class Api:
     def list(self, caller: Caller, all: bool = False) -> list:
         return self.m.list(bool(all), caller.uid)
 
-    def events(self, caller: Caller, job_id: str, after_id: int = 0) -> list:
+    def events(self, caller: Caller, job_id: str, after_id: int = 0, limit: int = EVENTS_PAGE) -> list:
+        """One page of the trail after `after_id`: an answer must fit in a socket message."""
         job = self.m.check_read(validate_job_id(job_id), caller.uid)
-        return self.m.store.events(job["jid"], _int("after_id", after_id))
+        return self.m.store.events(job["jid"], _int("after_id", after_id),
+                                   min(_int("limit", limit, minimum=1), EVENTS_PAGE))
 
     def declare(self, caller: Caller, job_id: str, uid: int, label: str) -> dict:
         return self.m.declare(validate_job_id(job_id), _int("uid", uid), label, caller.uid)

@@ -34,6 +34,8 @@ import click
 
 from cgroups.errors import AgentUnavailable, JobcageError
 
+from .api import EVENTS_PAGE
+
 HZ = os.sysconf("SC_CLK_TCK")
 # Parents that adopt orphans besides init (PR_SET_CHILD_SUBREAPER is not visible in /proc, so by name).
 SUBREAPERS = frozenset({"systemd", "init", "tini", "dumb-init", "catatonit", "conmon", "s6-svscan", "runsv"})
@@ -786,6 +788,8 @@ def events(source: Source, job_id: str, follow: bool, as_json: bool, poll: float
             sys.stdout.write(fmt(ev) + "\n")
             after = max(after, int(ev.get("id") or 0))
         sys.stdout.flush()
+        if len(batch) >= EVENTS_PAGE:
+            continue  # a full page: the agent answers in pages, read on before deciding anything
         if not follow or ended_seen:
             return
         if time.monotonic() >= next_state:  # the job's state, every few polls

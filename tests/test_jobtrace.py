@@ -544,3 +544,19 @@ def test_deep_chain_and_lineage_cycle() -> None:
     lineage = {200: {"orig_ppid": 300, "via": None, "ts": None}, 300: {"orig_ppid": 200, "via": None, "ts": None}}
     roots = jt.build_tree(procs, lineage, 1000)
     assert sorted(n.proc.pid for n, _d, _c in jt.flatten(roots)) == [200, 300] and roots
+
+
+def test_events_of_a_busy_job_come_in_pages(jc_env: JcEnv, agent_proc: AgentProc) -> None:
+    """A trail longer than one socket message (1 MiB) is read page by page, not cut off."""
+    from agent.events import TraceEvent
+
+    jc_env.jobcage("prologue", "busy", "--uid", "0").ok()
+    m = jc_env.manager()
+    jid = m.store.job("busy")["jid"]
+    n = 6000
+    m.store.add_events(jid, [TraceEvent("exec", pid=100000 + i, ppid=1, uid=0, euid=0, comm="x" * 15,
+                                        filename="/usr/bin/" + "y" * 100, job_id="busy") for i in range(n)])
+    out = jc_env.run([JOBTRACE, "busy", "--events", "--json"]).ok().out.splitlines()
+    pids = [json.loads(line)["pid"] for line in out if json.loads(line)["kind"] == "exec"]
+    assert pids == [100000 + i for i in range(n)]
+    jc_env.jobcage("epilogue", "busy").ok()
