@@ -159,16 +159,16 @@ def mode_unavailable(mode: str) -> str | None:
     """Why this node cannot run the jobcage driver `mode` ('auto', 'v1', 'hybrid', 'v2'), None if it can."""
     h = hierarchies()
     v2 = h.get("unified")
-    v2_kill = v2 is not None and any((d / "cgroup.kill").exists() for d in v2.iterdir() if d.is_dir())
     if mode == "auto":
         return None if (v2 is not None or "freezer" in h or "pids" in h) else "no cgroup hierarchy mounted"
     if mode == "v1":
         missing = [c for c in ("freezer", "pids") if c not in h]
         return f"v1 hierarchies missing: {', '.join(missing)}" if missing else None
     if mode == "hybrid":
-        if v2 is None or "pids" not in h:
-            return "hybrid needs cgroup2 plus a v1 pids hierarchy"
-        return None if v2_kill else "cgroup2 has no cgroup.kill"
+        # cgroup.kill is not required: without it the driver kills through the freezer loop.
+        # (Probing it here by listing children of the cgroup2 root was wrong on a fresh node,
+        # whose root has no child yet.)
+        return None if v2 is not None and "pids" in h else "hybrid needs cgroup2 plus a v1 pids hierarchy"
     if mode == "v2":
         if v2 is None or h.get("pids") is not None:
             return "not a pure cgroup2 node"

@@ -28,6 +28,8 @@ from typing import Any
 
 import pytest
 
+from agent.api import EVENTS_PAGE
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # tracefixtures / jctest, package or not
 
 import tracefixtures as tf  # noqa: E402
@@ -137,8 +139,14 @@ def first(evs: list[dict], what: str, **match: Any) -> dict:
 def wait_events(agent: AgentProc, job: str, pred: Callable[[list[dict]], bool], what: str,
                 timeout: float = 30.0) -> list[dict]:
     """Poll the agent's trail (raw socket: fast) until pred holds."""
-    return wait_for(lambda: (evs := agent.result("events", job_id=job)) and pred(evs) and evs, timeout, what,
-                    interval=0.1)
+    def all_events() -> list[dict]:
+        evs: list[dict] = []
+        while True:  # the agent answers in pages
+            page = agent.result("events", job_id=job, after_id=evs[-1]["id"] if evs else 0)
+            evs += page
+            if len(page) < EVENTS_PAGE:
+                return evs
+    return wait_for(lambda: (evs := all_events()) and pred(evs) and evs, timeout, what, interval=0.1)
 
 
 def pid_file(path: Path, timeout: float = 60.0) -> int:
