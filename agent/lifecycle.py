@@ -237,8 +237,7 @@ class JobManager:
             self.driver.kill(job_id, self.config.kill_timeout)
             if self.driver.has_freeze and self.driver.frozen(job_id):
                 self.driver.thaw(job_id, self.config.freeze_timeout)
-            self._final_accounting(job)
-        summary = self.show(job_id)
+        summary = self.show(job_id)  # final accounting: the cgroup (and per-identity cpu) is still there
         summary["state"] = "ended"
         summary["cleanup"] = self._cleanup(job)
         if present:
@@ -249,11 +248,6 @@ class JobManager:
         if self.observer:
             self.observer.job_ended(job_id)
         return summary
-
-    def _final_accounting(self, job: dict) -> None:
-        cpu = self.observer.job_cpu_by_uid(job["job_id"], []) if self.observer else None
-        if cpu:
-            self.store.set_identity_cpu(job["jid"], cpu, time.time())
 
     def _cleanup(self, job: dict) -> dict:
         """Per-job TMPDIR, then files of the job's identities that no other running
