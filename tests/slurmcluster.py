@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+from jctest import Proc, proc
+
 T = TypeVar("T")
 
 SBIN = "/usr/sbin"
@@ -86,33 +88,9 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: fl
 
 # --- /proc helpers (no psutil: tests should read exactly what the kernel says) -------------------------------
 
-@dataclass(frozen=True)
-class ProcInfo:
-    pid: int
-    ppid: int
-    state: str  # one letter from /proc/PID/stat: R S D T t Z ...
-    sid: int
-    uid: int  # real uid
-    euid: int
-    comm: str
-    cmdline: str
-
-
-def proc_info(pid: int) -> ProcInfo | None:
-    """A snapshot of /proc/PID, or None if it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        status = Path(f"/proc/{pid}/status").read_text()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # comm may contain spaces and parentheses: split on the last ')'.
-    comm = stat[stat.index("(") + 1:stat.rindex(")")]
-    fields = stat[stat.rindex(")") + 2:].split()
-    uids = next(line.split()[1:3] for line in status.splitlines() if line.startswith("Uid:"))
-    return ProcInfo(pid=pid, ppid=int(fields[1]), state=fields[0], sid=int(fields[3]), uid=int(uids[0]),
-                    euid=int(uids[1]), comm=comm,
-                    cmdline=cmdline.replace(b"\0", b" ").decode(errors="replace").strip())
+# One /proc reader for the whole suite (tests/jctest.py); the names Slurm tests use.
+ProcInfo = Proc
+proc_info = proc
 
 
 def alive(pid: int) -> bool:
