@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from cgroups.errors import Unsupported
+from jobcage.cgroups.errors import Unsupported
 
 log = logging.getLogger("jobcage.accounting")
 
@@ -155,7 +155,7 @@ def live_cpu_by_uid(pids: Iterable[int]) -> dict[int, int]:
 
 class Accounting:
     """CPU seconds per job and uid.  ``membership`` is the tracer (anything with
-    ``job_of_exited(tid) -> job_id | None``, see :meth:`agent.tracer.Tracer.job_of_exited`) or
+    ``job_of_exited(tid) -> job_id | None``, see :meth:`jobcage.agent.tracer.Tracer.job_of_exited`) or
     that function itself.  Call :meth:`poll` from the agent's loop (it keeps the netlink socket
     drained), on the tracer's thread; not thread safe."""
 

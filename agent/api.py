@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cgroups.errors import AccessDenied, InvalidArgument, ProtocolError
+from jobcage.cgroups.errors import AccessDenied, InvalidArgument, ProtocolError
 
 from .lifecycle import JobManager, validate_job_id
 

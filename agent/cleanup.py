@@ -19,7 +19,7 @@ entry must be in the same directory, i.e. something the swapper could have delet
 its owner created in that instant).  ``rmdir`` only removes empty directories, so a swapped directory costs nothing.
 
 Public interface: :func:`cleanup` (identity-aware, for ``/tmp`` & co.) and :class:`CleanupReport`.
-:mod:`agent.tmpdir` reuses the walker through :func:`walk_remove`.
+:mod:`jobcage.agent.tmpdir` reuses the walker through :func:`walk_remove`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ import stat
 from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 
-from cgroups.errors import InvalidArgument
+from jobcage.cgroups.errors import InvalidArgument
 
 DEFAULT_DIRS: tuple[str, ...] = ("/tmp", "/var/tmp", "/dev/shm")
 DEFAULT_MIN_UID = 1000
@@ -341,7 +341,7 @@ def walk_remove(dfd: int, path: str, owner_check: OwnerCheck, report: CleanupRep
     """Remove what ``owner_check`` allows below the open directory ``dfd`` (shown as ``path``); never ``dfd`` itself.
 
     The filesystem boundary is ``dfd``'s own ``st_dev``.  Returns True when the directory is now empty (in a dry
-    run: would be).  Building block for :func:`cleanup` and :mod:`agent.tmpdir`.
+    run: would be).  Building block for :func:`cleanup` and :mod:`jobcage.agent.tmpdir`.
     """
     top_dev = os.fstat(dfd).st_dev
     walker = _Walker(report, owner_check, top_dev=top_dev, protect=protect,

@@ -16,7 +16,7 @@ from typing import Any
 
 import click
 
-from cgroups.errors import JobcageError
+from jobcage.cgroups.errors import JobcageError
 
 from .client import invoke
 from .hook import USAGE
@@ -134,7 +134,7 @@ def resume(job_id: str) -> None:
 @errors
 def kill(job_id: str, sig: str) -> None:
     """Signal every process of the job (KILL: returns when the job is empty)."""
-    from cgroups.errors import InvalidArgument
+    from jobcage.cgroups.errors import InvalidArgument
 
     from .api import parse_signal
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 # _socket, not socket: socket.py pulls in enum and selectors (~5 ms on every hook call)
 import _socket
 
-from cgroups.errors import BY_NAME, AgentUnavailable, JobcageError
+from jobcage.cgroups.errors import BY_NAME, AgentUnavailable, JobcageError
 
 from . import protocol
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from cgroups.errors import InvalidArgument
+from jobcage.cgroups.errors import InvalidArgument
 
 DEFAULT_PATH = "/etc/jobcage/jobcage.toml"
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import platform
 
-from cgroups import detect, get_driver
-from cgroups.errors import JobcageError
+from jobcage.cgroups import detect, get_driver
+from jobcage.cgroups.errors import JobcageError
 
 from .config import load
 

@@ -94,7 +94,7 @@ def main(argv: list[str]) -> int:
         print(f"jobcage {cmd}: {e}\nusage: {USAGE[cmd]}", file=sys.stderr)
         return 2
 
-    from cgroups.errors import JobcageError, NoSuchJob
+    from jobcage.cgroups.errors import JobcageError, NoSuchJob
 
     from .client import invoke
 

@@ -32,7 +32,7 @@ from typing import Any
 
 import click
 
-from cgroups.errors import AgentUnavailable, JobcageError
+from jobcage.cgroups.errors import AgentUnavailable, JobcageError
 
 from .api import EVENTS_PAGE
 

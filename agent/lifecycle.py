@@ -17,8 +17,8 @@ import time
 from datetime import UTC, datetime
 from typing import Protocol
 
-from cgroups import Driver, get_driver
-from cgroups.errors import (
+from jobcage.cgroups import Driver, get_driver
+from jobcage.cgroups.errors import (
     AccessDenied,
     InvalidArgument,
     JobExists,

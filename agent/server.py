@@ -17,7 +17,7 @@ import struct
 import threading
 import time
 
-from cgroups.errors import JobcageError, ProtocolError
+from jobcage.cgroups.errors import JobcageError, ProtocolError
 
 from . import protocol
 from .api import Api, Caller

@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
-from cgroups.errors import StoreError
+from jobcage.cgroups.errors import StoreError
 
 from .events import TraceEvent
 

@@ -16,7 +16,7 @@ import errno
 import os
 import stat
 
-from agent.cleanup import (
+from jobcage.agent.cleanup import (
     DEFAULT_MAX_DEPTH,
     DIR_FLAGS,
     ERROR,
@@ -27,7 +27,7 @@ from agent.cleanup import (
     mount_points,
     walk_remove,
 )
-from cgroups.errors import AccessDenied, InvalidArgument
+from jobcage.cgroups.errors import AccessDenied, InvalidArgument
 
 JOB_TMPDIR_MODE = 0o700
 BASE_MODE = 0o755  # for a base we create ourselves
@@ -169,7 +169,7 @@ def remove_job_tmpdir(base: str, job_id: str, *, dry_run: bool = False,
                       max_depth: int = DEFAULT_MAX_DEPTH) -> CleanupReport:
     """Remove ``<base>/<job_id>`` and everything in it, whoever owns it (the whole tree was the job's).
 
-    Same walker as :func:`agent.cleanup.cleanup`: no symlink is followed (one inside is unlinked, its target never
+    Same walker as :func:`jobcage.agent.cleanup.cleanup`: no symlink is followed (one inside is unlinked, its target never
     touched), nothing on another filesystem or below a mount point is touched, depth is bounded.  Whatever could not
     be removed is in the report and the job directory then stays.  A missing directory is not an error (reported as
     ``vanished``); one replaced by a symlink or file is left alone and reported as ``race``.

@@ -10,7 +10,7 @@ One front end (:class:`Tracer`), two backends chosen once at start:
   pid inheritance plus /proc/PID/cgroup.  Failed set*id calls and failed forks are invisible
   to it (the connector reports committed credential changes only).
 
-Both feed the same :class:`agent.events.TraceEvent` to ``on_event`` and keep the same lineage:
+Both feed the same :class:`jobcage.agent.events.TraceEvent` to ``on_event`` and keep the same lineage:
 pid -> original parent, uid/euid, image, and ``via`` = the helper binary (e.g. /usr/bin/sudo)
 the process was running when its uid changed.
 
@@ -39,9 +39,9 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-import bpf as bpf_files
-from agent.events import TraceEvent
-from cgroups.errors import InvalidArgument, JobcageError, JobExists, NoSuchJob, Unsupported
+from jobcage import bpf as bpf_files
+from jobcage.agent.events import TraceEvent
+from jobcage.cgroups.errors import InvalidArgument, JobcageError, JobExists, NoSuchJob, Unsupported
 
 log = logging.getLogger("jobcage.tracer")
 

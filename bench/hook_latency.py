@@ -162,7 +162,7 @@ def main() -> int:
 def cleanup(subtree: str) -> None:
     """Remove whatever the runs left in the private subtree (normally nothing but the subtree itself)."""
     sys.path.insert(0, str(ROOT))
-    from cgroups import get_driver
+    from jobcage.cgroups import get_driver
 
     for mode in ("auto", "v1"):
         with contextlib.suppress(Exception):

@@ -57,8 +57,8 @@ class Bench:
         subprocess.run([JOBCAGE, *args], env=self.env, check=True, stdout=subprocess.DEVNULL)
 
     def member_dir(self, job: str) -> Path:
-        from agent.config import load
-        from cgroups import get_driver
+        from jobcage.agent.config import load
+        from jobcage.cgroups import get_driver
 
         cfg = load(str(self.config))
         return Path(get_driver(cfg.cgroup_mode, cfg.cgroup_subtree).path(job))

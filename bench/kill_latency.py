@@ -31,8 +31,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from cgroups import get_driver  # noqa: E402
-from cgroups.driver import Driver  # noqa: E402
+from jobcage.cgroups import get_driver  # noqa: E402
+from jobcage.cgroups.driver import Driver  # noqa: E402
 
 PR_SET_CHILD_SUBREAPER = 36
 BOMB_LIMIT = 256  # a fork bomb only ever runs in a cgroup with pids.max <= 256

@@ -16,10 +16,14 @@ fi
 stamp=$venv/.installed
 if [ ! -e "$stamp" ] || [ "$top/pyproject.toml" -nt "$stamp" ]; then
   echo "bootstrap: pip install -e $top[test]"
-  # compat mode: a plain .pth path entry; the default import-hook finder costs ~10 ms per hook call
-  "$venv/bin/pip" install -q --disable-pip-version-check --config-settings editable_mode=compat -e "$top[test]"
+  "$venv/bin/pip" install -q --disable-pip-version-check -e "$top[test]"
   touch "$stamp"
 fi
+# The import name is jobcage (jobcage.agent -> agent/, ...): the editable install maps it with an import
+# hook, which costs ~10 ms per start.  The hook launcher below skips site, so it gets a plain path entry
+# instead: a tree of symlinks, $venv/src/jobcage/{agent,cgroups,bpf} -> the checkout's folders.
+mkdir -p "$venv/src/jobcage"
+for d in agent cgroups bpf; do ln -sfn "$top/$d" "$venv/src/jobcage/$d"; done
 # bcc's Python module is pure Python over libbcc.so: when the distribution built it for another Python
 # (EL9: python3-bcc for 3.9), expose that one package -- not its whole site-packages -- to the venv.
 if ! "$venv/bin/python" -c 'import bcc' 2>/dev/null; then
@@ -41,14 +45,14 @@ launcher=$venv/bin/jobcage-launcher
 cat > "$launcher.new" <<LAUNCHER
 #!$venv/bin/python -IS
 import sys
-sys.path[:0] = ["$top"]
+sys.path[:0] = ["$venv/src"]
 sys.path.append("$site_dir")
 if len(sys.argv) > 1 and sys.argv[1] in ("prologue", "adopt", "run", "epilogue"):
-    from agent.hook import main as hook_main
+    from jobcage.agent.hook import main as hook_main
     sys.exit(hook_main(sys.argv[1:]))
 import site
 site.main()
-from agent.main import main
+from jobcage.agent.main import main
 main()
 LAUNCHER
 chmod 755 "$launcher.new"

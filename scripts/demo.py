@@ -95,7 +95,7 @@ def main() -> int:
         step("Start the agent (foreground daemon; here in the background)")
         agent = subprocess.Popen([JOBCAGE, "agent", "--config", cfg], stdout=subprocess.DEVNULL,
                                  stderr=open(os.path.join(tmp, "agent.log"), "w"))
-        from agent.client import call
+        from jobcage.agent.client import call
 
         for _ in range(100):
             try:
@@ -217,7 +217,7 @@ def main() -> int:
 
 
 def _pids() -> list[int]:
-    from agent.client import invoke
+    from jobcage.agent.client import invoke
 
     return invoke("trace", job_id=JOB)["pids"]  # type: ignore[index]
 

@@ -36,7 +36,7 @@ from jctest import AgentProc, JcEnv, User, create_user, delete_user, mode_unavai
 def _node_modes() -> tuple[str, ...]:
     """The drivers this node can run: a hybrid node (our Debian 12 VMs) both hybrid and v1,
     a pure v2 node (the EL9 box) v2 only, a v1 node v1."""
-    from cgroups.detect import detect
+    from jobcage.cgroups.detect import detect
 
     return {"hybrid": ("hybrid", "v1"), "v2": ("v2",), "v1": ("v1",)}.get(detect().mode, ("hybrid", "v1"))
 

@@ -518,20 +518,20 @@ class JcEnv:
         self.config_path.chmod(0o644)
 
     def config(self) -> Any:
-        from agent.config import load
+        from jobcage.agent.config import load
 
         return load(str(self.config_path))
 
     def driver(self) -> Any:
         """The cgroups driver of this env (same mode, same subtree)."""
-        from cgroups import get_driver
+        from jobcage.cgroups import get_driver
 
         cfg = self.config()
         return get_driver(cfg.cgroup_mode, cfg.cgroup_subtree)
 
     def manager(self) -> Any:
         """A JobManager on this env: the direct path, in-process."""
-        from agent.lifecycle import JobManager
+        from jobcage.agent.lifecycle import JobManager
 
         return JobManager(self.config())
 
@@ -587,7 +587,7 @@ class JcEnv:
     def effective_mode(self) -> str:
         if self.mode != "auto":
             return self.mode
-        from cgroups.detect import detect
+        from jobcage.cgroups.detect import detect
 
         return detect().mode
 

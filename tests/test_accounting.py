@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))   # tracefixtures / jct
 import tracefixtures as tf  # noqa: E402
 from tracefixtures import PYTHON, Helpers, TraceUsers, drive, shell_job  # noqa: E402
 
-from agent.accounting import Accounting, live_cpu_by_uid, parse_messages, parse_taskstats  # noqa: E402
+from jobcage.agent.accounting import Accounting, live_cpu_by_uid, parse_messages, parse_taskstats  # noqa: E402
 
 trace_users, helpers, make_cgroup, make_tracer = tf.trace_users, tf.helpers, tf.make_cgroup, tf.make_tracer
 

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from agent.cleanup import (
+from jobcage.agent.cleanup import (
     BELOW_MIN_UID,
     NOT_EMPTY,
     OTHER_FS,
@@ -20,7 +20,7 @@ from agent.cleanup import (
     VANISHED,
     cleanup,
 )
-from cgroups.errors import InvalidArgument
+from jobcage.cgroups.errors import InvalidArgument
 
 try:
     from userfixtures import (  # noqa: F401 - fixtures

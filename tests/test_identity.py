@@ -28,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from agent.api import EVENTS_PAGE
+from jobcage.agent.api import EVENTS_PAGE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # tracefixtures / jctest, package or not
 

@@ -213,7 +213,7 @@ def test_json_tree_from_proc(cgroup_mode: str, scenario: Scenario) -> None:
 def test_tree_under_original_parent_with_lineage(scenario: Scenario) -> None:
     """With the lineage the tracer stores (here written into the store as the agent would), the daemon is shown
     under its original parent's surviving ancestor, with its current ppid, and the helper of the switch."""
-    from agent.store import Store
+    from jobcage.agent.store import Store
 
     sc = scenario
     store = Store(sc.env.config().db_path)
@@ -455,7 +455,7 @@ def test_bad_input(jc_env: JcEnv) -> None:
 
 def test_processes_exiting_mid_read(jc_env: JcEnv, make_user: Callable[..., User]) -> None:
     """A job that forks and reaps all the time: every one-shot view succeeds."""
-    from agent.jobtrace import load_proc, refresh_proc
+    from jobcage.agent.jobtrace import load_proc, refresh_proc
 
     owner = make_user("jcjt")
     jc_env.jobcage("prologue", "churn", "--uid", str(owner.uid)).ok()
@@ -520,7 +520,7 @@ def test_events_and_follow(scenario: Scenario) -> None:
 def test_deep_chain_and_lineage_cycle() -> None:
     """A fork chain deeper than Python's recursion limit renders (text and JSON); lineage that loops (reused
     pids) cannot hang or drop processes."""
-    from agent import jobtrace as jt
+    from jobcage.agent import jobtrace as jt
 
     depth = 3000
     procs = {pid: jt.Proc(pid, pid - 1, 100, 100, "S", "sh", 0, pid, 1, 1000, 1000, f"sh {pid}")
@@ -548,7 +548,7 @@ def test_deep_chain_and_lineage_cycle() -> None:
 
 def test_events_of_a_busy_job_come_in_pages(jc_env: JcEnv, agent_proc: AgentProc) -> None:
     """A trail longer than one socket message (1 MiB) is read page by page, not cut off."""
-    from agent.events import TraceEvent
+    from jobcage.agent.events import TraceEvent
 
     jc_env.jobcage("prologue", "busy", "--uid", "0").ok()
     m = jc_env.manager()

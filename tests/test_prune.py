@@ -15,8 +15,8 @@ import textwrap
 
 import pytest
 
-from agent.prune import PF_KTHREAD, Stray, find_strays, kill_strays, pids_in_cgroup_tree
-from cgroups.errors import NoSuchCgroup
+from jobcage.agent.prune import PF_KTHREAD, Stray, find_strays, kill_strays, pids_in_cgroup_tree
+from jobcage.cgroups.errors import NoSuchCgroup
 
 try:
     from userfixtures import (  # noqa: F401 - fixtures
@@ -211,7 +211,7 @@ def test_forged_sshd_title_is_not_enough(user_procs: tuple[PoolUser, PoolUser], 
 
 AGENT_CHILD = textwrap.dedent("""
     import json, os, sys
-    from agent.prune import find_strays
+    from jobcage.agent.prune import find_strays
     uid = int(sys.argv[1])
     print(json.dumps({"me": os.getpid(), "parent": os.getppid(),
                       "strays": [s.pid for s in find_strays(set(), only_uids={uid})]}))

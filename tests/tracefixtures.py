@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 from jctest import User, create_user, delete_user, require, wait_for
 
-from agent.events import TraceEvent
-from agent.tracer import Tracer, cgroup2_mount
+from jobcage.agent.events import TraceEvent
+from jobcage.agent.tracer import Tracer, cgroup2_mount
 
 PREFIX = "jobcage-trtest-"
 PYTHON = "/usr/bin/python3"   # not a PATH lookup: version-manager shims would add processes to the trail

@@ -1,0 +1,152 @@
+"""The agent's method table: one entry per control-socket method, with who may
+call it.  Transport (agent/server.py) authenticates the caller by SO_PEERCRED and
+hands the uid here; the checks that depend on the job (owner, identity holder)
+live in JobManager so the direct CLI path enforces the same rules.
+"""
+
+from __future__ import annotations
+
+import inspect
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from jobcage.cgroups.errors import AccessDenied, InvalidArgument, ProtocolError
+
+from .lifecycle import JobManager, validate_job_id
+
+ROOT, ANY = "root", "any"
+EVENTS_PAGE = 1000  # events per answer: ~250 bytes each, well under protocol.MAX_MESSAGE
+
+
+@dataclass(frozen=True)
+class Caller:
+    pid: int
+    uid: int
+    gid: int
+
+
+def _int(name: str, v: object, *, minimum: int = 0) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or v < minimum:
+        raise InvalidArgument(f"invalid {name}: {v!r}")
+    return v
+
+
+class Api:
+    def __init__(self, manager: JobManager, agent: object | None = None) -> None:
+        self.m = manager
+        self.agent = agent  # the running Agent, for tracer-backed methods
+        self.methods: dict[str, tuple[str, Callable[..., object]]] = {
+            "ping": (ANY, self.ping),
+            "prologue": (ROOT, self.prologue),
+            "adopt": (ANY, self.adopt),
+            "suspend": (ROOT, self.suspend),
+            "resume": (ROOT, self.resume),
+            "kill": (ROOT, self.kill),
+            "epilogue": (ROOT, self.epilogue),
+            "show": (ANY, self.show),
+            "list": (ANY, self.list),
+            "events": (ANY, self.events),
+            "declare": (ANY, self.declare),
+            "whois": (ANY, self.whois),
+            "trace": (ANY, self.trace),
+            "prune": (ROOT, self.prune),
+            "cleanup": (ROOT, self.cleanup),
+        }
+
+    def dispatch(self, caller: Caller, method: object, params: object) -> object:
+        if not isinstance(method, str) or method not in self.methods:
+            raise ProtocolError(f"unknown method {str(method)[:40]!r}")
+        if not isinstance(params, dict):
+            raise ProtocolError("params must be a JSON object")
+        who, fn = self.methods[method]
+        if who == ROOT and caller.uid != 0:
+            raise AccessDenied(f"{method} requires root")
+        try:
+            bound = inspect.signature(fn).bind(caller, **params)
+        except TypeError as e:
+            raise InvalidArgument(f"{method}: {e}") from None
+        return fn(*bound.args, **bound.kwargs)
+
+    # -- methods ------------------------------------------------------------
+    def ping(self, caller: Caller) -> dict:
+        return {"pid": __import__("os").getpid(), "uid": caller.uid,
+                "tracer": getattr(self.agent, "tracer_backend", "off")}
+
+    def prologue(self, caller: Caller, job_id: str, uid: int, gid: int | None = None,
+                 pids_max: int | None = None, pid: int | None = None) -> dict:
+        return self.m.prologue(validate_job_id(job_id), _int("uid", uid), None if gid is None else _int("gid", gid),
+                               None if pids_max is None else _int("pids limit", pids_max, minimum=1),
+                               None if pid is None else _int("pid", pid, minimum=1))
+
+    def adopt(self, caller: Caller, job_id: str, pid: int) -> dict:
+        self.m.adopt(validate_job_id(job_id), _int("pid", pid, minimum=1), caller.uid)
+        job = self.m.store.job(job_id) or {}
+        return {"job_id": job_id, "pid": pid, "tmpdir": job.get("tmpdir")}
+
+    def suspend(self, caller: Caller, job_id: str) -> dict:
+        return self.m.suspend(validate_job_id(job_id))
+
+    def resume(self, caller: Caller, job_id: str) -> dict:
+        return self.m.resume(validate_job_id(job_id))
+
+    def kill(self, caller: Caller, job_id: str, signal_name: str = "SIGKILL") -> dict:
+        return self.m.kill(validate_job_id(job_id), parse_signal(signal_name))
+
+    def epilogue(self, caller: Caller, job_id: str) -> dict:
+        return self.m.epilogue(validate_job_id(job_id))
+
+    def show(self, caller: Caller, job_id: str) -> dict:
+        self.m.check_read(validate_job_id(job_id), caller.uid)
+        return self.m.show(job_id)
+
+    def list(self, caller: Caller, all: bool = False) -> list:
+        return self.m.list(bool(all), caller.uid)
+
+    def events(self, caller: Caller, job_id: str, after_id: int = 0, limit: int = EVENTS_PAGE) -> list:
+        """One page of the trail after `after_id`: an answer must fit in a socket message."""
+        job = self.m.check_read(validate_job_id(job_id), caller.uid)
+        return self.m.store.events(job["jid"], _int("after_id", after_id),
+                                   min(_int("limit", limit, minimum=1), EVENTS_PAGE))
+
+    def declare(self, caller: Caller, job_id: str, uid: int, label: str) -> dict:
+        return self.m.declare(validate_job_id(job_id), _int("uid", uid), label, caller.uid)
+
+    def whois(self, caller: Caller, uid: int, at: float | None = None) -> list:
+        uid = _int("uid", uid)
+        if caller.uid not in (0, uid):
+            raise AccessDenied("whois of another uid requires root")
+        if at is not None and (not isinstance(at, int | float) or isinstance(at, bool)):
+            raise InvalidArgument(f"invalid time: {at!r}")
+        return self.m.whois(uid, time.time() if at is None else float(at))
+
+    def trace(self, caller: Caller, job_id: str) -> dict:
+        self.m.check_read(validate_job_id(job_id), caller.uid)
+        return self.m.trace_data(job_id)
+
+
+    def prune(self, caller: Caller, kill: bool = False, min_uid: int | None = None,
+              uids: list[int] | None = None) -> dict:
+        if uids is not None and (not isinstance(uids, list) or not all(isinstance(u, int) for u in uids)):
+            raise InvalidArgument(f"invalid uids: {uids!r}")
+        return self.m.prune(bool(kill), None if min_uid is None else _int("min uid", min_uid), uids)
+
+    def cleanup(self, caller: Caller, uid: int, dry_run: bool = False) -> dict:
+        return self.m.cleanup_uid(_int("uid", uid), bool(dry_run))
+
+
+def parse_signal(name: object) -> int:
+    """'KILL', 'SIGTERM', '15' -> signal number; anything else is a usage error."""
+    if isinstance(name, int) and not isinstance(name, bool):
+        s = str(name)
+    elif isinstance(name, str):
+        s = name.strip().upper()
+    else:
+        raise InvalidArgument(f"invalid signal: {name!r}")
+    try:
+        if s.isdigit():
+            return int(signal.Signals(int(s)))
+        return int(signal.Signals[s if s.startswith("SIG") else "SIG" + s])
+    except (KeyError, ValueError):
+        raise InvalidArgument(f"invalid signal: {name!r}") from None

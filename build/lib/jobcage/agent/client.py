@@ -1,0 +1,57 @@
+"""Talk to the agent.  Small on purpose: the hook path imports this."""
+
+from __future__ import annotations
+
+# _socket, not socket: socket.py pulls in enum and selectors (~5 ms on every hook call)
+import _socket
+
+from jobcage.cgroups.errors import BY_NAME, AgentUnavailable, JobcageError
+
+from . import protocol
+
+
+def call(socket_path: str, method: str, timeout: float | None = 60.0, **params: object) -> object:
+    """One request, one response.  Raises AgentUnavailable if nobody listens, or the
+    agent's own error re-raised as the same exception class."""
+    s = _socket.socket(_socket.AF_UNIX, _socket.SOCK_STREAM | _socket.SOCK_CLOEXEC)
+    s.settimeout(timeout)
+    try:
+        try:
+            s.connect(socket_path)
+        except (FileNotFoundError, ConnectionRefusedError) as e:
+            raise AgentUnavailable(f"agent not running ({socket_path}: {e.strerror})", path=socket_path) from None
+        except PermissionError:
+            raise AgentUnavailable(f"agent socket not accessible: {socket_path}", path=socket_path) from None
+        protocol.send(s, {"method": method, "params": params})
+        resp = protocol.recv(s)
+    except OSError as e:
+        raise AgentUnavailable(f"agent connection failed: {e}", path=socket_path) from None
+    finally:
+        s.close()
+    if resp.get("ok"):
+        return resp.get("result")
+    err = resp.get("error") or {}
+    cls = BY_NAME.get(str(err.get("type")), JobcageError)
+    raise cls(str(err.get("message", "agent error")), job_id=err.get("job_id"), pid=err.get("pid"))
+
+
+def invoke(method: str, **params: object) -> object:
+    """Run a method through the agent when it is up, else directly as root.
+
+    Both paths go through the same method table (agent/api.py), so validation and
+    permission rules are identical: containment never depends on the agent.
+    """
+    import os
+
+    from .config import load
+
+    cfg = load()
+    try:
+        return call(cfg.socket_path, method, **params)
+    except AgentUnavailable as e:
+        if os.geteuid() != 0:
+            raise AgentUnavailable(f"{e}; non-root callers need the agent for '{method}'") from None
+    from .api import Api, Caller
+    from .lifecycle import JobManager
+
+    return Api(JobManager(cfg)).dispatch(Caller(os.getpid(), 0, 0), method, params)

@@ -1,0 +1,109 @@
+"""Configuration: TOML at /etc/jobcage/jobcage.toml, JOBCAGE_CONFIG overrides.
+
+Every key, its section and default is in DEFAULTS (docs/operations.md lists
+them for administrators).  Unknown keys are an error: a typo must not silently
+leave a node unprotected.
+"""
+
+from __future__ import annotations
+
+import os
+
+from jobcage.cgroups.errors import InvalidArgument
+
+DEFAULT_PATH = "/etc/jobcage/jobcage.toml"
+
+
+class Config:
+    """Every setting with its default; ``load`` fills it from TOML.
+
+    A plain class, not a dataclass: importing dataclasses costs ~7 ms and every hook
+    call loads the config.  Annotations (strings, PEP 563) give load() the types."""
+
+    # [cgroups]
+    cgroup_mode: str = "auto"          # auto | v1 | hybrid | v2
+    cgroup_subtree: str = "jobcage"    # relative path under each hierarchy root
+    # [jobs]
+    default_pids_max: int = 4096
+    kill_timeout: float = 10.0         # seconds before kill reports survivors
+    freeze_timeout: float = 10.0
+    # [agent]
+    state_dir: str = "/var/lib/jobcage"
+    socket_path: str = "/run/jobcage/agent.sock"
+    reconcile_interval: float = 5.0    # seconds between cgroupfs rescans
+    metrics_port: int = 0              # prometheus exporter on 127.0.0.1; 0 = off
+    # [tracer]
+    tracer_backend: str = "auto"       # auto | bpf | proc | off
+    # [prune]
+    prune_min_uid: int = 1000
+    prune_exempt_uids: list[int] = []
+    prune_exempt_users: list[str] = []
+    prune_exempt_commands: list[str] = []
+    prune_exempt_sshd: bool = True
+    prune_interval: float = 0.0        # minutes between agent prunes; 0 = off
+    # [cleanup]
+    cleanup_enabled: bool = True
+    cleanup_dirs: list[str] = ["/tmp", "/var/tmp", "/dev/shm"]
+    tmpdir_base: str = ""              # per-job TMPDIR parent; "" = off
+    path: str = ""                     # where this config came from
+
+    def __init__(self, path: str = "") -> None:
+        for name in Config.__annotations__:
+            value = getattr(Config, name)
+            setattr(self, name, list(value) if isinstance(value, list) else value)  # no shared lists
+        self.path = path
+
+    @property
+    def db_path(self) -> str:
+        return os.path.join(self.state_dir, "jobcage.db")
+
+
+SECTIONS = {
+    "cgroups": {"mode": "cgroup_mode", "subtree": "cgroup_subtree"},
+    "jobs": {"default_pids_max": "default_pids_max", "kill_timeout": "kill_timeout",
+             "freeze_timeout": "freeze_timeout"},
+    "agent": {"state_dir": "state_dir", "socket": "socket_path", "reconcile_interval": "reconcile_interval",
+              "metrics_port": "metrics_port"},
+    "tracer": {"backend": "tracer_backend"},
+    "prune": {"min_uid": "prune_min_uid", "exempt_uids": "prune_exempt_uids",
+              "exempt_users": "prune_exempt_users", "exempt_commands": "prune_exempt_commands",
+              "exempt_sshd": "prune_exempt_sshd", "interval_minutes": "prune_interval"},
+    "cleanup": {"enabled": "cleanup_enabled", "dirs": "cleanup_dirs", "tmpdir_base": "tmpdir_base"},
+}
+
+
+def load(path: str | None = None) -> Config:
+    path = path or os.environ.get("JOBCAGE_CONFIG") or DEFAULT_PATH
+    cfg = Config(path=path)
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        if path != DEFAULT_PATH:
+            raise InvalidArgument(f"config file not found: {path}", path=path) from None
+        return cfg
+    except OSError as e:
+        raise InvalidArgument(f"cannot read config {path}: {e.strerror}", path=path) from None
+    import tomllib  # only when there is a file: keeps the hook path lean
+
+    try:
+        doc = tomllib.loads(data.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise InvalidArgument(f"{path}: {e}", path=path) from None
+    types = Config.__annotations__
+    for section, values in doc.items():
+        keys = SECTIONS.get(section)
+        if keys is None or not isinstance(values, dict):
+            raise InvalidArgument(f"{path}: unknown section [{section}]", path=path)
+        for key, value in values.items():
+            attr = keys.get(key)
+            if attr is None:
+                raise InvalidArgument(f"{path}: unknown key {section}.{key}", path=path)
+            want = types[attr]
+            ok = {"str": isinstance(value, str), "int": isinstance(value, int) and not isinstance(value, bool),
+                  "float": isinstance(value, int | float) and not isinstance(value, bool),
+                  "bool": isinstance(value, bool)}.get(want, isinstance(value, list))
+            if not ok:
+                raise InvalidArgument(f"{path}: {section}.{key} must be {want}", path=path)
+            setattr(cfg, attr, float(value) if want == "float" else value)
+    return cfg

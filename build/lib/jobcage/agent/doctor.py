@@ -1,0 +1,70 @@
+"""`jobcage doctor`: probe what this node offers (features, never versions) and
+say which mode jobcage will use."""
+
+from __future__ import annotations
+
+import os
+import platform
+
+from jobcage.cgroups import detect, get_driver
+from jobcage.cgroups.errors import JobcageError
+
+from .config import load
+
+TRACEFS = "/sys/kernel/tracing"
+TRACEPOINTS = ["sched/sched_process_fork", "sched/sched_process_exec", "sched/sched_process_exit",
+               "syscalls/sys_enter_setuid", "syscalls/sys_enter_setresuid", "syscalls/sys_enter_setsid"]
+
+
+def _bpf() -> dict:
+    out: dict = {"tracefs": os.path.isdir(os.path.join(TRACEFS, "events")),
+                 "btf": os.path.exists("/sys/kernel/btf/vmlinux"),
+                 "kernel_headers": os.path.exists(f"/lib/modules/{platform.release()}/build/include")}
+    try:
+        import bcc  # noqa: F401
+
+        out["bcc"] = True
+    except ImportError as e:
+        out["bcc"] = f"missing ({e})"
+    out["tracepoints"] = {tp: os.path.isdir(os.path.join(TRACEFS, "events", tp)) for tp in TRACEPOINTS}
+    return out
+
+
+def report() -> dict:
+    cfg = load()
+    layout = detect()
+    r: dict = {"node": {"kernel": platform.release(), "config": cfg.path}}
+    cg: dict = {"layout": layout.mode, "cgroup2": layout.v2_root or "-",
+                "cgroup2 controllers": " ".join(sorted(layout.v2_controllers)) or "-",
+                "v1 hierarchies": " ".join(f"{k}={v}" for k, v in sorted(layout.v1.items())) or "-"}
+    try:
+        d = get_driver(cfg.cgroup_mode, cfg.cgroup_subtree, layout)
+        if os.geteuid() == 0:
+            d.ensure_subtree()  # probes cgroup.kill/freeze in our own subtree
+        f = d.features()
+        cg.update({"driver": f["mode"], "cgroup.kill": f["cgroup_kill"], "freezer": f["freeze"],
+                   "pids limit": f["pids"], "subtree": " ".join(f["subtree"]),
+                   "kill path": "cgroup.kill" if f["cgroup_kill"] else "freeze + SIGKILL loop"})
+    except JobcageError as e:
+        cg["driver"] = f"unusable: {e}"
+    r["cgroups"] = cg
+    bpf = _bpf()
+    ok = bpf["bcc"] is True and bpf["tracefs"] and all(bpf["tracepoints"].values())
+    backend = cfg.tracer_backend
+    if backend == "auto":
+        backend = "bpf" if ok else "proc"
+    r["tracing"] = {"configured": cfg.tracer_backend, "will use": backend,
+                    "bcc": bpf["bcc"], "tracefs": bpf["tracefs"], "btf": bpf["btf"],
+                    "kernel headers": bpf["kernel_headers"],
+                    **{f"tp {k}": v for k, v in bpf["tracepoints"].items()},
+                    "proc connector": "available" if os.geteuid() == 0 else "needs root"}
+    try:
+        from .client import call
+
+        info = call(cfg.socket_path, "ping", timeout=2)
+        agent = {"running": True, **(info if isinstance(info, dict) else {})}
+    except JobcageError as e:
+        agent = {"running": False, "detail": str(e)}
+    r["agent"] = {"socket": cfg.socket_path, **agent}
+    r["state"] = {"database": cfg.db_path}
+    return r

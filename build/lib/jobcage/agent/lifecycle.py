@@ -1,0 +1,437 @@
+"""The one place that drives a job's lifecycle.
+
+prologue -> adopt* -> (suspend/resume)* -> kill? -> epilogue.  Used by the agent
+(behind the control socket) and directly by the CLI as root when the agent is
+down: containment never depends on the agent.  The kernel holds the state that
+matters (the job's cgroup, with its owner in a trusted xattr); the store holds
+history.  ``reconcile()`` makes the two agree.
+"""
+
+from __future__ import annotations
+
+import json
+import pwd
+import re
+import signal
+import time
+from datetime import UTC, datetime
+from typing import Protocol
+
+from jobcage.cgroups import Driver, get_driver
+from jobcage.cgroups.errors import (
+    AccessDenied,
+    InvalidArgument,
+    JobExists,
+    NoSuchCgroup,
+    NoSuchJob,
+    NoSuchProcess,
+    Unsupported,
+)
+
+from .config import Config
+from .store import Store
+
+JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@+\-]{0,127}")
+
+
+def validate_job_id(job_id: object) -> str:
+    """Batch ids (Slurm 123, 123_4; PBS 33.server.example) become directory names:
+    allow only what cannot escape or confuse cgroupfs."""
+    if not isinstance(job_id, str) or not JOB_ID_RE.fullmatch(job_id) or ".." in job_id \
+            or job_id.startswith("cgroup."):
+        shown = repr(job_id)[:60]
+        raise InvalidArgument(f"invalid job id {shown}: use 1-128 of [A-Za-z0-9_.:@+-], no '..'")
+    return job_id
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def proc_uids(pid: int) -> tuple[int, int]:
+    """(real, effective) uid of a live process."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("Uid:"):
+                    parts = line.split()
+                    return int(parts[1]), int(parts[2])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    raise NoSuchProcess(f"no such process: {pid}", pid=pid)
+
+
+class Observer(Protocol):
+    """What the agent plugs in to hear about jobs (tracer, accounting)."""
+
+    def job_started(self, job: dict, cgroup_id: int | None, pids: list[int]) -> None: ...
+    def job_adopted(self, job_id: str, pid: int) -> None: ...
+    def job_cpu_by_uid(self, job_id: str, pids: list[int]) -> dict[int, float] | None: ...
+    def job_ended(self, job_id: str) -> None: ...
+
+
+class JobManager:
+    def __init__(self, config: Config, driver: Driver | None = None, store: Store | None = None,
+                 observer: Observer | None = None) -> None:
+        self.config = config
+        self.driver = driver or get_driver(config.cgroup_mode, config.cgroup_subtree)
+        self._store = store
+        self.observer = observer
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = Store(self.config.db_path)
+        return self._store
+
+    # -- lookups --------------------------------------------------------------------
+    def _job(self, job_id: str) -> dict:
+        validate_job_id(job_id)
+        job = self.store.job(job_id)
+        if job is None or (job["state"] != "ended" and not self.driver.exists(job_id)):
+            # Kernel state first: a cgroup made while the store was unavailable, or a
+            # job whose cgroup vanished while nobody watched.
+            self.reconcile(only=job_id)
+            job = self.store.job(job_id)
+        if job is None:
+            raise NoSuchJob(f"unknown job {job_id}", job_id=job_id)
+        return job
+
+    def _active(self, job_id: str) -> dict:
+        job = self._job(job_id)
+        if job["state"] == "ended":
+            raise NoSuchJob(f"job {job_id} has ended", job_id=job_id)
+        return job
+
+    def may_read(self, job: dict, caller_uid: int) -> bool:
+        if caller_uid == 0 or caller_uid == job["owner_uid"]:
+            return True
+        return any(i["uid"] == caller_uid for i in self.store.identities(job["jid"]))
+
+    def check_read(self, job_id: str, caller_uid: int) -> dict:
+        job = self._job(job_id)
+        if not self.may_read(job, caller_uid):
+            raise AccessDenied(f"job {job_id} is not yours", job_id=job_id)
+        return job
+
+    # -- lifecycle --------------------------------------------------------------------
+    def prologue(self, job_id: str, uid: int, gid: int | None = None, pids_max: int | None = None,
+                 pid: int | None = None) -> dict:
+        validate_job_id(job_id)
+        if not isinstance(uid, int) or uid < 0:
+            raise InvalidArgument(f"invalid uid: {uid!r}")
+        if pids_max is None:
+            pids_max = self.config.default_pids_max
+        if not isinstance(pids_max, int) or pids_max < 1:
+            raise InvalidArgument(f"invalid pids limit: {pids_max!r}")
+        if pid is not None:
+            proc_uids(pid)  # must exist before anything is created
+        self.reconcile(only=job_id)  # a record whose cgroup vanished ends here
+        old = self.store.job(job_id)
+        if old is not None and old["state"] != "ended" and self.driver.exists(job_id):
+            if old["owner_uid"] != uid:
+                raise JobExists(f"job {job_id} already exists for uid {old['owner_uid']}", job_id=job_id)
+            # A retried prologue (batch systems do retry) is a no-op.
+        else:
+            if self.driver.exists(job_id) and self.driver.pids(job_id):
+                raise JobExists(f"job {job_id} has a cgroup with processes but no record; "
+                                "run 'jobcage epilogue' first", job_id=job_id)
+            created = time.time()
+            path = self.driver.create(job_id)
+            try:
+                if self.driver.has_pids:
+                    self.driver.set_pids_max(job_id, pids_max)
+                self.driver.set_meta(job_id, json.dumps(
+                    {"owner_uid": uid, "owner_gid": gid, "created": created, "pids_max": pids_max}).encode())
+                tmpdir = self._make_tmpdir(job_id, uid, gid)
+            except Exception:
+                self.driver.remove(job_id)
+                raise
+            jid = self.store.add_job(job_id, uid, gid, path, pids_max if self.driver.has_pids else None,
+                                     created, tmpdir)
+            if self.observer:
+                self.observer.job_started(self.store.job(job_id) or {"jid": jid, "job_id": job_id,
+                                          "owner_uid": uid}, self.driver.cgroup_id(job_id), [])
+        if pid is not None:
+            self.adopt(job_id, pid, 0)
+        return self.show(job_id)
+
+    def _make_tmpdir(self, job_id: str, uid: int, gid: int | None) -> str | None:
+        if not self.config.tmpdir_base:
+            return None
+        from .tmpdir import create_job_tmpdir
+
+        return create_job_tmpdir(self.config.tmpdir_base, job_id, uid,
+                                 gid if gid is not None else pwd.getpwuid(uid).pw_gid)
+
+    def adopt(self, job_id: str, pid: int, caller_uid: int) -> None:
+        """Move pid into the job.  Root may adopt anything; the job's owner only
+        its own processes; nobody adopts into someone else's job."""
+        if not isinstance(pid, int) or pid <= 0:
+            raise InvalidArgument(f"invalid pid: {pid!r}")
+        job = self._active(job_id)
+        ruid, euid = proc_uids(pid)
+        if caller_uid != 0:
+            if caller_uid != job["owner_uid"]:
+                raise AccessDenied(f"job {job_id} is not yours", job_id=job_id, pid=pid)
+            if ruid != caller_uid or euid != caller_uid:
+                raise AccessDenied(f"process {pid} is not yours", job_id=job_id, pid=pid)
+        current = self.driver.cgroup_of(pid)
+        if current == job_id:
+            return
+        if current is not None:
+            raise AccessDenied(f"process {pid} already belongs to job {current}", job_id=job_id, pid=pid)
+        self.driver.attach(job_id, pid)
+        if self.observer:
+            self.observer.job_adopted(job_id, pid)
+
+    def suspend(self, job_id: str) -> dict:
+        job = self._active(job_id)
+        if not self.driver.has_freeze:
+            raise Unsupported("this node has no freezer: cannot suspend", job_id=job_id)
+        self.driver.freeze(job_id, self.config.freeze_timeout)
+        if job["state"] != "suspended":
+            self.store.set_state(job["jid"], "suspended")
+        return self.show(job_id)
+
+    def resume(self, job_id: str) -> dict:
+        job = self._active(job_id)
+        if not self.driver.has_freeze:
+            raise Unsupported("this node has no freezer: cannot resume", job_id=job_id)
+        self.driver.thaw(job_id, self.config.freeze_timeout)
+        if job["state"] != "running":
+            self.store.set_state(job["jid"], "running")
+        return self.show(job_id)
+
+    def kill(self, job_id: str, sig: int = signal.SIGKILL) -> dict:
+        """SIGKILL: return when the job is empty.  Other signals: delivered to every
+        process at one frozen instant, then return (the job may handle them)."""
+        job = self._active(job_id)
+        if sig == signal.SIGKILL:
+            self.driver.kill(job_id, self.config.kill_timeout)
+            if job["state"] == "suspended":
+                self.driver.thaw(job_id, self.config.freeze_timeout)
+        else:
+            self.driver.signal(job_id, sig)
+        self.store.set_state(job["jid"], job["state"], f"signal {signal.Signals(sig).name}")
+        return {"job_id": job_id, "signal": signal.Signals(sig).name,
+                "processes": len(self.driver.pids(job_id))}
+
+    def epilogue(self, job_id: str) -> dict:
+        """Kill what is left, final accounting, cleanup, remove the cgroup, summary.
+        Idempotent: a second epilogue returns the first one's summary."""
+        job = self._job(job_id)
+        if job["state"] == "ended":
+            return json.loads(job["summary"]) if job["summary"] else self.show(job_id)
+        present = self.driver.exists(job_id)
+        if present:
+            self.driver.kill(job_id, self.config.kill_timeout)
+            if self.driver.has_freeze and self.driver.frozen(job_id):
+                self.driver.thaw(job_id, self.config.freeze_timeout)
+        summary = self.show(job_id)  # final accounting: the cgroup (and per-identity cpu) is still there
+        summary["state"] = "ended"
+        summary["cleanup"] = self._cleanup(job)
+        if present:
+            self.driver.remove(job_id)
+        ended = time.time()
+        summary["ended"] = iso(ended)
+        self.store.end_job(job["jid"], ended, summary["cpu_seconds"], summary["pids_limit_hits"], summary)
+        if self.observer:
+            self.observer.job_ended(job_id)
+        return summary
+
+    def _cleanup(self, job: dict) -> dict:
+        """Per-job TMPDIR, then files of the job's identities that no other running
+        job holds (a shared pool uid stays until its last job ends)."""
+        out: dict = {}
+        if job.get("tmpdir"):
+            from .tmpdir import remove_job_tmpdir
+
+            out["tmpdir"] = remove_job_tmpdir(self.config.tmpdir_base, job["job_id"]).to_dict()
+        if self.config.cleanup_enabled and self.config.cleanup_dirs:
+            uids = {i["uid"] for i in self.store.identities(job["jid"])}
+            held = self.uids_held(exclude_jid=job["jid"])
+            out["uids_kept"] = sorted(uids & held)
+            uids = {u for u in uids - held if u >= self.config.prune_min_uid}
+            out["uids_cleaned"] = sorted(uids)
+            if uids:
+                from .cleanup import cleanup
+
+                files = cleanup(self.config.cleanup_dirs, uids, min_uid=self.config.prune_min_uid).to_dict()
+                # Other users' files are the normal case, counted but not listed in a summary.
+                files["skipped"] = [s for s in files["skipped"] if s["reason"] != "other-uid"]
+                out["files"] = files
+        return out
+
+    def uids_held(self, exclude_jid: int | None = None) -> set[int]:
+        """Uids that some running job holds right now (owner or traced identity)."""
+        return {i["uid"] for j in self.store.jobs("active") if j["jid"] != exclude_jid
+                for i in self.store.identities(j["jid"])}
+
+    def cleanup_uid(self, uid: int, dry_run: bool = False) -> dict:
+        """`jobcage cleanup --uid`: the epilogue's file cleanup for one uid, refused
+        while a running job holds it."""
+        if uid < self.config.prune_min_uid:
+            raise InvalidArgument(f"uid {uid} is below min_uid {self.config.prune_min_uid}")
+        self.reconcile()
+        holders = [j["job_id"] for j in self.store.jobs("active")
+                   if any(i["uid"] == uid for i in self.store.identities(j["jid"]))]
+        if holders:
+            raise AccessDenied(f"uid {uid} is held by running job(s) {', '.join(holders)}")
+        from .cleanup import cleanup
+
+        return cleanup(self.config.cleanup_dirs, {uid}, min_uid=self.config.prune_min_uid,
+                       dry_run=dry_run).to_dict()
+
+    def prune(self, kill: bool = False, min_uid: int | None = None, uids: list[int] | None = None) -> dict:
+        """Processes in no job's cgroup (uid >= min_uid, not exempt); killed with kill."""
+        from functools import partial
+
+        from .prune import find_strays, kill_strays, pids_in_cgroup_tree
+
+        cfg = self.config
+        self.driver.ensure_subtree()
+        in_jobs = partial(pids_in_cgroup_tree, self.driver.membership_root())
+        strays = find_strays(in_jobs, min_uid=cfg.prune_min_uid if min_uid is None else min_uid,
+                             only_uids=set(uids) if uids else None, exempt_uids=cfg.prune_exempt_uids,
+                             exempt_users=cfg.prune_exempt_users, exempt_commands=cfg.prune_exempt_commands,
+                             exempt_sshd=cfg.prune_exempt_sshd)
+        out: dict = {"dry_run": not kill, "strays": [s.to_dict() for s in strays]}
+        if kill and strays:
+            out.update(kill_strays(strays, cfg.kill_timeout).to_dict())
+        return out
+
+    # -- views --------------------------------------------------------------------
+    def show(self, job_id: str) -> dict:
+        job = self._job(job_id)
+        live = job["state"] != "ended" and self.driver.exists(job_id)
+        if live:
+            pids = self.driver.pids(job_id)
+            stats = self.driver.pids_stats(job_id)
+            state = "suspended" if self.driver.has_freeze and self.driver.frozen(job_id) else "running"
+            cpu = self.driver.cpu_usage_ns(job_id) / 1e9
+            if state != job["state"]:
+                self.store.set_state(job["jid"], state, "seen in the kernel")
+        else:
+            pids = []
+            stats = {"current": 0, "max": job["pids_max"], "limit_hits": job["pids_limit_hits"]}
+            state = "ended"
+            cpu = job["cpu_seconds"]
+        if live and self.observer:
+            live_cpu = self.observer.job_cpu_by_uid(job_id, pids)
+            if live_cpu:
+                self.store.set_identity_cpu(job["jid"], live_cpu, time.time())
+        idents = [{"uid": i["uid"], "user": user_name(i["uid"]), "first_seen": iso(i["first_seen"]),
+                   "last_seen": iso(i["last_seen"]), "via": i["via"], "cpu_seconds": round(i["cpu_seconds"] or 0, 3)}
+                  for i in self.store.identities(job["jid"])]
+        return {
+            "job_id": job_id, "state": state, "owner_uid": job["owner_uid"], "owner": user_name(job["owner_uid"]),
+            "cgroup": job["cgroup"], "pids_current": stats["current"], "pids_max": stats["max"],
+            "pids_limit_hits": stats["limit_hits"], "processes": len(pids),
+            "cpu_seconds": round(cpu, 3) if cpu is not None else None, "identities": idents,
+            "declared": self.store.declarations(job["jid"]),
+            "events_lost": job["events_lost"] or 0, "created": iso(job["created"]), "ended": iso(job["ended"]),
+            "tmpdir": job["tmpdir"],
+        }
+
+    def list(self, include_ended: bool = False, caller_uid: int = 0) -> list[dict]:
+        self.reconcile()
+        jobs = self.store.jobs(None if include_ended else "active")
+        out = []
+        for job in jobs:
+            if not self.may_read(job, caller_uid):
+                continue
+            if job["state"] == "ended":
+                if not include_ended:
+                    continue
+                out.append({"job_id": job["job_id"], "state": "ended", "owner_uid": job["owner_uid"],
+                            "owner": user_name(job["owner_uid"]), "processes": 0, "pids_max": job["pids_max"],
+                            "cpu_seconds": job["cpu_seconds"], "created": iso(job["created"]),
+                            "ended": iso(job["ended"])})
+                continue
+            try:
+                s = self.show(job["job_id"])
+            except (NoSuchJob, NoSuchCgroup):
+                continue
+            out.append({k: s[k] for k in ("job_id", "state", "owner_uid", "owner", "processes", "pids_max",
+                                          "cpu_seconds", "created", "ended")})
+        return out
+
+    def pids(self, job_id: str) -> list[int]:
+        self._active(job_id)
+        return self.driver.pids(job_id)
+
+    def declare(self, job_id: str, uid: int, label: str, caller_uid: int) -> dict:
+        """A pilot declares who its payload is (gLExec's non-privileged mode): the
+        label (grid DN, user name) is attached to uid within this job."""
+        job = self._active(job_id)
+        if caller_uid not in (0, job["owner_uid"]):
+            raise AccessDenied(f"job {job_id} is not yours", job_id=job_id)
+        if not isinstance(label, str) or not 0 < len(label) <= 512 or not label.isprintable():
+            raise InvalidArgument("invalid label: 1-512 printable characters")
+        ts = time.time()
+        self.store.declare(job["jid"], uid, label, ts, caller_uid)
+        self.store.touch_identity(job["jid"], uid, ts, "declared")
+        from .events import TraceEvent
+
+        self.store.add_events(job["jid"], [TraceEvent("declare", uid=uid, euid=uid, job_id=job_id, ts=ts,
+                                                      detail={"label": label, "by_uid": caller_uid})])
+        return {"job_id": job_id, "uid": uid, "label": label, "ts": iso(ts)}
+
+    def whois(self, uid: int, at: float) -> list[dict]:
+        out = []
+        for r in self.store.whois(uid, at):
+            r = dict(r, uid=uid, user=user_name(uid), pilot_user=user_name(r["pilot_uid"]))
+            for k in ("job_start", "job_end", "first_seen", "last_seen"):
+                r[k] = iso(r[k])
+            out.append(r)
+        return out
+
+    def trace_data(self, job_id: str) -> dict:
+        """Everything jobtrace needs in one answer: the job, its pids, lineage."""
+        job = self._job(job_id)
+        live = job["state"] != "ended" and self.driver.exists(job_id)
+        return {"job": self.show(job_id), "pids": self.driver.pids(job_id) if live else [],
+                "lineage": {str(k): v for k, v in self.store.lineage(job["jid"]).items()}}
+
+    # -- reconciliation ----------------------------------------------------------------
+    def reconcile(self, only: str | None = None) -> list[str]:
+        """Make the store agree with cgroupfs: register cgroups it lacks (owner from
+        the kernel-held xattr), end jobs whose cgroup is gone.  Returns live job ids."""
+        names = self.driver.list() if only is None else ([only] if self.driver.exists(only) else [])
+        live = []
+        for name in names:
+            try:
+                validate_job_id(name)
+            except InvalidArgument:
+                continue  # not ours to manage (never touch what we did not create)
+            live.append(name)
+            job = self.store.job(name)
+            if job is not None and job["state"] != "ended":
+                continue
+            raw = self.driver.get_meta(name)
+            if raw is None:
+                continue
+            try:
+                meta = json.loads(raw)
+            except ValueError:
+                continue
+            self.store.add_job(name, int(meta["owner_uid"]), meta.get("owner_gid"), self.driver.path(name),
+                               meta.get("pids_max"), float(meta.get("created") or time.time()))
+            if self.observer:
+                self.observer.job_started(self.store.job(name) or {}, self.driver.cgroup_id(name),
+                                          self.driver.pids(name))
+        for job in self.store.jobs("active"):
+            if (only is None or job["job_id"] == only) and job["job_id"] not in live:
+                self.store.end_job(job["jid"], time.time(), job["cpu_seconds"], job["pids_limit_hits"],
+                                   {"job_id": job["job_id"], "state": "ended"}, "cgroup vanished")
+        return live

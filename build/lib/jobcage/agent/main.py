@@ -1,0 +1,19 @@
+"""Entry point of `jobcage`: the hook commands take the fast path (agent/hook.py),
+everything else goes to the click CLI (agent/cli.py)."""
+
+from __future__ import annotations
+
+import sys
+
+HOOKS = ("prologue", "adopt", "run", "epilogue")
+
+
+def main() -> None:
+    argv = sys.argv[1:]
+    if argv and argv[0] in HOOKS:
+        from .hook import main as hook_main
+
+        sys.exit(hook_main(argv))
+    from .cli import cli
+
+    cli(prog_name="jobcage")

@@ -1,0 +1,62 @@
+"""Prometheus metrics of the agent ([agent] metrics_port, on 127.0.0.1 only).
+
+A custom collector reads the kernel at scrape time, so the numbers are never
+stale and nothing is kept in between.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from jobcage.cgroups.errors import JobcageError
+
+if TYPE_CHECKING:
+    from .server import Agent
+
+
+class JobCollector(Collector):
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        labels = ["job_id", "owner"]
+        jobs = GaugeMetricFamily("jobcage_jobs", "Jobs registered and not ended")
+        procs = GaugeMetricFamily("jobcage_job_processes", "Processes in the job's cgroup", labels=labels)
+        pmax = GaugeMetricFamily("jobcage_job_pids_max", "pids.max of the job", labels=labels)
+        hits = CounterMetricFamily("jobcage_job_pids_limit_hits", "Forks refused by pids.max", labels=labels)
+        cpu = CounterMetricFamily("jobcage_job_cpu_seconds", "CPU used by the job's cgroup", labels=labels)
+        frozen = GaugeMetricFamily("jobcage_job_suspended", "1 while the job is frozen", labels=labels)
+        lost = CounterMetricFamily("jobcage_job_events_lost", "Trace events lost", labels=labels)
+        idents = GaugeMetricFamily("jobcage_job_identities", "Distinct uids seen in the job", labels=labels)
+        m = self.agent.manager
+        active = m.store.jobs("active")
+        jobs.add_metric([], len(active))
+        for job in active:
+            name = job["job_id"]
+            try:
+                stats = m.driver.pids_stats(name)
+                lv = [name, str(job["owner_uid"])]
+                procs.add_metric(lv, len(m.driver.pids(name)))
+                if stats["max"] is not None:
+                    pmax.add_metric(lv, stats["max"])
+                if stats["limit_hits"] is not None:
+                    hits.add_metric(lv, stats["limit_hits"])
+                cpu.add_metric(lv, m.driver.cpu_usage_ns(name) / 1e9)
+                frozen.add_metric(lv, 1 if m.driver.has_freeze and m.driver.frozen(name) else 0)
+                lost.add_metric(lv, job["events_lost"] or 0)
+                idents.add_metric(lv, len(m.store.identities(job["jid"])))
+            except JobcageError:
+                continue  # ended between the listing and the read
+        yield from (jobs, procs, pmax, hits, cpu, frozen, lost, idents)
+
+
+def serve(agent: Agent, port: int) -> None:
+    from prometheus_client import start_http_server
+
+    registry = CollectorRegistry()
+    registry.register(JobCollector(agent))
+    start_http_server(port, addr="127.0.0.1", registry=registry)

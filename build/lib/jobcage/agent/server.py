@@ -1,0 +1,311 @@
+"""`jobcage agent`: the root daemon, in the foreground (systemd Type=notify).
+
+Threads: one per control connection (short requests), and the main loop that
+polls the tracer, writes the audit trail and reconciles with cgroupfs.  Jobs
+never depend on this process: it can die and restart, and re-adopts what the
+kernel still holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import socketserver
+import struct
+import threading
+import time
+
+from jobcage.cgroups.errors import JobcageError, ProtocolError
+
+from . import protocol
+from .api import Api, Caller
+from .config import Config
+from .events import TraceEvent
+from .lifecycle import JobManager
+
+log = logging.getLogger("jobcage.agent")
+
+
+def peercred(sock: socket.socket) -> Caller:
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, gid = struct.unpack("3i", raw)
+    return Caller(pid, uid, gid)
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    server: _Server
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        sock.settimeout(10)
+        caller = peercred(sock)  # on every request: the kernel says who is calling
+        try:
+            req = protocol.recv(sock)
+        except (ProtocolError, OSError, RecursionError) as e:
+            # RecursionError: json.loads of a deeply nested document, e.g. "[" * 100000
+            msg = "message is nested too deeply" if isinstance(e, RecursionError) else str(e)
+            log.info("bad request from pid %s uid %s: %s", caller.pid, caller.uid, msg)
+            try:
+                protocol.send(sock, {"ok": False, "error": ProtocolError(msg).to_dict()})
+            except OSError:
+                pass
+            return
+        try:
+            result = self.server.api.dispatch(caller, req.get("method"), req.get("params", {}))
+            resp = {"ok": True, "result": result}
+        except JobcageError as e:
+            resp = {"ok": False, "error": e.to_dict()}
+        except Exception as e:  # a bug must not kill the agent; the caller gets one line
+            log.exception("internal error in %r", req.get("method"))
+            resp = {"ok": False, "error": {"type": "JobcageError", "message": f"internal error: {e}"}}
+        try:
+            protocol.send(sock, resp)
+        except OSError:
+            pass
+
+
+class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+    api: Api
+
+
+def sd_notify(msg: str) -> None:
+    addr = os.environ.get("NOTIFY_SOCKET")
+    if not addr:
+        return
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(addr)
+            s.sendall(msg.encode())
+        except OSError:
+            pass
+
+
+class Agent:
+    """Owns the manager, the tracer and the socket; glues tracer events to jobs."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.manager = JobManager(config, observer=self)
+        self.store = self.manager.store
+        self.api = Api(self.manager, self)
+        self.tracer = None
+        self.accounting = None
+        self.tracer_backend = "off"
+        self._jids: dict[str, int] = {}
+        self._owner: dict[str, int] = {}
+        self._lost_base: dict[str, int] = {}   # events_lost stored by earlier agents: the tracer counts from 0
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._pending: list[TraceEvent] = []
+        self._next_prune = time.monotonic() + 60 * config.prune_interval
+
+    # -- Observer protocol (called by JobManager, from any thread) ------------------
+    def job_started(self, job: dict, cgroup_id: int | None, pids: list[int]) -> None:
+        if not job:
+            return
+        with self._lock:
+            self._jids[job["job_id"]] = job["jid"]
+            self._owner[job["job_id"]] = job["owner_uid"]
+            self._lost_base[job["job_id"]] = int(job.get("events_lost") or 0)
+            if self.tracer is not None:
+                self.tracer.add_job(job["job_id"], job["owner_uid"], cgroup_id, pids)
+
+    def job_adopted(self, job_id: str, pid: int) -> None:
+        with self._lock:
+            if self.tracer is not None and hasattr(self.tracer, "add_pid"):
+                self.tracer.add_pid(job_id, pid)
+
+    def job_cpu_by_uid(self, job_id: str, pids: list[int]) -> dict[int, float] | None:
+        with self._lock:
+            if self.accounting is None:
+                return None
+            if self.tracer is not None:
+                self.tracer.poll(0)  # exits first: accounting attributes exit records through them
+            self.accounting.poll()
+            return self.accounting.job_cpu_by_uid(job_id, pids or self.manager.driver.pids(job_id))
+
+    def job_ended(self, job_id: str) -> None:
+        with self._lock:
+            self._flush()
+            if self.tracer is not None:
+                self.tracer.remove_job(job_id)
+            self._jids.pop(job_id, None)
+            self._owner.pop(job_id, None)
+            self._lost_base.pop(job_id, None)
+
+    # -- tracer events -----------------------------------------------------------------
+    def on_event(self, ev: TraceEvent) -> None:
+        self._pending.append(ev)
+
+    def _flush(self) -> None:
+        """Write queued events, identities and lineage; one transaction per batch."""
+        if not self._pending:
+            return
+        batch, self._pending = self._pending, []
+        with self.store.transaction():
+            self._write(batch)
+
+    def _write(self, batch: list[TraceEvent]) -> None:
+        by_job: dict[int, list[TraceEvent]] = {}
+        for ev in batch:
+            jid = self._jids.get(ev.job_id or "")
+            if jid is None:
+                continue
+            by_job.setdefault(jid, []).append(ev)
+            owner = self._owner.get(ev.job_id or "", -1)
+            # An identity is a uid the job's processes *run as*: the real uid of an exec,
+            # or the new real uid of a successful set*uid.  Helpers' transient euids
+            # (sudo passes through root and daemon) are in the trail, not identities.
+            ident = None
+            if ev.kind == "exec" and ev.uid >= 0:
+                ident = ev.uid
+            elif ev.kind == "setuid" and ev.detail.get("ok") and ev.uid > 0:
+                ident = ev.uid
+            if ident is not None:
+                self.store.touch_identity(jid, ident, ev.ts, ev.detail.get("via") if ident != owner else None)
+            if ev.detail.get("orig_ppid") is not None:
+                self.store.set_lineage(jid, ev.pid, int(ev.detail["orig_ppid"]), ev.detail.get("via"), ev.ts)
+        for jid, evs in by_job.items():
+            self.store.add_events(jid, evs)
+
+    def _start_tracer(self) -> None:
+        backend = self.config.tracer_backend
+        if backend == "off":
+            return
+        try:
+            from .tracer import Tracer
+
+            self.tracer = Tracer(self.on_event, backend=backend)
+            self.tracer_backend = self.tracer.backend
+        except Exception as e:  # containment must not depend on tracing
+            log.warning("tracing disabled: %s", e)
+            return
+        try:
+            from .accounting import Accounting
+
+            self.accounting = Accounting(self.tracer)
+            self.accounting.start()
+        except Exception as e:
+            log.warning("per-identity accounting disabled: %s", e)
+            self.accounting = None
+
+    def _poll_accounting(self) -> None:
+        acc = self.accounting
+        try:
+            if acc is not None:
+                acc.poll(0)
+        except OSError as e:
+            log.warning("taskstats read failed: %s", e)
+
+    def _record_gap(self, jobs: list[str]) -> None:
+        """The agent was down: say so in every running job's trail."""
+        last = self.store.get_meta("heartbeat")
+        now = time.time()
+        for job_id in jobs:
+            jid = self._jids.get(job_id)
+            if jid is None:
+                continue
+            since = float(last) if last else None
+            self.store.add_events(jid, [TraceEvent("gap", job_id=job_id, ts=now,
+                                                   detail={"from": since, "to": now, "reason": "agent not running"})])
+
+    def _periodic(self) -> None:
+        live = self.manager.reconcile()
+        for job_id in live:
+            try:
+                self.manager.driver.sync(job_id)
+            except JobcageError:
+                pass
+            jid = self._jids.get(job_id)
+            if jid is not None and self.tracer is not None:
+                lost = self.tracer.counters(job_id).get("events_lost", 0)
+                if lost:
+                    self.store.add_events_lost(jid, self._lost_base.get(job_id, 0) + lost)
+        self.store.set_meta("heartbeat", str(time.time()))
+        if self.config.prune_interval > 0 and time.monotonic() >= self._next_prune:
+            self._next_prune = time.monotonic() + 60 * self.config.prune_interval
+            self._prune()
+
+    def _prune(self) -> None:
+        """Agent-mode prune: kill strays and write what was killed to the audit trail."""
+        try:
+            r = self.manager.prune(kill=True)
+        except JobcageError as e:
+            log.warning("prune failed: %s", e)
+            return
+        evs = [TraceEvent("prune", pid=s["pid"], ppid=s["ppid"], uid=s["uid"], comm=s["cmd"][:64],
+                          detail={"reason": s["reason"], "result": outcome})
+               for outcome in ("killed", "survivors") for s in r.get(outcome, [])]
+        if evs:
+            self.store.add_events(None, evs)
+            log.info("prune: killed %d stray process(es), %d survivor(s)", len(r.get("killed", [])),
+                     len(r.get("survivors", [])))
+
+    # -- run ---------------------------------------------------------------------------
+    def serve(self) -> None:
+        cfg = self.config
+        self.manager.driver.ensure_subtree()
+        self._start_tracer()
+        live = self.manager.reconcile()
+        for job in self.store.jobs("active"):
+            self.job_started(job, self.manager.driver.cgroup_id(job["job_id"]),
+                             self.manager.driver.pids(job["job_id"]))
+        self._record_gap(live)
+        sockdir = os.path.dirname(cfg.socket_path)
+        os.makedirs(sockdir, mode=0o755, exist_ok=True)
+        try:
+            os.unlink(cfg.socket_path)
+        except FileNotFoundError:
+            pass
+        server = _Server(cfg.socket_path, _Handler)
+        server.api = self.api
+        os.chmod(cfg.socket_path, 0o666)  # anyone may connect; SO_PEERCRED decides what they may do
+        t = threading.Thread(target=server.serve_forever, name="control", daemon=True)
+        t.start()
+        if cfg.metrics_port:
+            from .metrics import serve as serve_metrics
+
+            serve_metrics(self, cfg.metrics_port)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self._stop.set())
+        log.info("agent ready: cgroups %s, tracer %s, %d job(s), socket %s",
+                 self.manager.driver.mode, self.tracer_backend, len(live), cfg.socket_path)
+        sd_notify("READY=1")
+        next_reconcile = next_accounting = 0.0
+        try:
+            while not self._stop.is_set():
+                # The tracer is not thread-safe and control threads add/remove jobs:
+                # poll without blocking under the lock, wait outside it.
+                with self._lock:
+                    n = self.tracer.poll(0) if self.tracer is not None else 0
+                    if self.accounting is not None and time.monotonic() >= next_accounting:
+                        # Every exit on the node sends a taskstats record: read them as they come, or the
+                        # socket overruns and jobs lose the CPU of their exited tasks.  Not every turn: a
+                        # record waits a few polls for its task's exit tracepoint (see Accounting).
+                        next_accounting = time.monotonic() + 0.2
+                        self._poll_accounting()
+                    self._flush()
+                    if time.monotonic() >= next_reconcile:
+                        self._periodic()
+                        next_reconcile = time.monotonic() + cfg.reconcile_interval
+                if not n:
+                    self._stop.wait(0.05)
+        finally:
+            sd_notify("STOPPING=1")
+            server.shutdown()
+            server.server_close()
+            try:
+                os.unlink(cfg.socket_path)
+            except FileNotFoundError:
+                pass
+            with self._lock:
+                self._flush()
+                self.store.set_meta("heartbeat", str(time.time()))
+            if self.tracer is not None:
+                self.tracer.close()
+            log.info("agent stopped; jobs keep running in their cgroups")

@@ -1,0 +1,210 @@
+"""SQLite (WAL) store: jobs, their state changes, identities, the audit trail.
+
+The kernel (cgroupfs) is the truth about which jobs run; the store is the
+memory: history that must survive agent restarts and job ends (whois after the
+epilogue).  One row per job *run* (``jid``) so a reused batch id keeps its
+past.  Both the agent and the direct CLI path write here; WAL plus a busy
+timeout lets them share it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+from jobcage.cgroups.errors import StoreError
+
+from .events import TraceEvent
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs(
+  jid INTEGER PRIMARY KEY AUTOINCREMENT,
+  job_id TEXT NOT NULL, owner_uid INTEGER NOT NULL, owner_gid INTEGER, cgroup TEXT,
+  pids_max INTEGER, state TEXT NOT NULL, created REAL NOT NULL, ended REAL,
+  cpu_seconds REAL, pids_limit_hits INTEGER, events_lost INTEGER DEFAULT 0,
+  tmpdir TEXT, summary TEXT);
+CREATE INDEX IF NOT EXISTS jobs_id ON jobs(job_id, jid);
+CREATE TABLE IF NOT EXISTS job_states(
+  id INTEGER PRIMARY KEY, jid INTEGER NOT NULL, ts REAL NOT NULL, state TEXT NOT NULL, detail TEXT);
+CREATE TABLE IF NOT EXISTS identities(
+  jid INTEGER NOT NULL, uid INTEGER NOT NULL, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
+  via TEXT, cpu_seconds REAL DEFAULT 0, PRIMARY KEY(jid, uid));
+CREATE INDEX IF NOT EXISTS identities_uid ON identities(uid);
+CREATE TABLE IF NOT EXISTS declarations(
+  id INTEGER PRIMARY KEY, jid INTEGER NOT NULL, uid INTEGER NOT NULL, label TEXT NOT NULL,
+  ts REAL NOT NULL, declared_by INTEGER);
+CREATE TABLE IF NOT EXISTS events(
+  id INTEGER PRIMARY KEY, jid INTEGER, job_id TEXT, ts REAL NOT NULL, kind TEXT NOT NULL,
+  pid INTEGER, ppid INTEGER, uid INTEGER, euid INTEGER, comm TEXT, filename TEXT, detail TEXT);
+CREATE INDEX IF NOT EXISTS events_jid ON events(jid, id);
+CREATE TABLE IF NOT EXISTS lineage(
+  jid INTEGER NOT NULL, pid INTEGER NOT NULL, orig_ppid INTEGER, via TEXT, ts REAL,
+  PRIMARY KEY(jid, pid));
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
+"""
+
+JOB_COLS = ("jid", "job_id", "owner_uid", "owner_gid", "cgroup", "pids_max", "state", "created", "ended",
+            "cpu_seconds", "pids_limit_hits", "events_lost", "tmpdir", "summary")
+
+
+class Store:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._lock = threading.RLock()
+        try:
+            os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
+            self.db = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.executescript(SCHEMA)
+        except (OSError, sqlite3.Error) as e:
+            raise StoreError(f"cannot open state database {path}: {e}", path=path) from None
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Group many writes into one commit (the agent's event batches)."""
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+            self.db.execute("COMMIT")
+
+    def _x(self, sql: str, args: Iterable = ()) -> sqlite3.Cursor:
+        with self._lock:
+            try:
+                return self.db.execute(sql, tuple(args))
+            except sqlite3.Error as e:
+                raise StoreError(f"state database error: {e}", path=self.path) from None
+
+    # -- jobs ---------------------------------------------------------------
+    def add_job(self, job_id: str, owner_uid: int, owner_gid: int | None, cgroup: str, pids_max: int | None,
+                created: float, tmpdir: str | None = None) -> int:
+        with self._lock:
+            cur = self._x("INSERT INTO jobs(job_id, owner_uid, owner_gid, cgroup, pids_max, state, created, tmpdir)"
+                          " VALUES(?,?,?,?,?,?,?,?)",
+                          (job_id, owner_uid, owner_gid, cgroup, pids_max, "running", created, tmpdir))
+            jid = int(cur.lastrowid or 0)
+            self._x("INSERT INTO job_states(jid, ts, state) VALUES(?,?,?)", (jid, created, "running"))
+            self.touch_identity(jid, owner_uid, created, "batch system")
+            return jid
+
+    def job(self, job_id: str) -> dict | None:
+        """The latest run of this batch job id."""
+        row = self._x(f"SELECT {','.join(JOB_COLS)} FROM jobs WHERE job_id=? ORDER BY jid DESC LIMIT 1",
+                      (job_id,)).fetchone()
+        return dict(zip(JOB_COLS, row, strict=True)) if row else None
+
+    def jobs(self, state: str | None = None) -> list[dict]:
+        sql = f"SELECT {','.join(JOB_COLS)} FROM jobs"
+        rows = (self._x(sql + " WHERE state!='ended' ORDER BY jid") if state == "active"
+                else self._x(sql + " ORDER BY jid"))
+        return [dict(zip(JOB_COLS, r, strict=True)) for r in rows]
+
+    def set_state(self, jid: int, state: str, detail: str | None = None, ts: float | None = None) -> None:
+        ts = ts or time.time()
+        with self._lock:
+            self._x("UPDATE jobs SET state=? WHERE jid=?", (state, jid))
+            self._x("INSERT INTO job_states(jid, ts, state, detail) VALUES(?,?,?,?)", (jid, ts, state, detail))
+
+    def end_job(self, jid: int, ended: float, cpu_seconds: float | None, limit_hits: int | None,
+                summary: dict, detail: str | None = None) -> None:
+        with self._lock:
+            self._x("UPDATE jobs SET ended=?, cpu_seconds=?, pids_limit_hits=?, summary=? WHERE jid=?",
+                    (ended, cpu_seconds, limit_hits, json.dumps(summary), jid))
+            self.set_state(jid, "ended", detail, ended)
+
+    def add_events_lost(self, jid: int, n: int) -> None:
+        self._x("UPDATE jobs SET events_lost=? WHERE jid=?", (n, jid))
+
+    def states(self, jid: int) -> list[dict]:
+        return [{"ts": ts, "state": s, "detail": d} for ts, s, d in
+                self._x("SELECT ts, state, detail FROM job_states WHERE jid=? ORDER BY id", (jid,))]
+
+    # -- identities ------------------------------------------------------------
+    def touch_identity(self, jid: int, uid: int, ts: float, via: str | None = None) -> None:
+        """Record that uid acted in the job at ts (first_seen kept, last_seen advanced)."""
+        self._x("INSERT INTO identities(jid, uid, first_seen, last_seen, via) VALUES(?,?,?,?,?) "
+                "ON CONFLICT(jid, uid) DO UPDATE SET last_seen=max(last_seen, excluded.last_seen), "
+                "via=coalesce(identities.via, excluded.via)", (jid, uid, ts, ts, via))
+
+    def set_identity_cpu(self, jid: int, cpu: dict[int, float], ts: float) -> None:
+        with self._lock:
+            for uid, secs in cpu.items():
+                self.touch_identity(jid, uid, ts)
+                self._x("UPDATE identities SET cpu_seconds=? WHERE jid=? AND uid=?", (secs, jid, uid))
+
+    def identities(self, jid: int) -> list[dict]:
+        cols = ("uid", "first_seen", "last_seen", "via", "cpu_seconds")
+        return [dict(zip(cols, r, strict=True)) for r in
+                self._x(f"SELECT {','.join(cols)} FROM identities WHERE jid=? ORDER BY first_seen", (jid,))]
+
+    def declare(self, jid: int, uid: int, label: str, ts: float, declared_by: int) -> None:
+        self._x("INSERT INTO declarations(jid, uid, label, ts, declared_by) VALUES(?,?,?,?,?)",
+                (jid, uid, label, ts, declared_by))
+
+    def declarations(self, jid: int) -> list[dict]:
+        return [{"uid": u, "label": lab, "ts": ts} for u, lab, ts in
+                self._x("SELECT uid, label, ts FROM declarations WHERE jid=? ORDER BY id", (jid,))]
+
+    def whois(self, uid: int, at: float) -> list[dict]:
+        """Jobs in which uid was held at time `at` (job start .. job end, or still running)."""
+        rows = self._x(
+            "SELECT j.jid, j.job_id, j.owner_uid, j.created, j.ended, j.state, i.first_seen, i.last_seen, i.via "
+            "FROM identities i JOIN jobs j ON j.jid=i.jid WHERE i.uid=? AND j.created<=? "
+            "AND (j.ended IS NULL OR j.ended>=?) "
+            # a job that took uid only later did not hold it at `at`; 1 ms of slack because
+            # times handed back to us as ISO strings are truncated to milliseconds
+            "AND i.first_seen<=? ORDER BY j.jid", (uid, at, at, at + 0.001)).fetchall()
+        out = []
+        for jid, job_id, owner, created, ended, state, first, last, via in rows:
+            decl = [d for d in self.declarations(jid) if d["uid"] == uid]
+            out.append({"job_id": job_id, "pilot_uid": owner, "job_start": created, "job_end": ended,
+                        "state": state, "first_seen": first, "last_seen": last, "via": via,
+                        "declared": [d["label"] for d in decl]})
+        return out
+
+    # -- audit trail ------------------------------------------------------------
+    def add_events(self, jid: int | None, events: Iterable[TraceEvent]) -> None:
+        rows = [(jid, e.job_id, e.ts, e.kind, e.pid, e.ppid, e.uid, e.euid, e.comm, e.filename,
+                 json.dumps(e.detail) if e.detail else None) for e in events]
+        if rows:
+            with self._lock:
+                self.db.executemany("INSERT INTO events(jid, job_id, ts, kind, pid, ppid, uid, euid, comm, "
+                                    "filename, detail) VALUES(?,?,?,?,?,?,?,?,?,?,?)", rows)
+
+    def events(self, jid: int, after_id: int = 0, limit: int = 100000) -> list[dict]:
+        cols = ("id", "ts", "job_id", "kind", "pid", "ppid", "uid", "euid", "comm", "filename", "detail")
+        out = []
+        for r in self._x(f"SELECT {','.join(cols)} FROM events WHERE jid=? AND id>? ORDER BY id LIMIT ?",
+                         (jid, after_id, limit)):
+            d = dict(zip(cols, r, strict=True))
+            d["detail"] = json.loads(d["detail"]) if d["detail"] else {}
+            out.append(d)
+        return out
+
+    def set_lineage(self, jid: int, pid: int, orig_ppid: int, via: str | None, ts: float) -> None:
+        self._x("INSERT OR REPLACE INTO lineage(jid, pid, orig_ppid, via, ts) VALUES(?,?,?,?,?)",
+                (jid, pid, orig_ppid, via, ts))
+
+    def lineage(self, jid: int) -> dict[int, dict]:
+        return {pid: {"orig_ppid": pp, "via": via, "ts": ts} for pid, pp, via, ts in
+                self._x("SELECT pid, orig_ppid, via, ts FROM lineage WHERE jid=?", (jid,))}
+
+    # -- misc -------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        row = self._x("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._x("INSERT OR REPLACE INTO meta(key, value) VALUES(?,?)", (key, value))

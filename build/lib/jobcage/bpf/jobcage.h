@@ -1,0 +1,118 @@
+/* jobcage.h - the one header shared by the BPF programs and (by name) agent/tracer.py.
+ *
+ * Fixed-width bcc types only (u32/u64/s32/char): bcc's Python side derives the ctypes
+ * layout of `struct jc_event` from this definition (b["events"].event(data)), and only
+ * knows these spellings.  Every field is naturally aligned, so the layout is the same
+ * for any compiler.  Bump JC_ABI when a struct changes.
+ */
+#ifndef JOBCAGE_H
+#define JOBCAGE_H
+
+#define JC_ABI 1
+
+#define JC_MAX_JOBS 1024          /* counter slots; a node runs far fewer jobs */
+#define JC_COMM_LEN 16
+#define JC_FILENAME_LEN 256
+#define JC_LINEAGE_ENTRIES 65536  /* live tasks of all jobs; LRU so a full map never fails */
+#define JC_PENDING_ENTRIES 16384  /* tasks inside a set*id syscall right now */
+#define JC_NS_PER_SEC 1000000000ULL
+
+/* Event kinds (struct jc_event.kind).  Names match agent/events.py KINDS. */
+enum jc_kind {
+	JC_EV_EXEC = 1,
+	JC_EV_EXIT = 2,
+	JC_EV_SETUID = 3,       /* setuid, setreuid, setresuid */
+	JC_EV_SETGID = 4,       /* setgid, setregid, setresgid, setgroups */
+	JC_EV_SETSID = 5,
+	JC_EV_FORK_FAILED = 6,  /* rate limited: at most one per job per CPU per second */
+};
+
+/* Which syscall an identity event came from (struct jc_event.sys). */
+enum jc_sys {
+	JC_SYS_NONE = 0,
+	JC_SYS_SETUID = 1,
+	JC_SYS_SETREUID = 2,
+	JC_SYS_SETRESUID = 3,
+	JC_SYS_SETGID = 4,
+	JC_SYS_SETREGID = 5,
+	JC_SYS_SETRESGID = 6,
+	JC_SYS_SETGROUPS = 7,
+	JC_SYS_SETSID = 8,
+};
+
+/* Bits of the `marked` map (tgid -> bits).  An exit is reported when the process was SEEN (user
+ * space got an event about it, so its end completes the story) and its real uid differs from the
+ * owner's or it CHANGED identity.  Without SEEN, a fork bomb under a pool uid would send one exit
+ * per child; with it, quiet children stay counts. */
+#define JC_MARK_CHANGED 1   /* identity changed in the job; inherited by children */
+#define JC_MARK_SEEN 2      /* an exec / identity / setsid event was sent; not inherited */
+
+/* Value of the job maps (cgroup2 id -> job, and tgid -> job in pid-filter mode). */
+struct jc_job {
+	u32 slot;       /* index into the per-CPU counters array */
+	u32 cookie;     /* never reused while the tracer runs: late events still map to the right job */
+	u32 owner_uid;  /* exits of processes with another real uid are reported */
+	u32 flags;      /* reserved */
+};
+
+/* Per job, per CPU.  User space sums the CPUs. */
+struct jc_counters {
+	u64 forks;        /* tasks created (threads included, like pids.max counts them) */
+	u64 fork_failed;  /* clone/clone3/fork/vfork returning an error */
+	u64 events_lost;  /* ring/perf buffer full when an event had to be sent */
+	u64 ff_last_ns;   /* rate limiter for fork_failed events */
+};
+
+/* Kernel lineage record: task id -> the process that created it (its tgid at fork time). */
+struct jc_lineage {
+	u64 ts_ns;
+	u32 ppid;
+	u32 cookie;
+};
+
+/* Exited task -> job, read (and deleted) by the accounting when the taskstats exit
+ * record of that task arrives. */
+struct jc_exited {
+	u64 ts_ns;
+	u32 cookie;
+	u32 uid;
+};
+
+/* A set*id syscall in flight: filled at sys_enter, completed at sys_exit. */
+struct jc_pending {
+	u64 ts_ns;
+	u32 sys;
+	u32 cookie;
+	u32 slot;
+	u32 old_uid;
+	u32 old_gid;
+	u32 arg0;
+	u32 arg1;
+	u32 arg2;
+};
+
+/* The one event shape sent to user space. */
+struct jc_event {
+	u64 ts_ns;       /* bpf_ktime_get_ns (CLOCK_MONOTONIC) */
+	u64 cgroup_id;   /* cgroup2 id of the task */
+	u32 kind;        /* enum jc_kind */
+	u32 cookie;      /* job */
+	u32 pid;         /* tgid */
+	u32 tid;
+	u32 ppid;        /* original parent (lineage map), 0 when the task predates tracing */
+	u32 uid;         /* real uid now (after the syscall for identity events) */
+	u32 gid;         /* real gid now */
+	u32 old_uid;     /* identity events: real uid before the syscall */
+	u32 old_gid;
+	s32 ret;         /* syscall return value; exec: old_pid (the exec'ing thread) */
+	u32 sys;         /* enum jc_sys */
+	u32 arg0;        /* syscall arguments: the ids asked for ((u32)-1 = unchanged) */
+	u32 arg1;
+	u32 arg2;
+	u32 marked;      /* exit: the JC_MARK_* bits of the process */
+	u32 pad;
+	char comm[JC_COMM_LEN];
+	char filename[JC_FILENAME_LEN];  /* exec only */
+};
+
+#endif /* JOBCAGE_H */

@@ -1,0 +1,407 @@
+/* tracer.bpf.c - jobcage identity tracer (bcc).
+ *
+ * Portability rule (docs: design.md): read NO kernel struct.  Everything comes from
+ * tracepoint arguments (layouts read from tracefs at load time) and the helpers
+ * bpf_get_current_{pid_tgid,uid_gid,cgroup_id,comm} and bpf_ktime_get_ns.
+ *
+ * Configuration is by -D flags set by agent/tracer.py, never by editing this text:
+ *   JC_PID_FILTER        also match jobs by a tgid -> job map that forks inherit (nodes
+ *                        without a usable cgroup2 hierarchy)
+ *   JC_PERFBUF           perf buffer instead of a ring buffer (kernels without ringbuf)
+ *   JC_RINGBUF_PAGES     ring buffer size in pages (power of two)
+ *   JC_HAVE_GROUP_DEAD   sched_process_exit has the group_dead field
+ *   JC_TP_<SYSCALL>      the syscalls:sys_{enter,exit}_<syscall> tracepoints exist
+ *
+ * What reaches user space: exec, identity changes (with return code), setsid, exit of
+ * processes whose real uid differs from the job owner's or that changed identity (if an
+ * event was sent about them before: see JC_MARK_SEEN), and fork failures rate limited.
+ * Forks are only counted: a fork bomb costs map updates, not events.
+ *
+ * Fork/lineage choice: instead of one event per fork, the fork tracepoint writes
+ * child -> parent into an LRU hash (`lineage`), deleted again when the task exits.  Every
+ * event carries the original parent from that map, so the audit trail has the lineage of
+ * every process that does something interesting (exec, uid change, setsid, non-owner
+ * exit) even after it was reparented; user space reads the map in bulk for the rest.
+ * Bounded by the job's live tasks, so a fork bomb cannot evict much or flood anything.
+ */
+#include <uapi/linux/ptrace.h>
+#include "jobcage.h"
+
+#ifndef JC_RINGBUF_PAGES
+#define JC_RINGBUF_PAGES 1024   /* 4 MiB: ~11,000 events of burst */
+#endif
+
+BPF_HASH(jobs, u64, struct jc_job, JC_MAX_JOBS);                 /* cgroup2 id -> job */
+#ifdef JC_PID_FILTER
+BPF_HASH(job_pids, u32, struct jc_job, JC_LINEAGE_ENTRIES);      /* tgid -> job */
+#endif
+BPF_PERCPU_ARRAY(counters, struct jc_counters, JC_MAX_JOBS);
+BPF_TABLE("lru_hash", u32, struct jc_lineage, lineage, JC_LINEAGE_ENTRIES);
+BPF_TABLE("lru_hash", u32, struct jc_exited, exited, JC_LINEAGE_ENTRIES);
+BPF_TABLE("lru_hash", u32, struct jc_pending, pending, JC_PENDING_ENTRIES);
+BPF_TABLE("lru_hash", u32, u32, marked, JC_LINEAGE_ENTRIES);    /* tgid -> JC_MARK_* bits */
+
+#ifdef JC_PERFBUF
+BPF_PERF_OUTPUT(events);
+BPF_PERCPU_ARRAY(scratch, struct jc_event, 1);   /* the event is too big for the stack */
+#else
+BPF_RINGBUF_OUTPUT(events, JC_RINGBUF_PAGES);
+#endif
+
+/* 1 and a copy of the current task's job in *out (safe to keep across map updates), or 0. */
+static __always_inline int current_job(u32 tgid, struct jc_job *out, int *by_pid)
+{
+	u64 cg = bpf_get_current_cgroup_id();
+	struct jc_job *j = jobs.lookup(&cg);
+
+	*by_pid = 0;
+#ifdef JC_PID_FILTER
+	if (!j) {
+		j = job_pids.lookup(&tgid);
+		*by_pid = 1;
+	}
+#endif
+	if (!j)
+		return 0;
+	__builtin_memcpy(out, j, sizeof(*out));
+	return 1;
+}
+
+static __always_inline struct jc_counters *counters_of(const struct jc_job *j)
+{
+	u32 slot = j->slot;
+	return counters.lookup(&slot);
+}
+
+static __always_inline void count_lost(const struct jc_job *j)
+{
+	struct jc_counters *c = counters_of(j);
+	if (c)
+		c->events_lost++;
+}
+
+/* Reserve an event; on a full buffer count the loss against the job and return NULL. */
+static __always_inline struct jc_event *ev_reserve(const struct jc_job *j)
+{
+	struct jc_event *e;
+#ifdef JC_PERFBUF
+	u32 zero = 0;
+	e = scratch.lookup(&zero);
+#else
+	e = events.ringbuf_reserve(sizeof(struct jc_event));
+	if (!e)
+		count_lost(j);
+#endif
+	return e;
+}
+
+/* wake = 0: no wakeup of user space for this record (exec, exit: the frequent kinds).  The
+ * agent collects them at its next poll, at the latest when its poll timeout expires; identity
+ * events wake it at once and flush them too.  Saves a wakeup per exec in exec-heavy jobs. */
+static __always_inline void ev_submit(void *ctx, struct jc_event *e, const struct jc_job *j, int wake)
+{
+#ifdef JC_PERFBUF
+	if (events.perf_submit(ctx, e, sizeof(*e)) != 0)
+		count_lost(j);
+#else
+	events.ringbuf_submit(e, wake ? 0 : BPF_RB_NO_WAKEUP);
+#endif
+}
+
+/* Fill the fields every event has; filename left empty (exec fills it). */
+static __always_inline void ev_common(struct jc_event *e, u32 kind, const struct jc_job *j)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u64 ugid = bpf_get_current_uid_gid();
+	u32 tgid = id >> 32;
+	struct jc_lineage *l = lineage.lookup(&tgid);
+
+	e->ts_ns = bpf_ktime_get_ns();
+	e->cgroup_id = bpf_get_current_cgroup_id();
+	e->kind = kind;
+	e->cookie = j->cookie;
+	e->pid = tgid;
+	e->tid = (u32)id;
+	e->ppid = l ? l->ppid : 0;
+	e->uid = (u32)ugid;
+	e->gid = ugid >> 32;
+	e->old_uid = e->uid;
+	e->old_gid = e->gid;
+	e->ret = 0;
+	e->sys = JC_SYS_NONE;
+	e->arg0 = e->arg1 = e->arg2 = (u32)-1;
+	e->marked = 0;
+	e->pad = 0;
+	bpf_get_current_comm(&e->comm, sizeof(e->comm));
+	e->filename[0] = 0;
+}
+
+static __always_inline void mark(u32 tgid, u32 bits)
+{
+	u32 *m = marked.lookup(&tgid);
+	if (m)
+		*m |= bits;   /* racy only between threads of one process: harmless */
+	else
+		marked.update(&tgid, &bits);
+}
+
+/* ---- process lifecycle ---------------------------------------------------------- */
+
+TRACEPOINT_PROBE(sched, sched_process_fork)
+{
+	/* Runs in the parent.  args->child_pid may be a thread: its lineage entry is
+	 * removed again when it exits (user space shows only processes). */
+	u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	struct jc_job j;
+	int by_pid;
+
+	if (!current_job(tgid, &j, &by_pid))
+		return 0;
+	struct jc_counters *c = counters_of(&j);
+	if (c)
+		c->forks++;
+
+	u32 child = args->child_pid;
+	struct jc_lineage l = {};
+	l.ts_ns = bpf_ktime_get_ns();
+	l.ppid = tgid;
+	l.cookie = j.cookie;
+	lineage.update(&child, &l);
+
+	/* Children of an identity-changed process inherit CHANGED (not SEEN). */
+	u32 *m = marked.lookup(&tgid);
+	if (m && (*m & JC_MARK_CHANGED)) {
+		u32 changed = JC_MARK_CHANGED;
+		marked.update(&child, &changed);
+	}
+#ifdef JC_PID_FILTER
+	if (by_pid)
+		job_pids.update(&child, &j);
+#endif
+	return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+	u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	struct jc_job j;
+	int by_pid;
+
+	if (!current_job(tgid, &j, &by_pid))
+		return 0;
+	struct jc_event *e = ev_reserve(&j);
+	if (!e)
+		return 0;
+	ev_common(e, JC_EV_EXEC, &j);
+	e->ret = args->old_pid;
+	TP_DATA_LOC_READ_STR(&e->filename, filename, sizeof(e->filename));
+	ev_submit(args, e, &j, 0);
+	mark(tgid, JC_MARK_SEEN);
+	return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tgid = id >> 32, tid = (u32)id;
+	struct jc_job j;
+	int by_pid;
+
+	if (!current_job(tgid, &j, &by_pid))
+		return 0;
+#ifdef JC_HAVE_GROUP_DEAD
+	int group_dead = args->group_dead;
+#else
+	int group_dead = (tid == tgid);   /* the leader usually goes last */
+#endif
+	/* For the accounting: the taskstats record of this task names only its pid. */
+	struct jc_exited x = {};
+	x.ts_ns = bpf_ktime_get_ns();
+	x.cookie = j.cookie;
+	x.uid = (u32)bpf_get_current_uid_gid();
+	exited.update(&tid, &x);
+
+	if (tid != tgid) {   /* a thread: its fork-time entries are of no further use */
+		lineage.delete(&tid);
+#ifdef JC_PID_FILTER
+		job_pids.delete(&tid);
+#endif
+	}
+	if (!group_dead)
+		return 0;
+
+	u32 *m = marked.lookup(&tgid);
+	u32 bits = m ? *m : 0;
+	if ((bits & JC_MARK_SEEN) && (x.uid != j.owner_uid || (bits & JC_MARK_CHANGED))) {
+		struct jc_event *e = ev_reserve(&j);
+		if (e) {
+			ev_common(e, JC_EV_EXIT, &j);   /* reads lineage: before the delete below */
+			e->pid = tgid;
+			e->marked = bits;
+			ev_submit(args, e, &j, 0);
+		}
+	}
+	lineage.delete(&tgid);
+	if (m)
+		marked.delete(&tgid);
+#ifdef JC_PID_FILTER
+	job_pids.delete(&tgid);
+#endif
+	return 0;
+}
+
+/* ---- identity changes ------------------------------------------------------------ */
+
+/* sys_enter: remember the old ids and the requested ones, keyed by thread. */
+static __always_inline int id_enter(u32 sys, u32 a0, u32 a1, u32 a2)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tgid = id >> 32, tid = (u32)id;
+	struct jc_job j;
+	int by_pid;
+
+	if (!current_job(tgid, &j, &by_pid))
+		return 0;
+	u64 ugid = bpf_get_current_uid_gid();
+	struct jc_pending p = {};
+	p.ts_ns = bpf_ktime_get_ns();
+	p.sys = sys;
+	p.cookie = j.cookie;
+	p.slot = j.slot;
+	p.old_uid = (u32)ugid;
+	p.old_gid = ugid >> 32;
+	p.arg0 = a0;
+	p.arg1 = a1;
+	p.arg2 = a2;
+	pending.update(&tid, &p);
+	return 0;
+}
+
+/* sys_exit: one event with old ids, requested ids, new real ids and the return code. */
+static __always_inline int id_exit(void *ctx, long ret)
+{
+	u64 id = bpf_get_current_pid_tgid();
+	u32 tgid = id >> 32, tid = (u32)id;
+	struct jc_pending *pp = pending.lookup(&tid);
+
+	if (!pp)
+		return 0;
+	struct jc_pending p;
+	__builtin_memcpy(&p, pp, sizeof(p));
+	pending.delete(&tid);
+
+	struct jc_job j = {};
+	j.slot = p.slot;
+	j.cookie = p.cookie;
+	mark(tgid, ret == 0 ? (JC_MARK_CHANGED | JC_MARK_SEEN) : JC_MARK_SEEN);
+	struct jc_event *e = ev_reserve(&j);
+	if (!e)
+		return 0;
+	ev_common(e, (p.sys >= JC_SYS_SETGID) ? JC_EV_SETGID : JC_EV_SETUID, &j);
+	e->old_uid = p.old_uid;
+	e->old_gid = p.old_gid;
+	e->sys = p.sys;
+	e->arg0 = p.arg0;
+	e->arg1 = p.arg1;
+	e->arg2 = p.arg2;
+	e->ret = ret;
+	ev_submit(ctx, e, &j, 1);
+	return 0;
+}
+
+#define U32(x) ((u32)(x))
+#define NOARG ((u32)-1)
+
+#ifdef JC_TP_SETUID
+TRACEPOINT_PROBE(syscalls, sys_enter_setuid) { return id_enter(JC_SYS_SETUID, U32(args->uid), NOARG, NOARG); }
+TRACEPOINT_PROBE(syscalls, sys_exit_setuid) { return id_exit(args, args->ret); }
+#endif
+#ifdef JC_TP_SETREUID
+TRACEPOINT_PROBE(syscalls, sys_enter_setreuid) { return id_enter(JC_SYS_SETREUID, U32(args->ruid), U32(args->euid), NOARG); }
+TRACEPOINT_PROBE(syscalls, sys_exit_setreuid) { return id_exit(args, args->ret); }
+#endif
+#ifdef JC_TP_SETRESUID
+TRACEPOINT_PROBE(syscalls, sys_enter_setresuid) { return id_enter(JC_SYS_SETRESUID, U32(args->ruid), U32(args->euid), U32(args->suid)); }
+TRACEPOINT_PROBE(syscalls, sys_exit_setresuid) { return id_exit(args, args->ret); }
+#endif
+#ifdef JC_TP_SETGID
+TRACEPOINT_PROBE(syscalls, sys_enter_setgid) { return id_enter(JC_SYS_SETGID, U32(args->gid), NOARG, NOARG); }
+TRACEPOINT_PROBE(syscalls, sys_exit_setgid) { return id_exit(args, args->ret); }
+#endif
+#ifdef JC_TP_SETREGID
+TRACEPOINT_PROBE(syscalls, sys_enter_setregid) { return id_enter(JC_SYS_SETREGID, U32(args->rgid), U32(args->egid), NOARG); }
+TRACEPOINT_PROBE(syscalls, sys_exit_setregid) { return id_exit(args, args->ret); }
+#endif
+#ifdef JC_TP_SETRESGID
+TRACEPOINT_PROBE(syscalls, sys_enter_setresgid) { return id_enter(JC_SYS_SETRESGID, U32(args->rgid), U32(args->egid), U32(args->sgid)); }
+TRACEPOINT_PROBE(syscalls, sys_exit_setresgid) { return id_exit(args, args->ret); }
+#endif
+#ifdef JC_TP_SETGROUPS
+/* arg0 = number of groups; the list itself is user memory we do not read. */
+TRACEPOINT_PROBE(syscalls, sys_enter_setgroups) { return id_enter(JC_SYS_SETGROUPS, U32(args->gidsetsize), NOARG, NOARG); }
+TRACEPOINT_PROBE(syscalls, sys_exit_setgroups) { return id_exit(args, args->ret); }
+#endif
+
+#ifdef JC_TP_SETSID
+TRACEPOINT_PROBE(syscalls, sys_exit_setsid)
+{
+	u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	struct jc_job j;
+	int by_pid;
+
+	if (!current_job(tgid, &j, &by_pid))
+		return 0;
+	struct jc_event *e = ev_reserve(&j);
+	if (!e)
+		return 0;
+	ev_common(e, JC_EV_SETSID, &j);
+	e->sys = JC_SYS_SETSID;
+	e->ret = args->ret;
+	ev_submit(args, e, &j, 1);
+	mark(tgid, JC_MARK_SEEN);
+	return 0;
+}
+#endif
+
+/* ---- failed forks ------------------------------------------------------------------ */
+
+static __always_inline int fork_exit(void *ctx, long ret)
+{
+	if (ret >= 0)   /* the common case, before any map lookup */
+		return 0;
+	u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	struct jc_job j;
+	int by_pid;
+
+	if (!current_job(tgid, &j, &by_pid))
+		return 0;
+	struct jc_counters *c = counters_of(&j);
+	if (!c)
+		return 0;
+	c->fork_failed++;
+	/* Per-CPU counters make this limiter race free: <= 1 event/s per job per CPU. */
+	u64 now = bpf_ktime_get_ns();
+	if (c->ff_last_ns && now - c->ff_last_ns < JC_NS_PER_SEC)
+		return 0;
+	c->ff_last_ns = now;
+	struct jc_event *e = ev_reserve(&j);
+	if (!e)
+		return 0;
+	ev_common(e, JC_EV_FORK_FAILED, &j);
+	e->ret = ret;
+	ev_submit(ctx, e, &j, 1);
+	return 0;
+}
+
+#ifdef JC_TP_CLONE
+TRACEPOINT_PROBE(syscalls, sys_exit_clone) { return fork_exit(args, args->ret); }
+#endif
+#ifdef JC_TP_CLONE3
+TRACEPOINT_PROBE(syscalls, sys_exit_clone3) { return fork_exit(args, args->ret); }
+#endif
+#ifdef JC_TP_FORK
+TRACEPOINT_PROBE(syscalls, sys_exit_fork) { return fork_exit(args, args->ret); }
+#endif
+#ifdef JC_TP_VFORK
+TRACEPOINT_PROBE(syscalls, sys_exit_vfork) { return fork_exit(args, args->ret); }
+#endif
