@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from jobcage.cgroups.errors import Unsupported
+from .errors import Unsupported
 
 log = logging.getLogger("jobcage.accounting")
 

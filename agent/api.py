@@ -12,8 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from jobcage.cgroups.errors import AccessDenied, InvalidArgument, ProtocolError
-
+from .errors import AccessDenied, InvalidArgument, ProtocolError
 from .lifecycle import JobManager, validate_job_id
 
 ROOT, ANY = "root", "any"

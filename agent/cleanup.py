@@ -31,7 +31,7 @@ import stat
 from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 
-from jobcage.cgroups.errors import InvalidArgument
+from .errors import InvalidArgument
 
 DEFAULT_DIRS: tuple[str, ...] = ("/tmp", "/var/tmp", "/dev/shm")
 DEFAULT_MIN_UID = 1000

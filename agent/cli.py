@@ -16,9 +16,8 @@ from typing import Any
 
 import click
 
-from jobcage.cgroups.errors import JobcageError
-
 from .client import invoke
+from .errors import JobcageError
 from .hook import USAGE
 
 
@@ -134,9 +133,8 @@ def resume(job_id: str) -> None:
 @errors
 def kill(job_id: str, sig: str) -> None:
     """Signal every process of the job (KILL: returns when the job is empty)."""
-    from jobcage.cgroups.errors import InvalidArgument
-
     from .api import parse_signal
+    from .errors import InvalidArgument
 
     try:
         parse_signal(sig)  # a bad signal is a usage error (exit 2), caught before any round trip

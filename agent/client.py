@@ -5,9 +5,8 @@ from __future__ import annotations
 # _socket, not socket: socket.py pulls in enum and selectors (~5 ms on every hook call)
 import _socket
 
-from jobcage.cgroups.errors import BY_NAME, AgentUnavailable, JobcageError
-
 from . import protocol
+from .errors import AgentUnavailable, error_class
 
 
 def call(socket_path: str, method: str, timeout: float | None = 60.0, **params: object) -> object:
@@ -31,8 +30,9 @@ def call(socket_path: str, method: str, timeout: float | None = 60.0, **params: 
     if resp.get("ok"):
         return resp.get("result")
     err = resp.get("error") or {}
-    cls = BY_NAME.get(str(err.get("type")), JobcageError)
-    raise cls(str(err.get("message", "agent error")), job_id=err.get("job_id"), pid=err.get("pid"))
+    cls = error_class(str(err.get("type")))
+    raise cls(str(err.get("message", "agent error")), job_id=err.get("job_id"), pid=err.get("pid"),
+              path=err.get("path"))
 
 
 def invoke(method: str, **params: object) -> object:

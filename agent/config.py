@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from jobcage.cgroups.errors import InvalidArgument
+from .errors import InvalidArgument
 
 DEFAULT_PATH = "/etc/jobcage/jobcage.toml"
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import os
 import platform
 
-from jobcage.cgroups import detect, get_driver
-from jobcage.cgroups.errors import JobcageError
+from jobcage.cgroups import get_driver
+from jobcage.cgroups.detect import detect
 
 from .config import load
+from .errors import JobcageError
 
 TRACEFS = "/sys/kernel/tracing"
 TRACEPOINTS = ["sched/sched_process_fork", "sched/sched_process_exec", "sched/sched_process_exit",

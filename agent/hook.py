@@ -94,9 +94,8 @@ def main(argv: list[str]) -> int:
         print(f"jobcage {cmd}: {e}\nusage: {USAGE[cmd]}", file=sys.stderr)
         return 2
 
-    from jobcage.cgroups.errors import JobcageError, NoSuchJob
-
     from .client import invoke
+    from .errors import JobcageError, NoSuchJob
 
     method = "adopt" if cmd == "run" else cmd
     try:

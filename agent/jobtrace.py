@@ -32,9 +32,8 @@ from typing import Any
 
 import click
 
-from jobcage.cgroups.errors import AgentUnavailable, JobcageError
-
 from .api import EVENTS_PAGE
+from .errors import AgentUnavailable, JobcageError
 
 HZ = os.sysconf("SC_CLK_TCK")
 # Parents that adopt orphans besides init (PR_SET_CHILD_SUBREAPER is not visible in /proc, so by name).

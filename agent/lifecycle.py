@@ -17,8 +17,11 @@ import time
 from datetime import UTC, datetime
 from typing import Protocol
 
-from jobcage.cgroups import Driver, get_driver
-from jobcage.cgroups.errors import (
+from jobcage.cgroups import get_driver
+from jobcage.cgroups.driver import Driver
+
+from .config import Config
+from .errors import (
     AccessDenied,
     InvalidArgument,
     JobExists,
@@ -27,8 +30,6 @@ from jobcage.cgroups.errors import (
     NoSuchProcess,
     Unsupported,
 )
-
-from .config import Config
 from .store import Store
 
 JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@+\-]{0,127}")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from jobcage.cgroups.errors import JobcageError
+from .errors import JobcageError
 
 if TYPE_CHECKING:
     from .server import Agent

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import struct
 
-from jobcage.cgroups.errors import ProtocolError
+from .errors import ProtocolError
 
 TYPE_CHECKING = False  # not typing.TYPE_CHECKING: importing typing costs ~3 ms per hook call
 

@@ -38,7 +38,7 @@ from typing import NamedTuple
 
 import psutil
 
-from jobcage.cgroups.errors import CgroupError, InvalidArgument, NoSuchCgroup
+from .errors import CgroupError, InvalidArgument, NoSuchCgroup
 
 DEFAULT_MIN_UID = 1000
 PF_KTHREAD = 0x00200000  # include/linux/sched.h

@@ -17,11 +17,10 @@ import struct
 import threading
 import time
 
-from jobcage.cgroups.errors import JobcageError, ProtocolError
-
 from . import protocol
 from .api import Api, Caller
 from .config import Config
+from .errors import JobcageError, ProtocolError
 from .events import TraceEvent
 from .lifecycle import JobManager
 

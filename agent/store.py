@@ -17,8 +17,7 @@ import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
-from jobcage.cgroups.errors import StoreError
-
+from .errors import StoreError
 from .events import TraceEvent
 
 SCHEMA = """

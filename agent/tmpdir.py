@@ -27,7 +27,8 @@ from jobcage.agent.cleanup import (
     mount_points,
     walk_remove,
 )
-from jobcage.cgroups.errors import AccessDenied, InvalidArgument
+
+from .errors import AccessDenied, InvalidArgument
 
 JOB_TMPDIR_MODE = 0o700
 BASE_MODE = 0o755  # for a base we create ourselves

@@ -41,7 +41,8 @@ from dataclasses import dataclass, field
 
 from jobcage import bpf as bpf_files
 from jobcage.agent.events import TraceEvent
-from jobcage.cgroups.errors import InvalidArgument, JobcageError, JobExists, NoSuchJob, Unsupported
+
+from .errors import InvalidArgument, JobcageError, JobExists, NoSuchJob, Unsupported
 
 log = logging.getLogger("jobcage.tracer")
 

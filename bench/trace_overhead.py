@@ -54,7 +54,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobcage.agent.client import call  # noqa: E402
-from jobcage.cgroups.errors import JobcageError  # noqa: E402
+from jobcage.agent.errors import JobcageError  # noqa: E402
 
 _BIN = Path(sys.executable).parent
 JOBCAGE = str(_BIN / "jobcage") if (_BIN / "jobcage").exists() else (shutil.which("jobcage") or "jobcage")

@@ -1,17 +1,18 @@
-"""Kernel cgroup drivers: detect v1 / hybrid / v2 once, one interface.
+"""jobcage.cgroups — kernel cgroup drivers: detect v1 / hybrid / v2 once, one interface.
 
-Nothing here knows about jobs; ``agent`` names cgroups after jobs.  Imports are
-lazy: `cgroups.errors` is imported on every hook call and must stay cheap.
+Holds: ``detect`` (which hierarchies are mounted, probed by the files that exist), ``driver``
+(the shared algorithms: confirmed freeze/thaw, kill with or without ``cgroup.kill``),
+``drivers`` (V1, Hybrid, V2) and ``errors`` (the base of jobcage's exception hierarchy and the
+cgroup errors).  It names cgroups by a relative name and knows nothing of jobs, users or the store.
+
+Must never import: ``jobcage.agent`` (or anything above it), click, rich, sqlite3, bcc.
+This ``__init__`` imports nothing at all: ``jobcage.cgroups.errors`` is on every hook call.
 """
 
 from __future__ import annotations
 
-import sys
-
 TYPE_CHECKING = False  # not `from typing import ...`: importing typing costs ~3 ms on every hook call
 if TYPE_CHECKING:
-    from typing import Any
-
     from .detect import Layout
     from .driver import Driver
 
@@ -20,10 +21,11 @@ MODES = ("auto", "v1", "hybrid", "v2")
 
 def get_driver(mode: str = "auto", subtree: str = "jobcage", layout: Layout | None = None) -> Driver:
     """The driver for this node.  ``auto`` picks what the mounts say."""
+    from .detect import detect
     from .drivers import HybridDriver, V1Driver, V2Driver
     from .errors import InvalidArgument, Unsupported
 
-    layout = layout or _export("detect")()
+    layout = layout or detect()
     if mode not in MODES:
         raise InvalidArgument(f"unknown cgroup mode {mode!r} (one of {', '.join(MODES)})")
     chosen = layout.mode if mode == "auto" else mode
@@ -33,28 +35,4 @@ def get_driver(mode: str = "auto", subtree: str = "jobcage", layout: Layout | No
     return cls(layout, subtree)
 
 
-# name -> (submodule, attribute).  `detect` is both a submodule and the function exported under that name:
-# the import system binds the *module* to the package attribute when it first loads cgroups.detect, so
-# _export() (re)binds the function after loading; `from . import detect` here would recurse into __getattr__.
-_LAZY = {"detect": (".detect", "detect"), "Layout": (".detect", "Layout"), "Driver": (".driver", "Driver")}
-
-
-def _export(name: str) -> Any:
-    import importlib
-
-    mod, attr = _LAZY[name]
-    value = getattr(importlib.import_module(mod, __name__), attr)
-    globals()[name] = value
-    det = sys.modules.get(__name__ + ".detect")  # loaded on the way (driver.py imports it): rebind the function
-    if det is not None:
-        globals()["detect"] = det.detect
-    return value
-
-
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return _export(name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = ["Driver", "Layout", "detect", "get_driver", "MODES"]
+__all__ = ["MODES", "get_driver"]

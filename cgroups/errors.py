@@ -1,9 +1,10 @@
-"""The one exception hierarchy of jobcage.
+"""The base of jobcage's one exception hierarchy, and the cgroup layer's errors.
 
-It lives here, at the bottom of the layering, so that ``cgroups`` (which knows
-nothing of jobs) and ``agent`` raise the same family.  Like psutil's
-``Error -> NoSuchProcess, AccessDenied``: every error carries the object it is
-about (pid, job id, path) and a one-line message fit for a terminal.
+It lives at the bottom of the layering (like psutil's ``_exceptions``), so that
+``cgroups`` (which knows nothing of jobs) and ``agent`` raise the same family;
+the agent's job and transport errors subclass it in ``jobcage.agent.errors``.
+Every error carries the object it is about (pid, job id, path) and a one-line
+message fit for a terminal.
 """
 
 from __future__ import annotations
@@ -54,31 +55,3 @@ class Unsupported(CgroupError):
 
 class Timeout(JobcageError):
     """The kernel did not confirm in time; the message names what is left."""
-
-
-class NoSuchJob(JobcageError):
-    """Unknown job id."""
-
-
-class JobExists(JobcageError):
-    """A job with this id is already registered and running."""
-
-
-class AgentUnavailable(JobcageError):
-    """The agent's control socket is not reachable."""
-
-
-class ProtocolError(JobcageError):
-    """Garbage on the control socket."""
-
-
-class StoreError(JobcageError):
-    """The state database is unusable."""
-
-
-# Map for re-raising errors that crossed the control socket.
-BY_NAME: dict[str, type[JobcageError]] = {
-    c.__name__: c for c in (JobcageError, InvalidArgument, AccessDenied, NoSuchProcess, CgroupError,
-                            NoSuchCgroup, Unsupported, Timeout, NoSuchJob, JobExists, AgentUnavailable,
-                            ProtocolError, StoreError)
-}

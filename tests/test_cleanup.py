@@ -20,7 +20,7 @@ from jobcage.agent.cleanup import (
     VANISHED,
     cleanup,
 )
-from jobcage.cgroups.errors import InvalidArgument
+from jobcage.agent.errors import InvalidArgument
 
 try:
     from userfixtures import (  # noqa: F401 - fixtures

@@ -15,8 +15,8 @@ import textwrap
 
 import pytest
 
+from jobcage.agent.errors import NoSuchCgroup
 from jobcage.agent.prune import PF_KTHREAD, Stray, find_strays, kill_strays, pids_in_cgroup_tree
-from jobcage.cgroups.errors import NoSuchCgroup
 
 try:
     from userfixtures import (  # noqa: F401 - fixtures

@@ -9,8 +9,8 @@ import subprocess
 import pytest
 
 from jobcage.agent.cleanup import OTHER_FS, RACE, VANISHED
+from jobcage.agent.errors import AccessDenied, InvalidArgument
 from jobcage.agent.tmpdir import create_job_tmpdir, job_tmpdir_path, remove_job_tmpdir
-from jobcage.cgroups.errors import AccessDenied, InvalidArgument
 
 try:
     from userfixtures import (  # noqa: F401 - fixtures

@@ -23,9 +23,9 @@ from tracefixtures import PYTHON, GatedJob, Helpers, TraceUsers, drive, shell_jo
 # the fixtures of tracefixtures, visible to this module's tests
 trace_users, helpers, make_cgroup, make_tracer = tf.trace_users, tf.helpers, tf.make_cgroup, tf.make_tracer
 
+from jobcage.agent.errors import InvalidArgument, JobExists, NoSuchJob, Unsupported  # noqa: E402
 from jobcage.agent.events import TraceEvent  # noqa: E402
 from jobcage.agent.tracer import Tracer, proc_ppid  # noqa: E402
-from jobcage.cgroups.errors import InvalidArgument, JobExists, NoSuchJob, Unsupported  # noqa: E402
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
 

@@ -1,0 +1,82 @@
+"""The layering rules of docs/architecture.md, checked on what really gets imported.
+
+Each case imports modules in a fresh interpreter (the installed `jobcage` namespace, as users get it)
+and lists which forbidden modules ended up in sys.modules: a static grep would miss an import that
+arrives through another module.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+CGROUPS = ["jobcage.cgroups", "jobcage.cgroups.errors", "jobcage.cgroups.detect", "jobcage.cgroups.driver",
+           "jobcage.cgroups.drivers"]
+CORE = ["jobcage.agent.lifecycle", "jobcage.agent.store", "jobcage.agent.tracer", "jobcage.agent.accounting",
+        "jobcage.agent.api"]
+HOOK = ["jobcage.agent.hook", "jobcage.agent.client", "jobcage.agent.protocol", "jobcage.agent.config",
+        "jobcage.agent.errors"]
+FRONT = ["jobcage.agent.cli", "jobcage.agent.jobtrace", "jobcage.agent.main", "jobcage.agent.hook"]
+
+CASES = {
+    # the cgroup layer knows nothing of jobs, the agent, or any front end
+    "cgroups": (CGROUPS, ["jobcage.agent", "click", "rich", "sqlite3", "bcc"]),
+    # the core never reaches up into a command line
+    "core": (CORE, ["click", "rich", *FRONT]),
+    # the hook path runs once per job: no click, no rich, no sqlite3 (the agent answers)
+    "hook": (HOOK, ["click", "rich", "sqlite3", "_sqlite3", "jobcage.agent.lifecycle", "jobcage.agent.store"]),
+    # BPF sources are data
+    "bpf": (["jobcage.bpf"], ["bcc", "jobcage.agent", "jobcage.cgroups"]),
+}
+
+PROBE = """
+import json, sys
+before = set(sys.modules)
+for m in {mods!r}:
+    __import__(m)
+bad = sorted(n for n in sys.modules if n not in before and any(n == f or n.startswith(f + ".") for f in {forbidden!r}))
+print(json.dumps(bad))
+"""
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_never_imports(case: str) -> None:
+    mods, forbidden = CASES[case]
+    out = subprocess.run([sys.executable, "-c", PROBE.format(mods=mods, forbidden=forbidden)],
+                         capture_output=True, text=True, check=True).stdout
+    assert json.loads(out) == [], f"{case}: {mods} pulled in forbidden modules"
+
+
+def test_one_top_level_package(tmp_path) -> None:
+    """`pip install .` puts exactly one top-level package, jobcage, where it installs, and the installed
+    commands run from there (not from this checkout)."""
+    root = Path(__file__).resolve().parent.parent
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
+                    "--disable-pip-version-check", "--target", str(target), str(root)],
+                   check=True, capture_output=True, cwd=tmp_path)
+    tops = {p.name for p in target.iterdir()} - {"bin", "__pycache__"}
+    tops = {t for t in tops if not t.endswith(".dist-info")}
+    assert tops == {"jobcage"}, tops
+    assert (target / "jobcage" / "bpf" / "tracer.bpf.c").is_file() and (target / "jobcage" / "bpf" / "jobcage.h").is_file()
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(target)}
+    for cmd in (["jobcage", "--help"], ["jobtrace", "--help"]):
+        r = subprocess.run([sys.executable, "-s", str(target / "bin" / cmd[0]), *cmd[1:]],
+                           capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert r.returncode == 0, (cmd, r.stderr)
+    where = subprocess.run([sys.executable, "-s", "-c", "import jobcage.agent; print(jobcage.agent.__file__)"],
+                           capture_output=True, text=True, env=env, cwd=tmp_path, check=True).stdout
+    assert where.startswith(str(target)), where
+
+
+def test_package_docstrings_say_what_they_must_never_import() -> None:
+    import jobcage.agent
+    import jobcage.bpf
+    import jobcage.cgroups
+
+    for mod in (jobcage.agent, jobcage.cgroups, jobcage.bpf):
+        assert mod.__doc__ and "Must never import" in mod.__doc__, mod.__name__
