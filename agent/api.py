@@ -40,6 +40,7 @@ class Api:
             "ping": (ANY, self.ping),
             "prologue": (ROOT, self.prologue),
             "adopt": (ANY, self.adopt),
+            "sshd_adopt": (ROOT, self.sshd_adopt),
             "suspend": (ROOT, self.suspend),
             "resume": (ROOT, self.resume),
             "kill": (ROOT, self.kill),
@@ -83,6 +84,15 @@ class Api:
         self.m.adopt(validate_job_id(job_id), _int("pid", pid, minimum=1), caller.uid)
         job = self.m.store.job(job_id) or {}
         return {"job_id": job_id, "pid": pid, "tmpdir": job.get("tmpdir")}
+
+    def sshd_adopt(self, caller: Caller, uid: int, pid: int, info: dict | None = None, hint: str | None = None,
+                   dry_run: bool = False) -> dict:
+        """The PAM hook (`jobcage pam`, root): an sshd session into the user's job."""
+        if info is not None and not isinstance(info, dict):
+            raise InvalidArgument(f"invalid info: {info!r}")
+        if hint is not None:
+            validate_job_id(hint)
+        return self.m.sshd_adopt(_int("uid", uid), _int("pid", pid, minimum=1), info, hint, bool(dry_run))
 
     def suspend(self, caller: Caller, job_id: str) -> dict:
         return self.m.suspend(validate_job_id(job_id))

@@ -70,6 +70,16 @@ for _name in ("prologue", "adopt", "run", "epilogue"):
     cli.add_command(_make(_name))
 
 
+@cli.command("pam", add_help_option=False,
+             context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def _pam(ctx: click.Context) -> None:
+    """sshd's PAM entry point (pam_exec): ssh sessions join the user's job (docs/ssh-adoption.md)."""
+    from .pam import main as pam_main
+
+    sys.exit(pam_main(["pam", *ctx.args]))
+
+
 @cli.command()
 @click.option("--config", "config_path", type=click.Path(), help="TOML config (default /etc/jobcage/jobcage.toml)")
 @click.option("-v", "--verbose", is_flag=True)

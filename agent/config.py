@@ -45,6 +45,17 @@ class Config:
     cleanup_enabled: bool = True
     cleanup_dirs: list[str] = ["/tmp", "/var/tmp", "/dev/shm"]
     tmpdir_base: str = ""              # per-job TMPDIR parent; "" = off
+    # [pam] (sshd sessions adopted into the user's job: `jobcage pam`, docs/ssh-adoption.md)
+    pam_mode: str = "deny"             # deny | allow-unadopted | log-only
+    pam_pick: str = "newest"           # several jobs, no hint: newest | oldest
+    pam_hint_env: list[str] = ["SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "JOB_ID", "JOBCAGE_JOB_ID"]
+    pam_exempt_users: list[str] = []
+    pam_exempt_groups: list[str] = []
+    pam_message: str = "Access denied by jobcage: you have no running job on this node"
+    pam_timeout: float = 1.5           # seconds for the whole decision, agent or not
+    pam_agent_timeout: float = 0.5     # seconds to wait for the agent before the direct root path
+    pam_on_failure: str = "allow"      # allow | deny: when no decision could be made in time
+    pam_log_file: str = ""             # one JSON line per decision ("" = syslog only)
     path: str = ""                     # where this config came from
 
     def __init__(self, path: str = "") -> None:
@@ -69,7 +80,12 @@ SECTIONS = {
               "exempt_users": "prune_exempt_users", "exempt_commands": "prune_exempt_commands",
               "exempt_sshd": "prune_exempt_sshd", "interval_minutes": "prune_interval"},
     "cleanup": {"enabled": "cleanup_enabled", "dirs": "cleanup_dirs", "tmpdir_base": "tmpdir_base"},
+    "pam": {"mode": "pam_mode", "pick": "pam_pick", "hint_env": "pam_hint_env", "exempt_users": "pam_exempt_users",
+            "exempt_groups": "pam_exempt_groups", "message": "pam_message", "timeout": "pam_timeout",
+            "agent_timeout": "pam_agent_timeout", "on_failure": "pam_on_failure", "log_file": "pam_log_file"},
 }
+CHOICES = {"pam_mode": ("deny", "allow-unadopted", "log-only"), "pam_pick": ("newest", "oldest"),
+           "pam_on_failure": ("allow", "deny")}
 
 
 def load(path: str | None = None) -> Config:
@@ -105,5 +121,8 @@ def load(path: str | None = None) -> Config:
                   "bool": isinstance(value, bool)}.get(want, isinstance(value, list))
             if not ok:
                 raise InvalidArgument(f"{path}: {section}.{key} must be {want}", path=path)
+            if attr in CHOICES and value not in CHOICES[attr]:
+                raise InvalidArgument(f"{path}: {section}.{key} must be one of {', '.join(CHOICES[attr])}",
+                                      path=path)
             setattr(cfg, attr, float(value) if want == "float" else value)
     return cfg

@@ -10,7 +10,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 KINDS = ("fork", "exec", "exit", "setuid", "setgid", "setsid", "fork_failed", "declare", "gap",
-         "state", "prune")
+         "state", "prune", "adopt")
 
 
 @dataclass

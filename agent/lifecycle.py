@@ -10,6 +10,7 @@ history.  ``reconcile()`` makes the two agree.
 from __future__ import annotations
 
 import json
+import os
 import pwd
 import re
 import signal
@@ -194,6 +195,57 @@ class JobManager:
         self.driver.attach(job_id, pid)
         if self.observer:
             self.observer.job_adopted(job_id, pid)
+
+    def sshd_adopt(self, uid: int, pid: int, info: dict | None = None, hint: str | None = None,
+                   dry_run: bool = False) -> dict:
+        """An incoming sshd session of ``uid`` (pid: its root ``[priv]`` monitor, whose later children are
+        the session) into uid's running job on this node: the hinted job when it is one of them, else the
+        site's pick (``[pam] pick``).  A suspended job is no candidate (its freezer would hang the login).
+        Records an ``adopt`` event (``via: sshd`` plus the remote address in ``info``) in the job's trail.
+        ``dry_run`` (the ``log-only`` mode) only says what would be chosen."""
+        self.reconcile()  # the kernel's jobs, also ones the store missed while it was unavailable
+        mine = [j for j in self.store.jobs("active") if j["owner_uid"] == uid]
+        current = self.driver.cgroup_of(pid)
+        out: dict = {"uid": uid, "pid": pid, "candidates": [j["job_id"] for j in mine], "job_id": None,
+                     "adopted": False}
+        if current is not None:
+            if current not in out["candidates"]:
+                raise AccessDenied(f"process {pid} already belongs to job {current}", pid=pid)
+            return dict(out, job_id=current, adopted=True, already=True)  # e.g. account, then session phase
+        running = [j for j in mine if not (self.driver.has_freeze and self.driver.frozen(j["job_id"]))]
+        out["suspended"] = sorted(set(out["candidates"]) - {j["job_id"] for j in running})
+        if not running:
+            return out
+        pick = next((j for j in running if hint and j["job_id"] == hint), None)
+        how = "hint" if pick is not None else self.config.pam_pick
+        if pick is None:
+            order = sorted(running, key=lambda j: (j["created"], j["jid"]))
+            pick = order[-1] if self.config.pam_pick == "newest" else order[0]
+        out.update(job_id=pick["job_id"], pick=how)
+        if dry_run:
+            return out
+        self.adopt(pick["job_id"], pid, 0)
+        self._record_adopt(pick, pid, uid, dict(info or {}, via="sshd", pick=how, candidates=out["candidates"]))
+        out["adopted"] = True
+        return out
+
+    def _record_adopt(self, job: dict, pid: int, uid: int, detail: dict) -> None:
+        from .events import TraceEvent
+
+        ppid, comm, exe, euid = 0, "", "", -1
+        try:
+            with open(f"/proc/{pid}/stat", "rb") as f:
+                st = f.read()
+            comm = st[st.index(b"(") + 1:st.rindex(b")")].decode(errors="replace")
+            ppid = int(st[st.rindex(b")") + 2:].split()[1])
+            exe = os.readlink(f"/proc/{pid}/exe")
+            euid = proc_uids(pid)[1]
+        except (OSError, ValueError, NoSuchProcess):
+            pass  # gone already: the event still says who came in from where
+        ev = TraceEvent("adopt", pid=pid, ppid=ppid, uid=uid, euid=euid, comm=comm,
+                        filename=exe, job_id=job["job_id"], detail=detail)
+        self.store.add_events(job["jid"], [ev])
+        self.store.touch_identity(job["jid"], uid, ev.ts, "sshd")
 
     def suspend(self, job_id: str) -> dict:
         job = self._active(job_id)

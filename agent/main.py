@@ -10,6 +10,10 @@ HOOKS = ("prologue", "adopt", "run", "epilogue")
 
 def main() -> None:
     argv = sys.argv[1:]
+    if argv and argv[0] == "pam":  # sshd's PAM stack (pam_exec): as lean as the hooks
+        from .pam import main as pam_main
+
+        sys.exit(pam_main(argv))
     if argv and argv[0] in HOOKS:
         from .hook import main as hook_main
 

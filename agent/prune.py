@@ -10,7 +10,8 @@ Never strays, whatever the configuration: kernel threads (``PF_KTHREAD``), zombi
 was forked inside a job after the membership was read).  Exempt by configuration: uids, user names, commands (``fnmatch`` patterns on
 the comm name and on ``basename(argv[0])``), explicit pids, and sshd sessions: a process is exempt when its
 ancestor chain (itself included) has an sshd session process, i.e. a process titled ``sshd: USER@TTY``,
-``sshd: USER@notty`` or ``sshd: USER [priv]`` (``sshd-session:`` from OpenSSH 9.8).  Any user can retitle a
+``sshd: USER@notty`` or ``sshd: USER [priv]`` (``sshd-session:`` from OpenSSH 9.8; ``sshd-NAME:`` for a site's
+second sshd instance run under another name, which sshd's titles and PAM service follow).  Any user can retitle a
 process, so by default (``sshd_require_root``) that ancestor must run as root: a real session always has the root
 ``[priv]`` monitor above the user's ``USER@pts`` process, a forged title under a user's own process does not.
 
@@ -42,7 +43,7 @@ from .errors import CgroupError, InvalidArgument, NoSuchCgroup
 
 DEFAULT_MIN_UID = 1000
 PF_KTHREAD = 0x00200000  # include/linux/sched.h
-_SSHD_SESSION = re.compile(r"^sshd(?:-session)?: [^\s@\[]+(?:@\S+| \[priv\])")
+_SSHD_SESSION = re.compile(r"^sshd(?:-[\w.]+)?: [^\s@\[]+(?:@\S+| \[priv\])")
 _FREEZE_ROUNDS = 20
 
 # Job membership: a set, or a callable returning a fresh one.  The callable form is the race-free one: it is

@@ -52,12 +52,14 @@ JOB_COLS = ("jid", "job_id", "owner_uid", "owner_gid", "cgroup", "pids_max", "st
 
 
 class Store:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, timeout: float = 30.0) -> None:
+        # timeout: how long a write waits for another writer's lock (the PAM hook bounds it: a login
+        # must not wait on a stopped agent's transaction)
         self.path = path
         self._lock = threading.RLock()
         try:
             os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
-            self.db = sqlite3.connect(path, timeout=30, check_same_thread=False, isolation_level=None)
+            self.db = sqlite3.connect(path, timeout=timeout, check_same_thread=False, isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)

@@ -11,12 +11,13 @@ family=${ID_LIKE:-$ID}
 
 DEB_PKGS=(python3 python3-venv python3-dev python3-bpfcc bpfcc-tools bpftrace linux-headers-amd64
           sudo util-linux procps gcc make libc6-dev sqlite3 tmux
-          munge slurmctld slurmd slurm-client auditd)
+          munge slurmctld slurmd slurm-client auditd openssh-server)
 # EL9: /usr/bin/python3 is 3.9, jobcage needs 3.11 (bootstrap-venv.sh picks python3.11 and lends it the
 # distribution's bcc); Slurm and munge come from EPEL (which needs CRB); kernel-devel is installed apart,
 # as the exact running kernel's package may be gone from the mirrors.
 RPM_PKGS=(python3 python3-devel python3.11 python3.11-devel python3-bcc bcc-tools bpftrace sudo util-linux
-          shadow-utils procps-ng gcc make sqlite tmux rsync munge slurm slurm-slurmctld slurm-slurmd audit)
+          shadow-utils procps-ng gcc make sqlite tmux rsync munge slurm slurm-slurmctld slurm-slurmd audit
+          openssh-server)
 
 case "$family" in
   *debian*)
@@ -29,6 +30,13 @@ case "$family" in
       export DEBIAN_FRONTEND=noninteractive
       # Debian starts daemons on install; we run our own (tests start Slurm privately).
       printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d
+      # openssh-server is here for the ssh-adoption tests, which run a private sshd of their own: a node
+      # that had no sshd must not get one listening on port 22 at its next boot either (the unit and the
+      # init script both honour this file).  A node with sshd already installed is left alone.
+      if [[ " ${missing[*]} " == *" openssh-server "* ]]; then
+        mkdir -p /etc/ssh && touch /etc/ssh/sshd_not_to_be_run
+        log "openssh-server: system sshd disabled (/etc/ssh/sshd_not_to_be_run)"
+      fi
       apt-get update -q
       apt-get install -y -q --no-install-recommends "${missing[@]}"
       rm -f /usr/sbin/policy-rc.d
