@@ -120,9 +120,8 @@ def _log(cfg: object | None, rec: dict) -> None:
 
 def _decide(cfg: object, params: dict) -> tuple[dict, str]:
     """(answer, path): the agent when it answers in time, else the same method directly as root."""
-    from jobcage.cgroups.errors import AgentUnavailable
-
     from .client import call
+    from .errors import AgentUnavailable
 
     try:
         return call(cfg.socket_path, "sshd_adopt", timeout=cfg.pam_agent_timeout, **params), "agent"  # type: ignore

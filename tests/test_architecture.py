@@ -18,7 +18,7 @@ CGROUPS = ["jobcage.cgroups", "jobcage.cgroups.errors", "jobcage.cgroups.detect"
            "jobcage.cgroups.drivers"]
 CORE = ["jobcage.agent.lifecycle", "jobcage.agent.store", "jobcage.agent.tracer", "jobcage.agent.accounting",
         "jobcage.agent.api"]
-HOOK = ["jobcage.agent.hook", "jobcage.agent.client", "jobcage.agent.protocol", "jobcage.agent.config",
+HOOK = ["jobcage.agent.hook", "jobcage.agent.pam", "jobcage.agent.client", "jobcage.agent.protocol", "jobcage.agent.config",
         "jobcage.agent.errors"]
 FRONT = ["jobcage.agent.cli", "jobcage.agent.jobtrace", "jobcage.agent.main", "jobcage.agent.hook"]
 
