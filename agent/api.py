@@ -41,6 +41,7 @@ class Api:
             "prologue": (ROOT, self.prologue),
             "adopt": (ANY, self.adopt),
             "sshd_adopt": (ROOT, self.sshd_adopt),
+            "sshd_hint": (ANY, self.sshd_hint),
             "suspend": (ROOT, self.suspend),
             "resume": (ROOT, self.resume),
             "kill": (ROOT, self.kill),
@@ -93,6 +94,13 @@ class Api:
         if hint is not None:
             validate_job_id(hint)
         return self.m.sshd_adopt(_int("uid", uid), _int("pid", pid, minimum=1), info, hint, bool(dry_run))
+
+    def sshd_hint(self, caller: Caller, job_id: str, source: str | None = None) -> dict:
+        """`jobcage ssh-hint` inside an adopted session: move it into the hinted job of the caller's.
+        The session is found from the caller's own pid (SO_PEERCRED), never from a parameter."""
+        if source is not None and (not isinstance(source, str) or len(source) > 64):
+            raise InvalidArgument(f"invalid hint source: {str(source)[:40]!r}")
+        return self.m.sshd_rehome(validate_job_id(job_id), caller.pid, caller.uid, source)
 
     def suspend(self, caller: Caller, job_id: str) -> dict:
         return self.m.suspend(validate_job_id(job_id))

@@ -80,6 +80,16 @@ def _pam(ctx: click.Context) -> None:
     sys.exit(pam_main(["pam", *ctx.args]))
 
 
+@cli.command("ssh-hint", add_help_option=False,
+             context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def _ssh_hint(ctx: click.Context) -> None:
+    """Inside an ssh session: move it into the job SLURM_JOB_ID & co. name (docs/ssh-adoption.md)."""
+    from .pam import hint_main
+
+    sys.exit(hint_main(["ssh-hint", *ctx.args]))
+
+
 @cli.command()
 @click.option("--config", "config_path", type=click.Path(), help="TOML config (default /etc/jobcage/jobcage.toml)")
 @click.option("-v", "--verbose", is_flag=True)

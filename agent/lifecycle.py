@@ -72,6 +72,38 @@ def proc_uids(pid: int) -> tuple[int, int]:
     raise NoSuchProcess(f"no such process: {pid}", pid=pid)
 
 
+def _boot_time() -> float:
+    with open("/proc/stat", "rb") as f:
+        return float(next(int(ln.split()[1]) for ln in f if ln.startswith(b"btime ")))
+
+
+def _stat(pid: int, boot: float = 0.0) -> tuple[int, float] | None:
+    """(ppid, start time: seconds since boot, plus ``boot``) of a live process."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            st = f.read()
+        fields = st[st.rindex(b")") + 2:].split()
+        return int(fields[1]), boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _subtree(root: int) -> list[int]:
+    """root and its live descendants, parents before children (one /proc scan)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            st = _stat(int(name))
+            if st is not None:
+                children.setdefault(st[0], []).append(int(name))
+    out, todo = [], [root]
+    while todo:
+        p = todo.pop(0)
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
 class Observer(Protocol):
     """What the agent plugs in to hear about jobs (tracer, accounting)."""
 
@@ -228,6 +260,59 @@ class JobManager:
         self._record_adopt(pick, pid, uid, dict(info or {}, via="sshd", pick=how, candidates=out["candidates"]))
         out["adopted"] = True
         return out
+
+    def sshd_rehome(self, job_id: str, pid: int, caller_uid: int, source: str | None = None) -> dict:
+        """The batch system's hint, applied after login (`jobcage ssh-hint`, run inside the session as its
+        user): sshd delivers the client's SendEnv variables only after PAM is done, so the session was
+        adopted into the site's pick; this moves it into the hinted job.  Only a session jobcage adopted
+        from sshd (an ancestor of ``pid`` with an ``adopt`` event via sshd for this uid in the job it is in)
+        moves, only between two running jobs of the caller: the monitor and everything below it that is
+        still in the old job."""
+        target = self._active(job_id)
+        if caller_uid != 0 and target["owner_uid"] != caller_uid:
+            raise AccessDenied(f"job {job_id} is not yours", job_id=job_id)
+        current = self.driver.cgroup_of(pid)
+        out: dict = {"job_id": current, "moved": 0}
+        if current is None:
+            return dict(out, reason="not adopted")  # exempt or unadopted login: nothing to move
+        if current == job_id:
+            return dict(out, reason="already there")
+        src = self._active(current)
+        owner = target["owner_uid"]
+        if src["owner_uid"] != owner:
+            raise AccessDenied(f"process {pid} belongs to job {current} of another user", pid=pid)
+        adopted = {e["pid"]: e for e in self.store.events_of_kind(src["jid"], "adopt")
+                   if e["detail"].get("via") == "sshd" and e["uid"] == owner}
+        monitor, p, boot = None, pid, _boot_time()
+        while p > 1 and monitor is None:
+            st = _stat(p, boot)
+            if st is None:
+                break
+            ev = adopted.get(p)
+            if ev is not None and st[1] <= ev["ts"] + 1:  # started before its adoption: not a reused pid
+                monitor = p
+            p = st[0]
+        if monitor is None:
+            raise AccessDenied(f"process {pid} is not in an sshd session adopted into job {current}", pid=pid)
+        if self.driver.has_freeze and self.driver.frozen(job_id):
+            raise AccessDenied(f"job {job_id} is suspended", job_id=job_id)
+        moved: list[int] = []
+        for _ in range(20):  # until no process of the session is left in the old job (forks meanwhile)
+            left = [q for q in _subtree(monitor) if self.driver.cgroup_of(q) == current]
+            if not left:
+                break
+            for q in left:
+                try:
+                    self.driver.attach(job_id, q)
+                except NoSuchProcess:
+                    continue
+                moved.append(q)
+                if self.observer:
+                    self.observer.job_adopted(job_id, q)
+        info = {k: v for k, v in adopted[monitor]["detail"].items() if k in ("user", "rhost", "rport", "service")}
+        self._record_adopt(target, monitor, owner, dict(info, via="sshd", phase="hint", hint=source or "",
+                                                        from_job=current, moved=len(moved)))
+        return {"job_id": job_id, "from_job": current, "moved": len(moved)}
 
     def _record_adopt(self, job: dict, pid: int, uid: int, detail: dict) -> None:
         from .events import TraceEvent

@@ -14,6 +14,10 @@ def main() -> None:
         from .pam import main as pam_main
 
         sys.exit(pam_main(argv))
+    if argv and argv[0] == "ssh-hint":
+        from .pam import hint_main
+
+        sys.exit(hint_main(argv))
     if argv and argv[0] in HOOKS:
         from .hook import main as hook_main
 

@@ -231,3 +231,63 @@ def _finish(cfg: object | None, rec: dict, rc: int) -> int:
         msg = getattr(cfg, "pam_message", "") or "Access denied by jobcage"
         print(" ".join(msg.split()), flush=True)  # pam_exec `stdout`: the user's one line
     return rc
+
+
+HINT_USAGE = "jobcage ssh-hint [--config PATH] [--exec]   (inside an ssh session: /etc/ssh/sshrc or ForceCommand)"
+
+
+def hint_main(argv: list[str]) -> int:
+    """`jobcage ssh-hint`: apply the batch system's hint (SLURM_JOB_ID & co., sent with ssh SendEnv) that
+    PAM could not see.  Runs as the session's user; the agent moves the session only between that user's
+    own jobs.  ``--exec`` (for sshd's ForceCommand) then runs the session's real command or login shell.
+    Never blocks a session: any failure is one line on stderr and the session goes on where it is."""
+    args = argv[1:]
+    config_path, do_exec = None, False
+    while args:
+        a = args.pop(0)
+        if a in ("-h", "--help"):
+            print("usage: " + HINT_USAGE)
+            return 0
+        if a == "--exec":
+            do_exec = True
+        elif a == "--config" and args:
+            config_path = args.pop(0)
+        elif a.startswith("--config="):
+            config_path = a.partition("=")[2]
+        else:
+            print(f"jobcage ssh-hint: unexpected argument {a!r}\nusage: {HINT_USAGE}", file=sys.stderr)
+            return 2
+    try:
+        _apply_hint(config_path)
+    except Exception as e:  # the session must go on whatever happened here
+        print(f"jobcage ssh-hint: {e}", file=sys.stderr)
+    if not do_exec:
+        return 0
+    import pwd
+
+    shell = pwd.getpwuid(os.getuid()).pw_shell or "/bin/sh"
+    cmd = os.environ.get("SSH_ORIGINAL_COMMAND")
+    argv_ = [shell, "-c", cmd] if cmd else ["-" + os.path.basename(shell)]  # no command: a login shell
+    try:
+        os.execv(shell, argv_)
+    except OSError as e:
+        print(f"jobcage ssh-hint: cannot execute {shell}: {e.strerror}", file=sys.stderr)
+        return 127
+    return 0
+
+
+def _apply_hint(config_path: str | None) -> None:
+    from .config import load
+
+    cfg = load(config_path)
+    source = next((k for k in cfg.pam_hint_env if os.environ.get(k)), None)
+    if source is None:
+        return
+    from .client import call
+    from .errors import JobcageError
+
+    job_id = os.environ[source]
+    try:
+        call(cfg.socket_path, "sshd_hint", timeout=max(cfg.pam_timeout, 1.0), job_id=job_id, source=source)
+    except JobcageError as e:
+        raise RuntimeError(f"{source}={job_id}: {e}; the session stays in the job it was given at login") from None

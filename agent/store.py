@@ -194,6 +194,14 @@ class Store:
             out.append(d)
         return out
 
+    def events_of_kind(self, jid: int, kind: str) -> list[dict]:
+        """A job's events of one kind (e.g. its sshd adoptions), oldest first, without reading the trail."""
+        out = []
+        for pid, uid, ts, detail in self._x("SELECT pid, uid, ts, detail FROM events WHERE jid=? AND kind=? "
+                                            "ORDER BY id", (jid, kind)):
+            out.append({"pid": pid, "uid": uid, "ts": ts, "detail": json.loads(detail) if detail else {}})
+        return out
+
     def set_lineage(self, jid: int, pid: int, orig_ppid: int, via: str | None, ts: float) -> None:
         self._x("INSERT OR REPLACE INTO lineage(jid, pid, orig_ppid, via, ts) VALUES(?,?,?,?,?)",
                 (jid, pid, orig_ppid, via, ts))

@@ -158,7 +158,7 @@ def make_sshd(env: JcEnv, sshd_options: Mapping[str, str] | None = None,
                "UsePAM": "yes", "PasswordAuthentication": "no", "KbdInteractiveAuthentication": "no",
                "PermitRootLogin": "prohibit-password", "UseDNS": "no", "PrintMotd": "no",
                "AcceptEnv": "SLURM_JOB_ID PBS_JOBID", "MaxStartups": "64", "LogLevel": "VERBOSE",
-               **(sshd_options or {})}
+               **{k: v.format(config=env.config_path, jobcage=JOBCAGE) for k, v in (sshd_options or {}).items()}}
     (base / "sshd_config").write_text("".join(f"{k} {v}\n" for k, v in options.items()))
     log_file = base / "pam.jsonl"
     env.write_config({"pam": {"log_file": str(log_file), **(pam_overrides or {})}})
@@ -195,11 +195,14 @@ def remove_sshd(server: Sshd) -> None:
 
 @pytest.fixture(name="sshd")
 def sshd_fixture(request: pytest.FixtureRequest, jc_env: JcEnv) -> Iterator[Sshd]:
-    """A private sshd whose PAM stack points at jc_env's jobcage; ``@pytest.mark.pam({...})`` sets [pam] keys."""
+    """A private sshd whose PAM stack points at jc_env's jobcage; ``@pytest.mark.pam({...})`` sets [pam] keys,
+    ``@pytest.mark.sshd_options({...})`` sshd_config keywords (``{config}`` and ``{jobcage}`` are filled in)."""
     marker = request.node.get_closest_marker("pam")
+    opts = request.node.get_closest_marker("sshd_options")
     server = None
     try:
-        server = make_sshd(jc_env, pam_overrides=marker.args[0] if marker else None)
+        server = make_sshd(jc_env, sshd_options=opts.args[0] if opts else None,
+                           pam_overrides=marker.args[0] if marker else None)
         yield server
     finally:
         if server is not None:

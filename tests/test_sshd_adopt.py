@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import threading
 from collections.abc import Callable
 
@@ -238,3 +239,66 @@ def test_agent_down_login_decided_within_2s(how: str, jc_env: JcEnv, sshd: Sshd,
     assert adopts(jc_env, "jd")[0]["detail"]["rhost"] == "127.0.0.1"  # recorded by the direct path too
     jc_env.jobcage("kill", "jd").ok()
     wait_dead([pid])
+
+
+# -- several jobs: the batch system's hint ------------------------------------------------------------------
+
+HINT_FORCE = {"ForceCommand": "{jobcage} ssh-hint --config {config} --exec"}
+
+
+@pytest.mark.sshd_options(HINT_FORCE)
+def test_hinted_job_chosen(jc_env: JcEnv, sshd: Sshd, agent_proc: AgentProc,
+                           make_user: Callable[..., User]) -> None:
+    """SLURM_JOB_ID sent with SendEnv picks the job; without a hint the newest; a foreign or unknown hint
+    changes nothing."""
+    u, other = make_user(), make_user()
+    sshd.authorize(u)
+    for job, owner in (("old", u), ("new", u), ("theirs", other)):
+        jc_env.jobcage("prologue", job, "--uid", str(owner.uid)).ok()
+    plain = detached_pid(sshd.ssh(u, DETACH))
+    assert jc_env.in_job(plain, "new"), proc_cgroups(plain)
+
+    r = sshd.ssh(u, DETACH, env={"SLURM_JOB_ID": "old"}, send_env=["SLURM_JOB_ID"])
+    hinted = detached_pid(r)
+    assert jc_env.in_job(hinted, "old"), proc_cgroups(hinted)
+    assert "jobcage" not in r.stderr, r.stderr
+    ev = [e for e in adopts(jc_env, "old")]
+    assert len(ev) == 1, ev
+    d = ev[0]["detail"]
+    assert d["hint"] == "SLURM_JOB_ID" and d["from_job"] == "new" and d["rhost"] == "127.0.0.1", d
+    assert d["moved"] >= 2, d  # at least the root monitor and the user's sshd process
+    assert ev[0]["euid"] == 0  # the trail names the monitor: the session's root, now in "old"
+    assert not [p for p in jc_env.job_pids("new") if p != plain], "the hinted session left nothing behind"
+
+    # a hint naming someone else's job, or no job here: the session stays in the pick, with one line
+    for bad in ("theirs", "nosuchjob"):
+        r = sshd.ssh(u, DETACH, env={"SLURM_JOB_ID": bad}, send_env=["SLURM_JOB_ID"])
+        pid = detached_pid(r)
+        assert jc_env.in_job(pid, "new"), (bad, proc_cgroups(pid))
+        assert len([ln for ln in r.stderr.splitlines() if "jobcage" in ln]) == 1, r.stderr
+        assert adopts(jc_env, "theirs") == []
+    # a process of the user's that is not in an adopted sshd session (here: a batch task of "new") cannot
+    # use the hint to move itself
+    script = f"{JOBCAGE} ssh-hint; cat /proc/self/cgroup"
+    r2 = subprocess.run([JOBCAGE, "run", "new", "--", *u.argv(["sh", "-c", script])], capture_output=True,
+                        text=True, env=dict(u.env(jc_env.env), SLURM_JOB_ID="old"), timeout=60)
+    assert r2.returncode == 0 and f"/{jc_env.subtree}/new" in r2.stdout, (r2.stdout, r2.stderr)
+    assert "not in an sshd session" in r2.stderr and len(r2.stderr.strip().splitlines()) == 1, r2.stderr
+    # an interactive-style login (no command) gets the user's login shell, in the hinted job
+    r = sshd.ssh(u, "", env={"SLURM_JOB_ID": "old"}, send_env=["SLURM_JOB_ID"])
+    assert r.returncode == 0, session_user(r)
+    jc_env.jobcage("kill", "old").ok()
+    wait_dead([hinted])
+    assert alive(plain)
+
+
+@pytest.mark.pam({"pick": "oldest"})
+def test_pick_oldest(jc_env: JcEnv, sshd: Sshd, make_user: Callable[..., User]) -> None:
+    u = make_user()
+    sshd.authorize(u)
+    for job in ("first", "second"):
+        jc_env.jobcage("prologue", job, "--uid", str(u.uid)).ok()
+    pid = detached_pid(sshd.ssh(u, DETACH))
+    assert jc_env.in_job(pid, "first")
+    assert adopts(jc_env, "first")[0]["detail"]["pick"] == "oldest"
+    jc_env.jobcage("kill", "first").ok()
