@@ -118,6 +118,24 @@ def _log(cfg: object | None, rec: dict) -> None:
             pass
 
 
+def _already_adopted(cfg: object, pid: int, uid: int) -> str | None:
+    """Session phase after the account phase adopted the monitor (and nothing moved it out since): the
+    kernel says so — its cgroup in jobcage's subtree, owned by uid per the cgroup's trusted xattr — and
+    no agent round trip (nor a hung agent's timeout) is needed."""
+    import json
+
+    from jobcage.cgroups import get_driver
+    from jobcage.cgroups.errors import JobcageError
+
+    try:
+        d = get_driver(cfg.cgroup_mode, cfg.cgroup_subtree)  # type: ignore[attr-defined]
+        name = d.cgroup_of(pid)
+        meta = d.get_meta(name) if name else None
+        return name if meta and json.loads(meta).get("owner_uid") == uid else None
+    except (JobcageError, ValueError, AttributeError):
+        return None  # let the full decision find out
+
+
 def _decide(cfg: object, params: dict) -> tuple[dict, str]:
     """(answer, path): the agent when it answers in time, else the same method directly as root."""
     from .client import call
@@ -197,7 +215,11 @@ def main(argv: list[str]) -> int:
         params: dict = {"uid": pw.pw_uid, "pid": pid, "info": info, "dry_run": cfg.pam_mode == "log-only"}
         if hint:
             params["hint"] = hint
-        ans, rec["path"] = _decide(cfg, params)
+        done = _already_adopted(cfg, pid, pw.pw_uid) if phase == "open_session" else None
+        if done:
+            ans, rec["path"] = {"job_id": done, "adopted": True}, "kernel"
+        else:
+            ans, rec["path"] = _decide(cfg, params)
         _signal.setitimer(_signal.ITIMER_REAL, 0)
         rec["job_id"] = ans.get("job_id")
         if cfg.pam_mode == "log-only":

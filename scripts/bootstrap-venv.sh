@@ -37,7 +37,7 @@ if ! "$venv/bin/python" -c 'import bcc' 2>/dev/null; then
   fi
 fi
 "$venv/bin/python" -c 'import bcc' 2>/dev/null || { echo "bootstrap: ERROR: bcc not importable from $venv" >&2; exit 1; }
-# The hook commands run once per job, so /usr/local/bin/jobcage is a launcher that
+# The hook commands run once per job (pam and ssh-hint once per ssh login), so /usr/local/bin/jobcage is a launcher that
 # skips `site` (.pth processing) and pip's wrapper (which imports re) for them; every
 # other command gets the full environment.
 site_dir=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
@@ -50,6 +50,9 @@ sys.path.append("$site_dir")
 if len(sys.argv) > 1 and sys.argv[1] in ("prologue", "adopt", "run", "epilogue"):
     from jobcage.agent.hook import main as hook_main
     sys.exit(hook_main(sys.argv[1:]))
+if len(sys.argv) > 1 and sys.argv[1] in ("pam", "ssh-hint"):  # sshd: once per login
+    from jobcage.agent.main import main
+    main()
 import site
 site.main()
 from jobcage.agent.main import main

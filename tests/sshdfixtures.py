@@ -33,9 +33,15 @@ PAM_EXEC = ("/usr/lib/x86_64-linux-gnu/security/pam_exec.so", "/lib/x86_64-linux
 SYSTEM_PAM = Path("/etc/pam.d/sshd")
 
 
+# What the docs put in the PAM line is /usr/local/bin/jobcage, the venv's site-less launcher
+# (scripts/bootstrap-venv.sh); the suite uses its own checkout's launcher, or its jobcage script.
+_LAUNCHER = Path(JOBCAGE).with_name("jobcage-launcher")
+PAM_JOBCAGE = str(_LAUNCHER) if _LAUNCHER.exists() else JOBCAGE
+
+
 def pam_lines(config_path: str) -> tuple[str, str]:
     """The account and session lines of docs/ssh-adoption.md, for this env's config."""
-    cmd = f"{JOBCAGE} pam --config {config_path}"
+    cmd = f"{PAM_JOBCAGE} pam --config {config_path}"
     return (f"account    required     pam_exec.so quiet stdout {cmd}",
             f"session    required     pam_exec.so quiet stdout {cmd}")
 
@@ -139,7 +145,8 @@ class Sshd:
 
 
 def make_sshd(env: JcEnv, sshd_options: Mapping[str, str] | None = None,
-              pam_overrides: Mapping[str, object] | None = None) -> Sshd:
+              pam_overrides: Mapping[str, object] | None = None, with_jobcage: bool = True) -> Sshd:
+    """with_jobcage=False: the distribution's stack alone (the baseline of bench/ssh_login.py)."""
     require(os.access(SSHD, os.X_OK), f"{SSHD} missing: apt-get install openssh-server (vagrant/provision.sh)")
     require(SYSTEM_PAM.is_file(), f"{SYSTEM_PAM} missing (openssh-server)")
     require(any(os.path.exists(p) for p in PAM_EXEC), "pam_exec.so missing (libpam-modules)")
@@ -158,7 +165,7 @@ def make_sshd(env: JcEnv, sshd_options: Mapping[str, str] | None = None,
                "UsePAM": "yes", "PasswordAuthentication": "no", "KbdInteractiveAuthentication": "no",
                "PermitRootLogin": "prohibit-password", "UseDNS": "no", "PrintMotd": "no",
                "AcceptEnv": "SLURM_JOB_ID PBS_JOBID", "MaxStartups": "64", "LogLevel": "VERBOSE",
-               **{k: v.format(config=env.config_path, jobcage=JOBCAGE) for k, v in (sshd_options or {}).items()}}
+               **{k: v.format(config=env.config_path, jobcage=PAM_JOBCAGE) for k, v in (sshd_options or {}).items()}}
     (base / "sshd_config").write_text("".join(f"{k} {v}\n" for k, v in options.items()))
     log_file = base / "pam.jsonl"
     env.write_config({"pam": {"log_file": str(log_file), **(pam_overrides or {})}})
@@ -170,11 +177,14 @@ def make_sshd(env: JcEnv, sshd_options: Mapping[str, str] | None = None,
         out.append(line)
         words = line.split()
         # Debian: "@include common-account"; EL9: "account include password-auth"
+        if not with_jobcage:
+            continue
         if words[:2] == ["@include", "common-account"] or words[:3] == ["account", "include", "password-auth"]:
             out.append(account)
         elif words[:2] == ["@include", "common-session"] or words[:3] == ["session", "include", "password-auth"]:
             out.append(session)
-    assert account in out and session in out, f"{SYSTEM_PAM}: no account/session include to put jobcage after"
+    assert not with_jobcage or (account in out and session in out), \
+        f"{SYSTEM_PAM}: no account/session include to put jobcage after"
     sshd = Sshd(env=env, base=base, service=service, port=port, key=base / "client_key", log_file=log_file)
     sshd.pam_path.write_text("\n".join(out) + "\n")
     try:
