@@ -123,8 +123,26 @@ def possible_cpus() -> str:
         return f"0-{(os.cpu_count() or 1) - 1}"
 
 
-def live_cpu_by_uid(pids: Iterable[int]) -> dict[int, int]:
-    """uid -> ns of sum_exec_runtime of the live (non-zombie) tasks of these processes."""
+def task_runtimes(pid: int) -> dict[int, int]:
+    """tid -> sum_exec_runtime (ns) of the tasks of a process now."""
+    out = {}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                out[int(tid)] = int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def live_cpu_by_uid(pids: Iterable[int], base: dict[int, tuple[str, int]] | None = None) -> dict[int, int]:
+    """uid -> ns of sum_exec_runtime of the live (non-zombie) tasks of these processes, less
+    each task's ``base`` (its runtime when it was adopted: CPU spent before is not the job's)."""
+    base = base or {}
     out: dict[int, int] = collections.defaultdict(int)
     for pid in pids:
         try:
@@ -132,11 +150,11 @@ def live_cpu_by_uid(pids: Iterable[int]) -> dict[int, int]:
         except OSError:
             continue
         for tid in tids:
-            base = f"/proc/{pid}/task/{tid}"
+            tdir = f"/proc/{pid}/task/{tid}"
             try:
-                with open(f"{base}/status") as f:
+                with open(f"{tdir}/status") as f:
                     status = f.read()
-                with open(f"{base}/schedstat") as f:
+                with open(f"{tdir}/schedstat") as f:
                     ns = int(f.read().split()[0])
             except (OSError, ValueError, IndexError):
                 continue   # exited meanwhile: its exit record counts it
@@ -149,7 +167,8 @@ def live_cpu_by_uid(pids: Iterable[int]) -> dict[int, int]:
                     break
             if uid is None or state in ("Z", "X"):
                 continue
-            out[uid] += ns
+            b = base.get(int(tid)) if tid.isdigit() else None
+            out[uid] += max(0, ns - b[1]) if b else ns
     return dict(out)
 
 
@@ -166,6 +185,9 @@ class Accounting:
         self._pending_s = pending_s
         self._exited: dict[str, dict[int, int]] = collections.defaultdict(lambda: collections.defaultdict(int))
         self._pending: collections.deque[tuple[float, int, TaskExit]] = collections.deque(maxlen=200_000)
+        # tid -> (job, runtime ns when adopted): a task that ran before it joined the job (the
+        # `jobcage run` starter, an adopted shell) brings CPU the job's cgroup never counted
+        self._base: dict[int, tuple[str, int]] = {}
         self._nl: Any = None
         self._sock: socket.socket | None = None
         self.records = 0          # exit records read
@@ -230,7 +252,8 @@ class Accounting:
     def _attribute(self, rec: TaskExit, first_seen: float, now: float, tries: int) -> None:
         job = self._job_of_exited(rec.pid)
         if job is not None:
-            self._exited[job][rec.uid] += rec.cpu_ns
+            b = self._base.pop(rec.pid, None)
+            self._exited[job][rec.uid] += max(0, rec.cpu_ns - b[1]) if b and b[0] == job else rec.cpu_ns
         elif tries < MAX_TRIES and now - first_seen < self._pending_s:
             # Bounded retries: on a busy node most exits are nobody's job, and each try may be
             # a map lookup in the kernel.
@@ -245,16 +268,25 @@ class Accounting:
         total: dict[int, int] = collections.defaultdict(int)
         for uid, ns in self._exited.get(job_id, {}).items():
             total[uid] += ns
-        for uid, ns in live_cpu_by_uid(live_pids).items():
+        for uid, ns in live_cpu_by_uid(live_pids, self._base).items():
             total[uid] += ns
         return {uid: ns / 1e9 for uid, ns in sorted(total.items())}
 
     def job_cpu(self, job_id: str, live_pids: Iterable[int]) -> float:
         return sum(self.job_cpu_by_uid(job_id, live_pids).values())
 
+    def mark_adopted(self, job_id: str, pid: int) -> None:
+        """pid was just moved into the job: what its tasks ran before is not the job's CPU."""
+        if len(self._base) > 100_000:   # bounded: entries of tasks whose exit we never attributed
+            self._base.clear()
+        for tid, ns in task_runtimes(pid).items():
+            self._base[tid] = (job_id, ns)
+
     def forget(self, job_id: str) -> None:
         """Drop a job's totals (after its final accounting was stored)."""
         self._exited.pop(job_id, None)
+        for tid in [t for t, (j, _) in self._base.items() if j == job_id]:
+            del self._base[tid]
 
     def close(self) -> None:
         if self._sock is not None:

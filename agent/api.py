@@ -7,15 +7,17 @@ live in JobManager so the direct CLI path enforces the same rules.
 from __future__ import annotations
 
 import inspect
+import math
 import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import AccessDenied, InvalidArgument, ProtocolError
-from .lifecycle import JobManager, validate_job_id
+from .lifecycle import JobManager, iso, validate_job_id
 
 ROOT, ANY = "root", "any"
+FUTURE_SLACK_S = 1.0  # whois --at: clocks of the caller and the agent may differ a little
 EVENTS_PAGE = 1000  # events per answer: ~250 bytes each, well under protocol.MAX_MESSAGE
 
 
@@ -84,7 +86,8 @@ class Api:
     def adopt(self, caller: Caller, job_id: str, pid: int) -> dict:
         self.m.adopt(validate_job_id(job_id), _int("pid", pid, minimum=1), caller.uid)
         job = self.m.store.job(job_id) or {}
-        return {"job_id": job_id, "pid": pid, "tmpdir": job.get("tmpdir")}
+        # cgroup: the caller checks with the kernel that pid really is there before it reports success
+        return {"job_id": job_id, "pid": pid, "tmpdir": job.get("tmpdir"), "cgroup": job.get("cgroup")}
 
     def sshd_adopt(self, caller: Caller, uid: int, pid: int, info: dict | None = None, hint: str | None = None,
                    dry_run: bool = False) -> dict:
@@ -134,9 +137,15 @@ class Api:
         uid = _int("uid", uid)
         if caller.uid not in (0, uid):
             raise AccessDenied("whois of another uid requires root")
-        if at is not None and (not isinstance(at, int | float) or isinstance(at, bool)):
+        if at is not None and (not isinstance(at, int | float) or isinstance(at, bool) or not math.isfinite(at)
+                               or at < 0):
             raise InvalidArgument(f"invalid time: {at!r}")
-        return self.m.whois(uid, time.time() if at is None else float(at))
+        now = time.time()
+        if at is not None and at > now + FUTURE_SLACK_S:
+            raise InvalidArgument(f"time {iso(float(at))} is in the future (now {iso(now)})")
+        if not self.m.store.uid_seen(uid):
+            raise InvalidArgument(f"uid {uid} was never seen in any job on this node")
+        return self.m.whois(uid, now if at is None else float(at))
 
     def trace(self, caller: Caller, job_id: str) -> dict:
         self.m.check_read(validate_job_id(job_id), caller.uid)

@@ -7,6 +7,7 @@ runs, the same method table directly as root when it does not.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from collections.abc import Callable
@@ -219,9 +220,13 @@ def parse_time(text: str | None) -> float | None:
     if text is None:
         return None
     try:
-        return float(text)
+        v = float(text)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(v) or v < 0:
+            raise click.BadParameter(f"not a time: {text!r}")
+        return v
     try:
         dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
@@ -236,7 +241,12 @@ def parse_time(text: str | None) -> float | None:
 @errors
 def whois(uid: int, at: str | None, as_json: bool) -> None:
     """Back-mapping: which job held UID at a time, for which pilot."""
-    rows = invoke("whois", uid=uid, at=parse_time(at))
+    try:
+        when = parse_time(at)
+    except click.BadParameter as e:   # one line, usage exit code: not click's three-line usage block
+        click.echo(f"jobcage whois: --at: {e.message}", err=True)
+        sys.exit(2)
+    rows = invoke("whois", uid=uid, at=when)
     if as_json:
         _json(rows)
         return

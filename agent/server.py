@@ -108,6 +108,8 @@ class Agent:
         if not job:
             return
         with self._lock:
+            if self.accounting is not None and self._jids.get(job["job_id"]) not in (None, job["jid"]):
+                self.accounting.forget(job["job_id"])   # a new run of a reused batch id starts from zero
             self._jids[job["job_id"]] = job["jid"]
             self._owner[job["job_id"]] = job["owner_uid"]
             self._lost_base[job["job_id"]] = int(job.get("events_lost") or 0)
@@ -116,23 +118,36 @@ class Agent:
 
     def job_adopted(self, job_id: str, pid: int) -> None:
         with self._lock:
+            if self.accounting is not None:
+                self.accounting.mark_adopted(job_id, pid)
             if self.tracer is not None and hasattr(self.tracer, "add_pid"):
                 self.tracer.add_pid(job_id, pid)
 
+    def flush_events(self) -> None:
+        """Deliver and write every trace event buffered so far (identities included): readers
+        that follow (accounting, summary, cleanup) then see what the kernel already reported."""
+        with self._lock:
+            if self.tracer is not None:
+                self.tracer.poll(0)
+            self._flush()
+
     def job_cpu_by_uid(self, job_id: str, pids: list[int]) -> dict[int, float] | None:
         with self._lock:
+            # exits first: accounting attributes exit records through them; and the identities
+            # the events show are written before the accounting touches any uid
+            self.flush_events()
             if self.accounting is None:
                 return None
-            if self.tracer is not None:
-                self.tracer.poll(0)  # exits first: accounting attributes exit records through them
             self.accounting.poll()
             return self.accounting.job_cpu_by_uid(job_id, pids or self.manager.driver.pids(job_id))
 
     def job_ended(self, job_id: str) -> None:
         with self._lock:
-            self._flush()
-            if self.tracer is not None:
-                self.tracer.remove_job(job_id)
+            if self.tracer is not None and job_id in self.tracer.jobs():
+                self.tracer.remove_job(job_id)   # delivers what is still buffered
+            self._flush()                        # ... and writes it while the job's jid is known
+            if self.accounting is not None:
+                self.accounting.forget(job_id)   # a reused batch id starts from zero
             self._jids.pop(job_id, None)
             self._owner.pop(job_id, None)
             self._lost_base.pop(job_id, None)
@@ -151,24 +166,29 @@ class Agent:
 
     def _write(self, batch: list[TraceEvent]) -> None:
         by_job: dict[int, list[TraceEvent]] = {}
+        # (jid, uid) -> [first ts, last ts, via]: one identity write per uid and batch
+        seen: dict[tuple[int, int], list] = {}
         for ev in batch:
             jid = self._jids.get(ev.job_id or "")
             if jid is None:
                 continue
             by_job.setdefault(jid, []).append(ev)
             owner = self._owner.get(ev.job_id or "", -1)
-            # An identity is a uid the job's processes *run as*: the real uid of an exec,
-            # or the new real uid of a successful set*uid.  Helpers' transient euids
+            # An identity is a uid the job's processes *run as*: the real uid of every event
+            # (exec, set*uid, fork, exit...), so that whois names the job at the time of any
+            # event the trail shows -- sudo's real uid 0 included.  Helpers' transient euids
             # (sudo passes through root and daemon) are in the trail, not identities.
-            ident = None
-            if ev.kind == "exec" and ev.uid >= 0:
-                ident = ev.uid
-            elif ev.kind == "setuid" and ev.detail.get("ok") and ev.uid > 0:
-                ident = ev.uid
-            if ident is not None:
-                self.store.touch_identity(jid, ident, ev.ts, ev.detail.get("via") if ident != owner else None)
+            if ev.uid >= 0:
+                via = ev.detail.get("via") if ev.uid != owner else None
+                cur = seen.get((jid, ev.uid))
+                if cur is None:
+                    seen[(jid, ev.uid)] = [ev.ts, ev.ts, via]
+                else:
+                    cur[0], cur[1], cur[2] = min(cur[0], ev.ts), max(cur[1], ev.ts), cur[2] or via
             if ev.detail.get("orig_ppid") is not None:
                 self.store.set_lineage(jid, ev.pid, int(ev.detail["orig_ppid"]), ev.detail.get("via"), ev.ts)
+        for (jid, uid), (t0, t1, via) in seen.items():
+            self.store.touch_identity(jid, uid, t0, via, last=t1)
         for jid, evs in by_job.items():
             self.store.add_events(jid, evs)
 
@@ -250,10 +270,19 @@ class Agent:
         cfg = self.config
         self.manager.driver.ensure_subtree()
         self._start_tracer()
-        live = self.manager.reconcile()
+        # Never die on reconcile: the jobs run in their cgroups whatever the store says, and an
+        # agent that does not start protects none of them.
+        try:
+            live = self.manager.reconcile()
+        except Exception:
+            log.exception("reconcile at start failed; continuing with the jobs the store knows")
+            live = []
         for job in self.store.jobs("active"):
-            self.job_started(job, self.manager.driver.cgroup_id(job["job_id"]),
-                             self.manager.driver.pids(job["job_id"]))
+            try:
+                self.job_started(job, self.manager.driver.cgroup_id(job["job_id"]),
+                                 self.manager.driver.pids(job["job_id"]))
+            except Exception:
+                log.exception("job %s: cannot follow it (tracing, accounting)", job["job_id"])
         self._record_gap(live)
         sockdir = os.path.dirname(cfg.socket_path)
         os.makedirs(sockdir, mode=0o755, exist_ok=True)
@@ -290,8 +319,11 @@ class Agent:
                         self._poll_accounting()
                     self._flush()
                     if time.monotonic() >= next_reconcile:
-                        self._periodic()
                         next_reconcile = time.monotonic() + cfg.reconcile_interval
+                        try:
+                            self._periodic()
+                        except Exception:   # a bad cgroup or store row must not stop the agent
+                            log.exception("periodic reconcile failed")
                 if not n:
                     self._stop.wait(0.05)
         finally:

@@ -47,6 +47,8 @@ CREATE TABLE IF NOT EXISTS lineage(
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
 """
 
+TS_SLACK = 0.001 + 1e-6   # printed times are truncated to ms
+
 JOB_COLS = ("jid", "job_id", "owner_uid", "owner_gid", "cgroup", "pids_max", "state", "created", "ended",
             "cpu_seconds", "pids_limit_hits", "events_lost", "tmpdir", "summary")
 
@@ -133,11 +135,16 @@ class Store:
                 self._x("SELECT ts, state, detail FROM job_states WHERE jid=? ORDER BY id", (jid,))]
 
     # -- identities ------------------------------------------------------------
-    def touch_identity(self, jid: int, uid: int, ts: float, via: str | None = None) -> None:
-        """Record that uid acted in the job at ts (first_seen kept, last_seen advanced)."""
+    def touch_identity(self, jid: int, uid: int, ts: float, via: str | None = None,
+                       last: float | None = None) -> None:
+        """Record that uid acted in the job from ts to last (default ts).  first_seen only ever
+        moves earlier, last_seen later: writers come in any order (the accounting may see a uid
+        before the batched trace event that shows the switch is written), and whois must name the
+        job at the time of the earliest event of the trail that shows the uid."""
         self._x("INSERT INTO identities(jid, uid, first_seen, last_seen, via) VALUES(?,?,?,?,?) "
-                "ON CONFLICT(jid, uid) DO UPDATE SET last_seen=max(last_seen, excluded.last_seen), "
-                "via=coalesce(identities.via, excluded.via)", (jid, uid, ts, ts, via))
+                "ON CONFLICT(jid, uid) DO UPDATE SET first_seen=min(first_seen, excluded.first_seen), "
+                "last_seen=max(last_seen, excluded.last_seen), "
+                "via=coalesce(identities.via, excluded.via)", (jid, uid, ts, ts if last is None else last, via))
 
     def set_identity_cpu(self, jid: int, cpu: dict[int, float], ts: float) -> None:
         with self._lock:
@@ -158,15 +165,20 @@ class Store:
         return [{"uid": u, "label": lab, "ts": ts} for u, lab, ts in
                 self._x("SELECT uid, label, ts FROM declarations WHERE jid=? ORDER BY id", (jid,))]
 
+    def uid_seen(self, uid: int) -> bool:
+        """Whether any job, running or ended, ever held uid."""
+        return self._x("SELECT 1 FROM identities WHERE uid=? LIMIT 1", (uid,)).fetchone() is not None
+
     def whois(self, uid: int, at: float) -> list[dict]:
         """Jobs in which uid was held at time `at` (job start .. job end, or still running)."""
         rows = self._x(
             "SELECT j.jid, j.job_id, j.owner_uid, j.created, j.ended, j.state, i.first_seen, i.last_seen, i.via "
             "FROM identities i JOIN jobs j ON j.jid=i.jid WHERE i.uid=? AND j.created<=? "
             "AND (j.ended IS NULL OR j.ended>=?) "
-            # a job that took uid only later did not hold it at `at`; 1 ms of slack because
-            # times handed back to us as ISO strings are truncated to milliseconds
-            "AND i.first_seen<=? ORDER BY j.jid", (uid, at, at, at + 0.001)).fetchall()
+            # a job that took uid only later did not hold it at `at`.  Slack: the trail prints
+            # times truncated to milliseconds (plus a microsecond for float rounding), and an
+            # investigator asks at exactly such a printed time.
+            "AND i.first_seen<=? ORDER BY j.jid", (uid, at + TS_SLACK, at, at + TS_SLACK)).fetchall()
         out = []
         for jid, job_id, owner, created, ended, state, first, last, via in rows:
             decl = [d for d in self.declarations(jid) if d["uid"] == uid]

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from jobcage import bpf as bpf_files
 from jobcage.agent.events import TraceEvent
 
-from .errors import InvalidArgument, JobcageError, JobExists, NoSuchJob, Unsupported
+from .errors import InvalidArgument, JobcageError, NoSuchJob, Unsupported
 
 log = logging.getLogger("jobcage.tracer")
 
@@ -667,7 +667,13 @@ class Tracer:
         """Start tracing a job: its cgroup2 id and/or the pids it has now (their future
         children follow).  Processes already running are seeded from /proc."""
         if job_id in self._jobs:
-            raise JobExists(f"job {job_id} is already traced", job_id=job_id)
+            # Idempotent: the agent's start-up (reconcile, then its own pass over the running
+            # jobs) may register a job twice.  What is new is added, nothing is reset.
+            if cgroup_id is not None and cgroup_id not in self._jobs[job_id].cgroup_ids:
+                self.add_cgroup(job_id, cgroup_id)
+            seed = set(pids) | (set(cgroup_procs(cgroup_id)) if cgroup_id is not None else set())
+            self.seed_from_proc(job_id, seed - set(self._jobs[job_id].procs))
+            return
         if cgroup_id is None and self.backend == "bpf" and not self.pid_filter:
             raise Unsupported(f"job {job_id}: no cgroup2 id, and the tracer runs without the pid filter",
                               job_id=job_id)
@@ -989,7 +995,9 @@ class Tracer:
         if hit is None:
             return None
         job = self._by_cookie.get(hit[0])
-        return job.job_id if job else None
+        # Only a run still traced: the record of a task of an ended run must not land in a later
+        # run of the same batch id (Slurm ids wrap, PBS ids repeat); that run's accounting is final.
+        return job.job_id if job is not None and self._jobs.get(job.job_id) is job else None
 
     def close(self) -> None:
         """Detach and free everything; idempotent."""

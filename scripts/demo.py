@@ -132,7 +132,7 @@ def main() -> int:
         con.print(f"processes in the job: {s['processes']}   pids {s['pids_current']}/{s['pids_max']}   "
                   f"refused forks: [bold]{s['pids_limit_hits']}[/bold]")
         outside = [p for p in uid_procs({pilot, pool})
-                   if not open(f"/proc/{p.split()[0]}/cgroup").read().count(f"/{SUBTREE}/{JOB}")]
+                   if (cg := _cgroup_of(int(p.split()[0]))) is not None and f"/{SUBTREE}/{JOB}" not in cg]
         con.print(f"processes of the pilot or pool uid outside the job: {len(outside)}")
         daemons = subprocess.run(["ps", "-o", "pid,ppid,sess,user,uid,euid,cmd", "--no-headers", "-p",
                                   ",".join(map(str, _pids()))], capture_output=True, text=True).stdout
@@ -214,6 +214,15 @@ def main() -> int:
             os.unlink(sudoers)
         shutil.rmtree(tmp, ignore_errors=True)
         con.print("done.")
+
+
+def _cgroup_of(pid: int) -> str | None:
+    """/proc/PID/cgroup, None if the process is gone (the fork bomb's processes come and go)."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            return f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
 
 
 def _pids() -> list[int]:

@@ -335,10 +335,13 @@ def test_switch_trail_and_identities(helper: str, jc_env: JcEnv, agent_proc: Age
     s = show(jc_env, job)
     assert s["state"] == "running" and s["owner_uid"] == ids.pilot.uid and s["events_lost"] == 0
     got = idents(s)
-    root = {0} if helper == "setpriv" else set()   # root ran the setpriv step inside the job
+    # root ran the setpriv step inside the job; sudo sets its real uid to 0 for a moment (setresuid 0,0,0):
+    # the trail shows it, so root is an identity (whois must agree with the trail)
+    root = {0} if helper in ("setpriv", "sudo") else set()
     assert {ids.pilot.uid, ids.pool.uid} <= set(got) <= {ids.pilot.uid, ids.pool.uid} | root, got
     if sure:
-        assert set(got) == {ids.pilot.uid, ids.pool.uid} | root, got
+        assert set(got) - {0} == {ids.pilot.uid, ids.pool.uid}, got
+        assert (0 in got) == any(e["uid"] == 0 for e in evs), (got, "root is an identity iff the trail shows it")
     assert got[ids.pilot.uid]["via"] == "batch system"
     pool = got[ids.pool.uid]
     first_seen, last_seen = epoch(pool["first_seen"]), epoch(pool["last_seen"])
@@ -605,7 +608,8 @@ def test_proc_backend_same_identities_and_doctor(jc_env: JcEnv, agent_proc: Agen
         sw = run_switch(jc_env, agent_proc, ids, helpers, "sudo", job, sudoers)
         check_switch_trail(trail(jc_env, job), sw, ids, backend)
         got[backend] = {u: i["via"] for u, i in idents(show(jc_env, job)).items()}
-    assert got["proc"] == got["bpf"] == {ids.pilot.uid: "batch system", ids.pool.uid: SUDO}, got
+    # root too: sudo sets its real uid to 0 for a moment, and both backends' trails show it
+    assert got["proc"] == got["bpf"] == {ids.pilot.uid: "batch system", ids.pool.uid: SUDO, 0: SUDO}, got
     agent_proc.stop()
     doc = jc_env.jobcage("doctor", "--json").json()
     assert doc["agent"]["running"] is False
