@@ -248,6 +248,8 @@ class JobManager:
         site's pick (``[pam] pick``).  A suspended job is no candidate (its freezer would hang the login).
         Records an ``adopt`` event (``via: sshd`` plus the remote address in ``info``) in the job's trail.
         ``dry_run`` (the ``log-only`` mode) only says what would be chosen."""
+        if uid == 0:
+            raise InvalidArgument("root's sessions are never adopted")
         self.reconcile()  # the kernel's jobs, also ones the store missed while it was unavailable
         mine = [j for j in self.store.jobs("active") if j["owner_uid"] == uid]
         current = self.driver.cgroup_of(pid)

@@ -86,13 +86,27 @@ def test_session_joins_the_job_traced_accounted_killed(jc_env: JcEnv, sshd: Sshd
     assert show["processes"] >= 1 and show["cpu_seconds"] > 0, show
     assert u.uid in {i["uid"] for i in show["identities"]}
 
+    # a live session: its whole sshd chain below the listener (the root [priv] monitor, the user's
+    # USER@notty process) and what it runs are in the job
+    client = sshd.popen(u, "exec sleep 301")
+    live = wait_for(lambda: [p for p in jc_env.job_pids("j1") if "sleep 301" in getattr(proc(p), "cmdline", "")],
+                    30, "the live session's sleep")[0]
+    chain, p = [], live
+    while p != sshd.proc.pid:  # type: ignore[union-attr]
+        chain.append(p)
+        p = proc(p).ppid  # type: ignore[union-attr]
+        assert p > 1, f"{live} is not below the test's sshd listener"
+    assert len(chain) >= 3 and all(jc_env.in_job(q, "j1") for q in chain), [(q, proc(q)) for q in chain]
+    assert proc(chain[-1]).uid == 0 and proc(chain[-2]).uid == u.uid  # type: ignore[union-attr]  # privsep
+
     # prune counts it as the job's, even with the sshd exemption off
     jc_env.write_config({"prune": {"exempt_sshd": False}})
     strays = jc_env.jobcage("prune", "--uid", str(u.uid), "--json").ok().json()["strays"]
-    assert pid not in {s["pid"] for s in strays}, strays
+    assert not {pid, *chain} & {s["pid"] for s in strays}, strays
 
     jc_env.jobcage("kill", "j1").ok()
-    wait_dead([pid])
+    wait_dead([pid, *chain])
+    assert client.wait(timeout=30) != 0  # the killed monitor took the connection with it
 
 
 @pytest.mark.parametrize("agent", ["up", "none"])
