@@ -241,6 +241,14 @@ class JobManager:
         if self.observer:
             self.observer.job_adopted(job_id, pid)
 
+    # The two kernel questions sshd adoption asks, in one place per mode (own mode: jobcage's subtree).
+    def holder_of(self, pid: int) -> str | None:
+        """The job whose cgroup holds pid, if any."""
+        return self.driver.cgroup_of(pid)
+
+    def is_suspended(self, job: dict) -> bool:
+        return bool(self.driver.has_freeze and self.driver.frozen(job["job_id"]))
+
     def sshd_adopt(self, uid: int, pid: int, info: dict | None = None, hint: str | None = None,
                    dry_run: bool = False) -> dict:
         """An incoming sshd session of ``uid`` (pid: its root ``[priv]`` monitor, whose later children are
@@ -252,14 +260,14 @@ class JobManager:
             raise InvalidArgument("root's sessions are never adopted")
         self.reconcile()  # the kernel's jobs, also ones the store missed while it was unavailable
         mine = [j for j in self.store.jobs("active") if j["owner_uid"] == uid]
-        current = self.driver.cgroup_of(pid)
+        current = self.holder_of(pid)
         out: dict = {"uid": uid, "pid": pid, "candidates": [j["job_id"] for j in mine], "job_id": None,
                      "adopted": False}
         if current is not None:
             if current not in out["candidates"]:
                 raise AccessDenied(f"process {pid} already belongs to job {current}", pid=pid)
             return dict(out, job_id=current, adopted=True, already=True)  # e.g. account, then session phase
-        running = [j for j in mine if not (self.driver.has_freeze and self.driver.frozen(j["job_id"]))]
+        running = [j for j in mine if not self.is_suspended(j)]
         out["suspended"] = sorted(set(out["candidates"]) - {j["job_id"] for j in running})
         if not running:
             return out
@@ -286,7 +294,7 @@ class JobManager:
         target = self._active(job_id)
         if caller_uid != 0 and target["owner_uid"] != caller_uid:
             raise AccessDenied(f"job {job_id} is not yours", job_id=job_id)
-        current = self.driver.cgroup_of(pid)
+        current = self.holder_of(pid)
         out: dict = {"job_id": current, "moved": 0}
         if current is None:
             return dict(out, reason="not adopted")  # exempt or unadopted login: nothing to move
@@ -309,11 +317,11 @@ class JobManager:
             p = st[0]
         if monitor is None:
             raise AccessDenied(f"process {pid} is not in an sshd session adopted into job {current}", pid=pid)
-        if self.driver.has_freeze and self.driver.frozen(job_id):
+        if self.is_suspended(target):
             raise AccessDenied(f"job {job_id} is suspended", job_id=job_id)
         moved: list[int] = []
         for _ in range(20):  # until no process of the session is left in the old job (forks meanwhile)
-            left = [q for q in _subtree(monitor) if self.driver.cgroup_of(q) == current]
+            left = [q for q in _subtree(monitor) if self.holder_of(q) == current]
             if not left:
                 break
             for q in left:

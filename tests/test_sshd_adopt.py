@@ -316,3 +316,18 @@ def test_pick_oldest(jc_env: JcEnv, sshd: Sshd, make_user: Callable[..., User]) 
     assert jc_env.in_job(pid, "first")
     assert adopts(jc_env, "first")[0]["detail"]["pick"] == "oldest"
     jc_env.jobcage("kill", "first").ok()
+
+
+def test_suspended_job_is_no_candidate(jc_env: JcEnv, sshd: Sshd, make_user: Callable[..., User]) -> None:
+    """A frozen job would freeze the login itself: the session is not put there (deny: refused)."""
+    u = make_user()
+    sshd.authorize(u)
+    jc_env.jobcage("prologue", "js", "--uid", str(u.uid)).ok()
+    jc_env.jobcage("suspend", "js").ok()
+    r = sshd.ssh(u, "true")
+    assert r.returncode == 255 and MESSAGE in r.stderr, session_user(r)
+    rec = sshd.decisions()[-1]
+    assert rec["decision"] == "denied" and rec["suspended"] == ["js"] and elapsed_ok(rec), rec
+    jc_env.jobcage("resume", "js").ok()
+    assert sshd.ssh(u, "true").returncode == 0
+    assert len(adopts(jc_env, "js")) == 1
