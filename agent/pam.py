@@ -237,10 +237,24 @@ def main(argv: list[str]) -> int:
         if isinstance(e, SystemExit | KeyboardInterrupt) and not isinstance(e, _Deadline):
             raise
         _signal.setitimer(_signal.ITIMER_REAL, 0)
-        failure = getattr(cfg, "pam_on_failure", "allow")
-        rec.update(decision="error", allow=failure == "allow",
+        if cfg is None:
+            # No readable config: nothing says what the site wants, and a typo must not open the node.
+            # Fail closed, except for root (the admin who has to fix it).
+            allow = _is_root(user)
+        else:
+            allow = cfg.pam_on_failure == "allow"
+        rec.update(decision="error", allow=allow,
                    reason="deadline" if isinstance(e, _Deadline) else f"{type(e).__name__}: {e}")
         return _finish(cfg, rec, 0 if rec["allow"] else 1)
+
+
+def _is_root(user: str) -> bool:
+    import pwd
+
+    try:
+        return pwd.getpwnam(user).pw_uid == 0
+    except KeyError:
+        return False
 
 
 def _finish(cfg: object | None, rec: dict, rc: int) -> int:
@@ -250,7 +264,7 @@ def _finish(cfg: object | None, rec: dict, rc: int) -> int:
     rec["elapsed"] = round(_age(), 3)
     _log(cfg, rec)
     if rc:
-        msg = getattr(cfg, "pam_message", "") or "Access denied by jobcage"
+        msg = getattr(cfg, "pam_message", "") or "Access denied by jobcage (configuration error on this node)"
         print(" ".join(msg.split()), flush=True)  # pam_exec `stdout`: the user's one line
     return rc
 

@@ -331,3 +331,18 @@ def test_suspended_job_is_no_candidate(jc_env: JcEnv, sshd: Sshd, make_user: Cal
     jc_env.jobcage("resume", "js").ok()
     assert sshd.ssh(u, "true").returncode == 0
     assert len(adopts(jc_env, "js")) == 1
+
+
+def test_broken_config_fails_closed_but_root_gets_in(jc_env: JcEnv, sshd: Sshd,
+                                                     make_user: Callable[..., User]) -> None:
+    u = make_user()
+    for who in (u, "root"):
+        sshd.authorize(who)
+    jc_env.jobcage("prologue", "jb", "--uid", str(u.uid)).ok()
+    jc_env.write_config({"pam": {"mode": "allow-everyone"}})  # a typo of the site's
+    r = sshd.ssh(u, "true")
+    assert r.returncode == 255 and "Access denied by jobcage (configuration error on this node)" in r.stderr, \
+        session_user(r)
+    assert sshd.ssh("root", "true").returncode == 0
+    jc_env.write_config({"pam": {"mode": "deny"}})
+    assert sshd.ssh(u, "true").returncode == 0
