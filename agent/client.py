@@ -9,6 +9,22 @@ from . import protocol
 from .errors import AgentUnavailable, error_class
 
 
+def _connect(s: _socket.socket, path: str, timeout: float | None) -> None:
+    end = None
+    while True:
+        try:
+            return s.connect(path)
+        except BlockingIOError:
+            # The listen backlog is full (a flood of connections): wait for room as a blocking connect would.
+            import time
+
+            now = time.monotonic()
+            end = end or now + (timeout or 60.0)
+            if now >= end:
+                raise
+            time.sleep(0.002)
+
+
 def call(socket_path: str, method: str, timeout: float | None = 60.0, **params: object) -> object:
     """One request, one response.  Raises AgentUnavailable if nobody listens, or the
     agent's own error re-raised as the same exception class."""
@@ -16,12 +32,15 @@ def call(socket_path: str, method: str, timeout: float | None = 60.0, **params: 
     s.settimeout(timeout)
     try:
         try:
-            s.connect(socket_path)
+            _connect(s, socket_path, timeout)
         except (FileNotFoundError, ConnectionRefusedError) as e:
             raise AgentUnavailable(f"agent not running ({socket_path}: {e.strerror})", path=socket_path) from None
         except PermissionError:
             raise AgentUnavailable(f"agent socket not accessible: {socket_path}", path=socket_path) from None
-        protocol.send(s, {"method": method, "params": params})
+        try:
+            protocol.send(s, {"method": method, "params": params})
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # refused before we finished sending: the agent's one-line answer is waiting
         resp = protocol.recv(s)
     except OSError as e:
         raise AgentUnavailable(f"agent connection failed: {e}", path=socket_path) from None
@@ -46,8 +65,10 @@ def invoke(method: str, **params: object) -> object:
     from .config import load
 
     cfg = load()
+    # root (the hooks) has its own listener: users' connections cannot fill its backlog
+    path = cfg.root_socket if os.geteuid() == 0 and os.path.exists(cfg.root_socket) else cfg.socket_path
     try:
-        return call(cfg.socket_path, method, **params)
+        return call(path, method, **params)
     except AgentUnavailable as e:
         if os.geteuid() != 0:
             raise AgentUnavailable(f"{e}; non-root callers need the agent for '{method}'") from None

@@ -30,8 +30,17 @@ class Config:
     # [agent]
     state_dir: str = "/var/lib/jobcage"
     socket_path: str = "/run/jobcage/agent.sock"
+    root_socket_path: str = ""         # root's own listener (mode 0600); "" = socket_path's "-root" sibling
     reconcile_interval: float = 5.0    # seconds between cgroupfs rescans
     metrics_port: int = 0              # prometheus exporter on 127.0.0.1; 0 = off
+    # [agent] control socket limits (agent/control.py); uid 0 is never capped nor queued
+    uid_connections: int = 8           # connections of one non-root uid read/answered at once
+    uid_queue: int = 128               # more of that uid's connections held unread, served in turn
+    max_connections: int = 1024        # non-root connections held in all (served + waiting)
+    max_request_bytes: int = 65536     # largest non-root request (root: the protocol's 1 MiB)
+    request_timeout: float = 10.0      # seconds for a whole request to arrive, and for its answer to be read
+    workers: int = 4                   # threads answering non-root requests
+    root_workers: int = 16             # threads answering root's requests (the hooks), started on demand
     # [tracer]
     tracer_backend: str = "auto"       # auto | bpf | proc | off
     # [prune]
@@ -65,6 +74,13 @@ class Config:
         self.path = path
 
     @property
+    def root_socket(self) -> str:
+        if self.root_socket_path:
+            return self.root_socket_path
+        base = self.socket_path[:-5] if self.socket_path.endswith(".sock") else self.socket_path
+        return base + "-root.sock"
+
+    @property
     def db_path(self) -> str:
         return os.path.join(self.state_dir, "jobcage.db")
 
@@ -73,8 +89,11 @@ SECTIONS = {
     "cgroups": {"mode": "cgroup_mode", "subtree": "cgroup_subtree"},
     "jobs": {"default_pids_max": "default_pids_max", "kill_timeout": "kill_timeout",
              "freeze_timeout": "freeze_timeout"},
-    "agent": {"state_dir": "state_dir", "socket": "socket_path", "reconcile_interval": "reconcile_interval",
-              "metrics_port": "metrics_port"},
+    "agent": {"state_dir": "state_dir", "socket": "socket_path", "root_socket": "root_socket_path",
+              "reconcile_interval": "reconcile_interval",
+              "metrics_port": "metrics_port", "uid_connections": "uid_connections", "uid_queue": "uid_queue",
+              "max_connections": "max_connections", "max_request_bytes": "max_request_bytes",
+              "request_timeout": "request_timeout", "workers": "workers", "root_workers": "root_workers"},
     "tracer": {"backend": "tracer_backend"},
     "prune": {"min_uid": "prune_min_uid", "exempt_uids": "prune_exempt_uids",
               "exempt_users": "prune_exempt_users", "exempt_commands": "prune_exempt_commands",

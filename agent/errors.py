@@ -19,7 +19,7 @@ from jobcage.cgroups.errors import (
     Unsupported,
 )
 
-__all__ = ["AccessDenied", "AgentUnavailable", "CgroupError", "InvalidArgument", "JobExists", "JobcageError",
+__all__ = ["AccessDenied", "AgentUnavailable", "Busy", "CgroupError", "InvalidArgument", "JobExists", "JobcageError",
            "NoSuchCgroup", "NoSuchJob", "NoSuchProcess", "ProtocolError", "StoreError", "Timeout",
            "Unsupported", "error_class"]
 
@@ -38,6 +38,10 @@ class AgentUnavailable(JobcageError):
 
 class ProtocolError(JobcageError):
     """Garbage on the control socket."""
+
+
+class Busy(JobcageError):
+    """The agent refused a connection: too many from this uid, or from users in all."""
 
 
 class StoreError(JobcageError):

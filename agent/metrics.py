@@ -52,6 +52,29 @@ class JobCollector(Collector):
             except JobcageError:
                 continue  # ended between the listing and the read
         yield from (jobs, procs, pmax, hits, cpu, frozen, lost, idents)
+        yield from control_metrics(self.agent)
+
+
+def control_metrics(agent: Agent) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """The control socket: what it refused (per reason), served, queued and holds now."""
+    control = getattr(agent, "control", None)
+    if control is None:
+        return
+    st = control.stats()
+    refused = CounterMetricFamily("jobcage_control_refused", "Control connections refused or dropped, by reason",
+                                  labels=["reason"])
+    for reason, n in st["refused"].items():
+        refused.add_metric([reason], n)
+    reqs = CounterMetricFamily("jobcage_control_requests", "Complete requests read, by lane", labels=["lane"])
+    for lane, n in st["requests"].items():
+        reqs.add_metric([lane], n)
+    queued = CounterMetricFamily("jobcage_control_queued", "Non-root connections that waited for a slot of their uid")
+    queued.add_metric([], st["queued_total"])
+    conns = GaugeMetricFamily("jobcage_control_connections", "Control connections held now", labels=["lane", "state"])
+    conns.add_metric(["root", "active"], st["root_active"])
+    conns.add_metric(["user", "active"], st["user_active"])
+    conns.add_metric(["user", "waiting"], st["user_waiting"])
+    yield from (refused, reqs, queued, conns)
 
 
 def serve(agent: Agent, port: int) -> None:

@@ -31,21 +31,32 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def send(sock: socket.socket, obj: object) -> None:
+def encode(obj: object) -> bytes:
+    """One frame: the length prefix and the JSON body."""
     data = json.dumps(obj, separators=(",", ":")).encode()
-    if len(data) > MAX_MESSAGE:
-        raise ProtocolError(f"message too large ({len(data)} bytes)")
-    sock.sendall(HEADER.pack(len(data)) + data)
+    return HEADER.pack(len(data)) + data
+
+
+def decode(data: bytes) -> dict:
+    """The JSON object of a frame's body; ProtocolError if it is none (RecursionError if nested too deeply)."""
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise ProtocolError("message is not JSON") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("message is not a JSON object")
+    return obj
+
+
+def send(sock: socket.socket, obj: object) -> None:
+    data = encode(obj)
+    if len(data) > MAX_MESSAGE + HEADER.size:
+        raise ProtocolError(f"message too large ({len(data) - HEADER.size} bytes)")
+    sock.sendall(data)
 
 
 def recv(sock: socket.socket) -> dict:
     (n,) = HEADER.unpack(_recv_exact(sock, HEADER.size))
     if n > MAX_MESSAGE:
         raise ProtocolError(f"message too large ({n} bytes)")
-    try:
-        obj = json.loads(_recv_exact(sock, n))
-    except (ValueError, UnicodeDecodeError):
-        raise ProtocolError("message is not JSON") from None
-    if not isinstance(obj, dict):
-        raise ProtocolError("message is not a JSON object")
-    return obj
+    return decode(_recv_exact(sock, n))

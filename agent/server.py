@@ -1,7 +1,8 @@
 """`jobcage agent`: the root daemon, in the foreground (systemd Type=notify).
 
-Threads: one per control connection (short requests), and the main loop that
-polls the tracer, writes the audit trail and reconciles with cgroupfs.  Jobs
+Threads: the control socket's loop and its two small worker lanes (agent/control.py),
+and the main loop that polls the tracer, writes the audit trail and reconciles with
+cgroupfs.  Jobs
 never depend on this process: it can die and restart, and re-adopts what the
 kernel still holds.
 """
@@ -12,62 +13,17 @@ import logging
 import os
 import signal
 import socket
-import socketserver
-import struct
 import threading
 import time
 
-from . import protocol
-from .api import Api, Caller
+from .api import Api
 from .config import Config
-from .errors import JobcageError, ProtocolError
+from .control import ControlServer
+from .errors import JobcageError
 from .events import TraceEvent
 from .lifecycle import JobManager
 
 log = logging.getLogger("jobcage.agent")
-
-
-def peercred(sock: socket.socket) -> Caller:
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
-    return Caller(pid, uid, gid)
-
-
-class _Handler(socketserver.BaseRequestHandler):
-    server: _Server
-
-    def handle(self) -> None:
-        sock: socket.socket = self.request
-        sock.settimeout(10)
-        caller = peercred(sock)  # on every request: the kernel says who is calling
-        try:
-            req = protocol.recv(sock)
-        except (ProtocolError, OSError, RecursionError) as e:
-            # RecursionError: json.loads of a deeply nested document, e.g. "[" * 100000
-            msg = "message is nested too deeply" if isinstance(e, RecursionError) else str(e)
-            log.info("bad request from pid %s uid %s: %s", caller.pid, caller.uid, msg)
-            try:
-                protocol.send(sock, {"ok": False, "error": ProtocolError(msg).to_dict()})
-            except OSError:
-                pass
-            return
-        try:
-            result = self.server.api.dispatch(caller, req.get("method"), req.get("params", {}))
-            resp = {"ok": True, "result": result}
-        except JobcageError as e:
-            resp = {"ok": False, "error": e.to_dict()}
-        except Exception as e:  # a bug must not kill the agent; the caller gets one line
-            log.exception("internal error in %r", req.get("method"))
-            resp = {"ok": False, "error": {"type": "JobcageError", "message": f"internal error: {e}"}}
-        try:
-            protocol.send(sock, resp)
-        except OSError:
-            pass
-
-
-class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
-    daemon_threads = True
-    api: Api
 
 
 def sd_notify(msg: str) -> None:
@@ -93,6 +49,7 @@ class Agent:
         self.store = self.manager.store
         self.api = Api(self.manager, self)
         self.tracer = None
+        self.control: ControlServer | None = None
         self.accounting = None
         self.tracer_backend = "off"
         self._jids: dict[str, int] = {}
@@ -286,12 +243,7 @@ class Agent:
         self._record_gap(live)
         sockdir = os.path.dirname(cfg.socket_path)
         os.makedirs(sockdir, mode=0o755, exist_ok=True)
-        try:
-            os.unlink(cfg.socket_path)
-        except FileNotFoundError:
-            pass
-        server = _Server(cfg.socket_path, _Handler)
-        server.api = self.api
+        server = self.control = ControlServer(cfg, self.api)
         os.chmod(cfg.socket_path, 0o666)  # anyone may connect; SO_PEERCRED decides what they may do
         t = threading.Thread(target=server.serve_forever, name="control", daemon=True)
         t.start()
@@ -329,11 +281,7 @@ class Agent:
         finally:
             sd_notify("STOPPING=1")
             server.shutdown()
-            server.server_close()
-            try:
-                os.unlink(cfg.socket_path)
-            except FileNotFoundError:
-                pass
+            server.server_close()   # and removes the socket files
             with self._lock:
                 self._flush()
                 self.store.set_meta("heartbeat", str(time.time()))
