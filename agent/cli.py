@@ -235,17 +235,31 @@ def parse_time(text: str | None) -> float | None:
 
 
 @cli.command()
-@click.option("--uid", type=int, required=True)
+@click.option("--uid", type=int)
 @click.option("--at", "at", help="ISO 8601 or epoch seconds (default: now)")
+@click.option("--logs", "logs", multiple=True, type=click.Path(),
+              help="collected export files or directories (plain or gzip), any node; no agent, no root")
+@click.option("--label", help="with --logs: which uids, jobs and nodes this declared identity had")
 @click.option("--json", "as_json", is_flag=True)
+@click.argument("more_logs", nargs=-1, type=click.Path())
 @errors
-def whois(uid: int, at: str | None, as_json: bool) -> None:
-    """Back-mapping: which job held UID at a time, for which pilot."""
+def whois(uid: int | None, at: str | None, logs: tuple[str, ...], label: str | None, as_json: bool,
+          more_logs: tuple[str, ...]) -> None:
+    """Back-mapping: which job held UID at a time, for which pilot (--logs PATH...: on any node's records)."""
+    if more_logs and not logs:
+        raise click.UsageError(f"unexpected argument {more_logs[0]!r} (paths go after --logs)")
+    if (uid is None) == (label is None):
+        raise click.UsageError("give --uid or --label")
     try:
         when = parse_time(at)
     except click.BadParameter as e:   # one line, usage exit code: not click's three-line usage block
         click.echo(f"jobcage whois: --at: {e.message}", err=True)
         sys.exit(2)
+    if logs:
+        _whois_logs([*logs, *more_logs], uid, label, when, as_json)
+        return
+    if label is not None:
+        raise click.UsageError("--label needs --logs")
     rows = invoke("whois", uid=uid, at=when)
     if as_json:
         _json(rows)
@@ -257,6 +271,36 @@ def whois(uid: int, at: str | None, as_json: bool) -> None:
         click.echo(f"uid {uid} ({r['user']}): job {r['job_id']} pilot {r['pilot_user']}({r['pilot_uid']}) "
                    f"via {r['via'] or '-'} seen {r['first_seen']} .. {r['last_seen']} "
                    f"job {r['job_start']} .. {r['job_end'] or 'running'}{decl}")
+
+
+def _whois_logs(paths: list[str], uid: int | None, label: str | None, at: float | None, as_json: bool) -> None:
+    import time
+
+    from .logscan import label_logs, whois_logs
+
+    if label is not None:
+        rows = label_logs(paths, label)
+        if as_json:
+            _json(rows)
+            return
+        if not rows:
+            _fail(f"no record declares {label!r}")
+        for r in rows:
+            click.echo(f"{label}: node {r['node']} job {r['job_id']} uid {r['uid']} pilot uid {r['pilot_uid']} "
+                       f"declared {', '.join(r['declared_at'])} job {r['job_start']} .. {r['job_end'] or 'running'}")
+        return
+    assert uid is not None
+    rows = whois_logs(paths, uid, time.time() if at is None else at)
+    if as_json:
+        _json(rows)
+        return
+    if not rows:
+        _fail(f"no job held uid {uid} at that time in these logs")
+    for r in rows:
+        decl = f" declared {', '.join(r['declared'])}" if r["declared"] else ""
+        click.echo(f"uid {uid}: node {r['node']} job {r['job_id']} pilot uid {r['pilot_uid']} via {r['via'] or '-'} "
+                   f"seen {r['first_seen']} .. {r['last_seen']} job {r['job_start']} .. {r['job_end'] or 'running'}"
+                   f"{decl}")
 
 
 @cli.command()

@@ -41,6 +41,7 @@ class Config:
     request_timeout: float = 10.0      # seconds for a whole request to arrive, and for its answer to be read
     workers: int = 4                   # threads answering non-root requests
     root_workers: int = 16             # threads answering root's requests (the hooks), started on demand
+    node_name: str = ""                # this node's name in exported records; "" = the hostname
     # [tracer]
     tracer_backend: str = "auto"       # auto | bpf | proc | off
     # [prune]
@@ -65,6 +66,16 @@ class Config:
     pam_agent_timeout: float = 0.5     # seconds to wait for the agent before the direct root path
     pam_on_failure: str = "allow"      # allow | deny: when no decision could be made in time
     pam_log_file: str = ""             # one JSON line per decision ("" = syslog only)
+    # [export] (agent/export.py): the trail and lifecycle records to the site's log pipeline
+    export_file: str = ""              # JSON-lines file; "" = off
+    export_file_max_bytes: int = 104857600   # rotate at this size (PATH.1 .. PATH.<keep>)
+    export_file_keep: int = 5
+    export_syslog: str = ""            # "unix:/dev/log", "udp://HOST:PORT", "tcp://HOST:PORT"; "" = off
+    export_syslog_facility: str = "authpriv"
+    export_journal: bool = False       # systemd journal, native protocol
+    export_journal_socket: str = "/run/systemd/journal/socket"
+    export_queue_size: int = 10000     # records held in memory per sink; the store holds the rest
+    export_max_record: int = 16384     # bytes; a larger record's detail is cut (syslog relays cap messages)
     path: str = ""                     # where this config came from
 
     def __init__(self, path: str = "") -> None:
@@ -84,6 +95,11 @@ class Config:
     def db_path(self) -> str:
         return os.path.join(self.state_dir, "jobcage.db")
 
+    @property
+    def node(self) -> str:
+        """Two agents on one machine are two nodes: each names itself ([agent] node)."""
+        return self.node_name or os.uname().nodename
+
 
 SECTIONS = {
     "cgroups": {"mode": "cgroup_mode", "subtree": "cgroup_subtree"},
@@ -93,7 +109,8 @@ SECTIONS = {
               "reconcile_interval": "reconcile_interval",
               "metrics_port": "metrics_port", "uid_connections": "uid_connections", "uid_queue": "uid_queue",
               "max_connections": "max_connections", "max_request_bytes": "max_request_bytes",
-              "request_timeout": "request_timeout", "workers": "workers", "root_workers": "root_workers"},
+              "request_timeout": "request_timeout", "workers": "workers", "root_workers": "root_workers",
+              "node": "node_name"},
     "tracer": {"backend": "tracer_backend"},
     "prune": {"min_uid": "prune_min_uid", "exempt_uids": "prune_exempt_uids",
               "exempt_users": "prune_exempt_users", "exempt_commands": "prune_exempt_commands",
@@ -102,6 +119,10 @@ SECTIONS = {
     "pam": {"mode": "pam_mode", "pick": "pam_pick", "hint_env": "pam_hint_env", "exempt_users": "pam_exempt_users",
             "exempt_groups": "pam_exempt_groups", "message": "pam_message", "timeout": "pam_timeout",
             "agent_timeout": "pam_agent_timeout", "on_failure": "pam_on_failure", "log_file": "pam_log_file"},
+    "export": {"file": "export_file", "file_max_bytes": "export_file_max_bytes", "file_keep": "export_file_keep",
+               "syslog": "export_syslog", "syslog_facility": "export_syslog_facility",
+               "journal": "export_journal", "journal_socket": "export_journal_socket",
+               "queue_size": "export_queue_size", "max_record": "export_max_record"},
 }
 CHOICES = {"pam_mode": ("deny", "allow-unadopted", "log-only"), "pam_pick": ("newest", "oldest"),
            "pam_on_failure": ("allow", "deny")}

@@ -10,7 +10,9 @@ import time
 from dataclasses import asdict, dataclass, field
 
 KINDS = ("fork", "exec", "exit", "setuid", "setgid", "setsid", "fork_failed", "declare", "gap",
-         "state", "prune", "adopt")
+         "state", "prune", "adopt",
+         # lifecycle records (agent/lifecycle.py): in the trail, so the export carries them too
+         "prologue", "suspend", "resume", "kill", "epilogue")
 
 
 @dataclass

@@ -117,6 +117,21 @@ def _subtree(root: int) -> list[int]:
     return out
 
 
+def epilogue_detail(summary: dict) -> dict:
+    """What an epilogue record carries: enough to answer whois from collected logs alone (owner, start,
+    end, every identity with its helper and CPU, declarations), not the cleanup's file lists."""
+    cleanup = summary.get("cleanup") or {}
+    files = cleanup.get("files") or {}
+    return {"owner_uid": summary.get("owner_uid"), "created": summary.get("created"), "ended": summary.get("ended"),
+            "cpu_seconds": summary.get("cpu_seconds"), "pids_limit_hits": summary.get("pids_limit_hits"),
+            "events_lost": summary.get("events_lost"),
+            "identities": [{k: i.get(k) for k in ("uid", "first_seen", "last_seen", "via", "cpu_seconds")}
+                           for i in summary.get("identities", [])],
+            "declared": summary.get("declared", []),
+            "cleanup": {"uids_cleaned": cleanup.get("uids_cleaned", []), "uids_kept": cleanup.get("uids_kept", []),
+                        "removed_files": files.get("removed_files", 0)}}
+
+
 class Observer(Protocol):
     """What the agent plugs in to hear about jobs (tracer, accounting)."""
 
@@ -170,6 +185,14 @@ class JobManager:
             raise AccessDenied(f"job {job_id} is not yours", job_id=job_id)
         return job
 
+    def _record(self, jid: int | None, job_id: str | None, kind: str, ts: float | None = None,
+                **fields: object) -> None:
+        """A lifecycle record in the job's trail: written with the change it describes, so it is in the
+        store (and, from there, exported) whatever happens next."""
+        from .events import TraceEvent
+
+        self.store.add_events(jid, [TraceEvent(kind, job_id=job_id, ts=ts or time.time(), **fields)])  # type: ignore[arg-type]
+
     # -- lifecycle --------------------------------------------------------------------
     def prologue(self, job_id: str, uid: int, gid: int | None = None, pids_max: int | None = None,
                  pid: int | None = None) -> dict:
@@ -203,8 +226,11 @@ class JobManager:
             except Exception:
                 self.driver.remove(job_id)
                 raise
-            jid = self.store.add_job(job_id, uid, gid, path, pids_max if self.driver.has_pids else None,
-                                     created, tmpdir)
+            with self.store.transaction():   # the record is part of the change (it survives a crash with it)
+                jid = self.store.add_job(job_id, uid, gid, path, pids_max if self.driver.has_pids else None,
+                                         created, tmpdir)
+                self._record(jid, job_id, "prologue", ts=created, uid=uid, euid=uid, pid=pid or 0,
+                             detail={"mode": "own", "cgroup": path, "gid": gid, "pids_max": pids_max})
             if self.observer:
                 self.observer.job_started(self.store.job(job_id) or {"jid": jid, "job_id": job_id,
                                           "owner_uid": uid}, self.driver.cgroup_id(job_id), [])
@@ -220,9 +246,10 @@ class JobManager:
         return create_job_tmpdir(self.config.tmpdir_base, job_id, uid,
                                  gid if gid is not None else pwd.getpwuid(uid).pw_gid)
 
-    def adopt(self, job_id: str, pid: int, caller_uid: int) -> None:
+    def adopt(self, job_id: str, pid: int, caller_uid: int, record: bool = True) -> None:
         """Move pid into the job.  Root may adopt anything; the job's owner only
-        its own processes; nobody adopts into someone else's job."""
+        its own processes; nobody adopts into someone else's job.  record=False: the
+        caller writes the adopt record itself (sshd_adopt, with the session's details)."""
         if not isinstance(pid, int) or pid <= 0:
             raise InvalidArgument(f"invalid pid: {pid!r}")
         job = self._active(job_id)
@@ -238,6 +265,8 @@ class JobManager:
         if current is not None:
             raise AccessDenied(f"process {pid} already belongs to job {current}", job_id=job_id, pid=pid)
         self.driver.attach(job_id, pid)
+        if record:
+            self._record(job["jid"], job_id, "adopt", pid=pid, uid=ruid, euid=euid, detail={"by_uid": caller_uid})
         if self.observer:
             self.observer.job_adopted(job_id, pid)
 
@@ -279,7 +308,7 @@ class JobManager:
         out.update(job_id=pick["job_id"], pick=how)
         if dry_run:
             return out
-        self.adopt(pick["job_id"], pid, 0)
+        self.adopt(pick["job_id"], pid, 0, record=False)
         self._record_adopt(pick, pid, uid, dict(info or {}, via="sshd", pick=how, candidates=out["candidates"]))
         out["adopted"] = True
         return out
@@ -360,8 +389,10 @@ class JobManager:
         if not self.driver.has_freeze:
             raise Unsupported("this node has no freezer: cannot suspend", job_id=job_id)
         self.driver.freeze(job_id, self.config.freeze_timeout)
-        if job["state"] != "suspended":
-            self.store.set_state(job["jid"], "suspended")
+        with self.store.transaction():
+            if job["state"] != "suspended":
+                self.store.set_state(job["jid"], "suspended")
+            self._record(job["jid"], job_id, "suspend")
         return self.show(job_id)
 
     def resume(self, job_id: str) -> dict:
@@ -369,8 +400,10 @@ class JobManager:
         if not self.driver.has_freeze:
             raise Unsupported("this node has no freezer: cannot resume", job_id=job_id)
         self.driver.thaw(job_id, self.config.freeze_timeout)
-        if job["state"] != "running":
-            self.store.set_state(job["jid"], "running")
+        with self.store.transaction():
+            if job["state"] != "running":
+                self.store.set_state(job["jid"], "running")
+            self._record(job["jid"], job_id, "resume")
         return self.show(job_id)
 
     def kill(self, job_id: str, sig: int = signal.SIGKILL) -> dict:
@@ -383,9 +416,11 @@ class JobManager:
                 self.driver.thaw(job_id, self.config.freeze_timeout)
         else:
             self.driver.signal(job_id, sig)
-        self.store.set_state(job["jid"], job["state"], f"signal {signal.Signals(sig).name}")
-        return {"job_id": job_id, "signal": signal.Signals(sig).name,
-                "processes": len(self.driver.pids(job_id))}
+        left = len(self.driver.pids(job_id))
+        with self.store.transaction():
+            self.store.set_state(job["jid"], job["state"], f"signal {signal.Signals(sig).name}")
+            self._record(job["jid"], job_id, "kill", detail={"signal": signal.Signals(sig).name, "processes": left})
+        return {"job_id": job_id, "signal": signal.Signals(sig).name, "processes": left}
 
     def epilogue(self, job_id: str) -> dict:
         """Kill what is left, final accounting, cleanup, remove the cgroup, summary.
@@ -408,7 +443,10 @@ class JobManager:
             self.driver.remove(job_id)
         ended = time.time()
         summary["ended"] = iso(ended)
-        self.store.end_job(job["jid"], ended, summary["cpu_seconds"], summary["pids_limit_hits"], summary)
+        with self.store.transaction():
+            self.store.end_job(job["jid"], ended, summary["cpu_seconds"], summary["pids_limit_hits"], summary)
+            self._record(job["jid"], job_id, "epilogue", ts=ended, uid=job["owner_uid"], euid=job["owner_uid"],
+                         detail=epilogue_detail(summary))
         if self.observer:
             self.observer.job_ended(job_id)
         return summary
@@ -472,6 +510,13 @@ class JobManager:
         out: dict = {"dry_run": not kill, "strays": [s.to_dict() for s in strays]}
         if kill and strays:
             out.update(kill_strays(strays, cfg.kill_timeout).to_dict())
+            from .events import TraceEvent
+
+            # what was killed goes to the trail (and the export), whoever asked for the prune
+            self.store.add_events(None, [
+                TraceEvent("prune", pid=s["pid"], ppid=s["ppid"], uid=s["uid"], comm=s["cmd"][:64],
+                           detail={"reason": s["reason"], "result": outcome})
+                for outcome in ("killed", "survivors") for s in out.get(outcome, [])])
         return out
 
     # -- views --------------------------------------------------------------------
@@ -591,13 +636,22 @@ class JobManager:
                 meta = json.loads(raw)
             except ValueError:
                 continue
-            self.store.add_job(name, int(meta["owner_uid"]), meta.get("owner_gid"), self.driver.path(name),
-                               meta.get("pids_max"), float(meta.get("created") or time.time()))
+            owner, created = int(meta["owner_uid"]), float(meta.get("created") or time.time())
+            with self.store.transaction():
+                jid = self.store.add_job(name, owner, meta.get("owner_gid"), self.driver.path(name),
+                                         meta.get("pids_max"), created)
+                self._record(jid, name, "prologue", ts=created, uid=owner, euid=owner,
+                             detail={"mode": "own", "cgroup": self.driver.path(name), "reconciled": True})
             if self.observer:
                 self.observer.job_started(self.store.job(name) or {}, self.driver.cgroup_id(name),
                                           self.driver.pids(name))
         for job in self.store.jobs("active"):
             if (only is None or job["job_id"] == only) and job["job_id"] not in live:
-                self.store.end_job(job["jid"], time.time(), job["cpu_seconds"], job["pids_limit_hits"],
-                                   {"job_id": job["job_id"], "state": "ended"}, "cgroup vanished")
+                ended = time.time()
+                with self.store.transaction():
+                    self.store.end_job(job["jid"], ended, job["cpu_seconds"], job["pids_limit_hits"],
+                                       {"job_id": job["job_id"], "state": "ended"}, "cgroup vanished")
+                    self._record(job["jid"], job["job_id"], "epilogue", ts=ended, uid=job["owner_uid"],
+                                 euid=job["owner_uid"], detail={"reason": "cgroup vanished",
+                                                                "owner_uid": job["owner_uid"]})
         return live

@@ -77,9 +77,36 @@ def control_metrics(agent: Agent) -> Iterator[GaugeMetricFamily | CounterMetricF
     yield from (refused, reqs, queued, conns)
 
 
+class ExportCollector(Collector):
+    """Per sink of [export]: records sent, re-sent from the store, dropped from the memory queue (sent from
+    the store instead), pending in the store, and how old the oldest pending record is."""
+
+    def __init__(self, agent: Agent) -> None:
+        self.agent = agent
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        lv = ["sink"]
+        fams = {"sent": CounterMetricFamily("jobcage_export_sent", "Records the sink accepted", labels=lv),
+                "resent": CounterMetricFamily("jobcage_export_resent", "Records sent from the store's backlog "
+                                              "(after an outage, a restart or a full queue)", labels=lv),
+                "dropped": CounterMetricFamily("jobcage_export_dropped", "Records dropped from the memory "
+                                               "queue (the store still has them)", labels=lv),
+                "failures": CounterMetricFamily("jobcage_export_failures", "Failed sends", labels=lv),
+                "pending": GaugeMetricFamily("jobcage_export_pending", "Records in the store not yet sent",
+                                             labels=lv),
+                "lag_seconds": GaugeMetricFamily("jobcage_export_lag_seconds", "Age of the oldest record not "
+                                                 "yet sent (0 when none)", labels=lv)}
+        exporter = getattr(self.agent, "exporter", None)
+        for st in exporter.stats() if exporter is not None else []:
+            for key, fam in fams.items():
+                fam.add_metric([st["sink"]], st[key])
+        yield from fams.values()
+
+
 def serve(agent: Agent, port: int) -> None:
     from prometheus_client import start_http_server
 
     registry = CollectorRegistry()
     registry.register(JobCollector(agent))
+    registry.register(ExportCollector(agent))
     start_http_server(port, addr="127.0.0.1", registry=registry)

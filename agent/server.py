@@ -21,6 +21,7 @@ from .config import Config
 from .control import ControlServer
 from .errors import JobcageError
 from .events import TraceEvent
+from .export import Exporter
 from .lifecycle import JobManager
 
 log = logging.getLogger("jobcage.agent")
@@ -52,6 +53,7 @@ class Agent:
         self.control: ControlServer | None = None
         self.accounting = None
         self.tracer_backend = "off"
+        self.exporter: Exporter | None = None
         self._jids: dict[str, int] = {}
         self._owner: dict[str, int] = {}
         self._lost_base: dict[str, int] = {}   # events_lost stored by earlier agents: the tracer counts from 0
@@ -214,17 +216,17 @@ class Agent:
         except JobcageError as e:
             log.warning("prune failed: %s", e)
             return
-        evs = [TraceEvent("prune", pid=s["pid"], ppid=s["ppid"], uid=s["uid"], comm=s["cmd"][:64],
-                          detail={"reason": s["reason"], "result": outcome})
-               for outcome in ("killed", "survivors") for s in r.get(outcome, [])]
-        if evs:
-            self.store.add_events(None, evs)
+        if r.get("killed") or r.get("survivors"):   # the manager wrote them to the trail
             log.info("prune: killed %d stray process(es), %d survivor(s)", len(r.get("killed", [])),
                      len(r.get("survivors", [])))
 
     # -- run ---------------------------------------------------------------------------
     def serve(self) -> None:
         cfg = self.config
+        self.exporter = Exporter(cfg)   # first: a bad [export] setting stops the agent before it serves
+        if self.exporter.workers:
+            self.store.listener = self.exporter.offer
+            self.exporter.start()
         self.manager.driver.ensure_subtree()
         self._start_tracer()
         # Never die on reconcile: the jobs run in their cgroups whatever the store says, and an
@@ -285,6 +287,7 @@ class Agent:
             with self._lock:
                 self._flush()
                 self.store.set_meta("heartbeat", str(time.time()))
+            self.exporter.close()
             if self.tracer is not None:
                 self.tracer.close()
             log.info("agent stopped; jobs keep running in their cgroups")

@@ -14,7 +14,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 from .errors import StoreError
@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS lineage(
   jid INTEGER NOT NULL, pid INTEGER NOT NULL, orig_ppid INTEGER, via TEXT, ts REAL,
   PRIMARY KEY(jid, pid));
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
+CREATE TABLE IF NOT EXISTS export_cursors(sink TEXT PRIMARY KEY, last_id INTEGER NOT NULL, ts REAL);
 """
 
 TS_SLACK = 0.001 + 1e-6   # printed times are truncated to ms
@@ -59,6 +60,10 @@ class Store:
         # must not wait on a stopped agent's transaction)
         self.path = path
         self._lock = threading.RLock()
+        # The agent's exporter (agent/export.py) hears of trail rows once they are committed.
+        self.listener: Callable[[list[dict]], None] | None = None
+        self._tx_depth = 0
+        self._tx_rows: list[dict] = []
         try:
             os.makedirs(os.path.dirname(path) or ".", mode=0o700, exist_ok=True)
             self.db = sqlite3.connect(path, timeout=timeout, check_same_thread=False, isolation_level=None)
@@ -75,13 +80,31 @@ class Store:
     def transaction(self) -> Iterator[None]:
         """Group many writes into one commit (the agent's event batches)."""
         with self._lock:
+            if self._tx_depth:   # nested: part of the outer one
+                self._tx_depth += 1
+                try:
+                    yield
+                finally:
+                    self._tx_depth -= 1
+                return
             self.db.execute("BEGIN IMMEDIATE")
+            self._tx_depth, self._tx_rows = 1, []
             try:
                 yield
             except BaseException:
+                self._tx_depth, self._tx_rows = 0, []
                 self.db.execute("ROLLBACK")
                 raise
             self.db.execute("COMMIT")
+            rows, self._tx_depth, self._tx_rows = self._tx_rows, 0, []
+            self._notify(rows)
+
+    def _notify(self, rows: list[dict]) -> None:
+        if rows and self.listener is not None:
+            try:
+                self.listener(rows)
+            except Exception:  # export must never fail a write that has committed
+                pass
 
     def _x(self, sql: str, args: Iterable = ()) -> sqlite3.Cursor:
         with self._lock:
@@ -189,12 +212,22 @@ class Store:
 
     # -- audit trail ------------------------------------------------------------
     def add_events(self, jid: int | None, events: Iterable[TraceEvent]) -> None:
+        events = list(events)
         rows = [(jid, e.job_id, e.ts, e.kind, e.pid, e.ppid, e.uid, e.euid, e.comm, e.filename,
                  json.dumps(e.detail) if e.detail else None) for e in events]
-        if rows:
-            with self._lock:
-                self.db.executemany("INSERT INTO events(jid, job_id, ts, kind, pid, ppid, uid, euid, comm, "
-                                    "filename, detail) VALUES(?,?,?,?,?,?,?,?,?,?,?)", rows)
+        if not rows:
+            return
+        sql = ("INSERT INTO events(jid, job_id, ts, kind, pid, ppid, uid, euid, comm, filename, detail) "
+               "VALUES(?,?,?,?,?,?,?,?,?,?,?)")
+        with self._lock:
+            if self.listener is None:
+                self.db.executemany(sql, rows)
+                return
+            cols = ("jid", "job_id", "ts", "kind", "pid", "ppid", "uid", "euid", "comm", "filename")
+            with self.transaction():   # ids and commit known before the exporter hears of them
+                for r, e in zip(rows, events, strict=True):
+                    self._tx_rows.append(dict(zip(cols, r, strict=False), id=self.db.execute(sql, r).lastrowid,
+                                              detail=e.detail))
 
     def events(self, jid: int, after_id: int = 0, limit: int = 100000) -> list[dict]:
         cols = ("id", "ts", "job_id", "kind", "pid", "ppid", "uid", "euid", "comm", "filename", "detail")

@@ -1,0 +1,242 @@
+"""Audit export ([export], agent/export.py) through the real agent, and `whois --logs` (agent/logscan.py).
+
+Real parts: the agent as a subprocess, real cgroups and users, the JSON-lines file sink on a real file
+system (a full disk is a small tmpfs this test mounts), `kill -9` of the agent.  The ground truth of "every
+record" is the store's own events table, read with sqlite3.  The rsyslog collector tests are in
+test_export_syslog.py.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from jctest import AgentProc, JcEnv, User, read_int, require, wait_for
+
+RECORD_KEYS = ["ts", "node", "event_id", "jid", "job_id", "kind", "pid", "ppid", "uid", "euid", "comm",
+               "filename", "detail"]
+
+
+def store_ids(env: JcEnv) -> dict[int, str]:
+    """{event id: kind} of every row the node's store holds (what must be exported)."""
+    db = sqlite3.connect(f"file:{env.state_dir / 'jobcage.db'}?mode=ro", uri=True, timeout=30)
+    try:
+        return dict(db.execute("SELECT id, kind FROM events").fetchall())
+    finally:
+        db.close()
+
+
+def read_records(*paths: Path) -> list[dict]:
+    out = []
+    for p in paths:
+        if not p.exists():
+            continue
+        opener = gzip.open if p.read_bytes()[:2] == b"\x1f\x8b" else open
+        with opener(p, "rt") as f:
+            for line in f:
+                out.append(json.loads(line[line.index("{"):]))
+    return out
+
+
+def exported(paths: list[Path], node: str) -> dict[int, dict]:
+    return {r["event_id"]: r for r in read_records(*paths) if r["node"] == node}
+
+
+def wait_all_exported(env: JcEnv, paths: list[Path], node: str, timeout: float = 60.0) -> dict[int, dict]:
+    def done() -> dict[int, dict] | None:
+        want = store_ids(env)
+        got = exported(paths, node)
+        return got if want and set(want) <= set(got) else None
+
+    got = wait_for(done, timeout, f"every store record of {node} in {paths}")
+    want = store_ids(env)
+    assert {i: got[i]["kind"] for i in want} == want
+    return got
+
+
+def job_run(env: JcEnv, job: str, user: User, scratch: Path) -> int:
+    """prologue + a sleeping payload started by `jobcage run`; returns the payload's pid."""
+    env.jobcage("prologue", job, "--uid", str(user.uid)).ok()
+    pidf = scratch / f"{job}.pid"
+    env.start_job(job, f"echo $$ > {pidf}; exec sleep 300", user=user)
+    return wait_for(lambda: read_int(pidf), 30, f"{job}'s payload")
+
+
+def test_file_export_lifecycle_restart_and_direct_path(jc_env: JcEnv, tmp_path: Path, make_user) -> None:
+    """Every lifecycle record reaches the JSON-lines file with the contract's keys; records written while the
+    agent was killed with -9 (the direct CLI path as root) are sent when it is back; none is missing."""
+    out = tmp_path / "export" / "jobcage.jsonl"
+    jc_env.write_config({"agent": {"node": "node-file"}, "export": {"file": str(out)}})
+    user = make_user()
+    agent = AgentProc(jc_env, tmp_path).start()
+    try:
+        job_run(jc_env, "e1", user, jc_env.scratch)
+        jc_env.jobcage("suspend", "e1").ok()
+        jc_env.jobcage("resume", "e1").ok()
+        jc_env.jobcage("declare", "e1", "--uid", str(user.uid), "--label", "/DC=org/CN=Export Test").ok()
+        jc_env.jobcage("kill", "e1", "--signal", "TERM").ok()
+        summary = jc_env.jobcage("epilogue", "e1", "--json").json()
+        got = wait_all_exported(jc_env, [out], "node-file")
+        recs = sorted(got.values(), key=lambda r: r["event_id"])
+        for r in recs:
+            assert list(r) == RECORD_KEYS, r
+            assert r["node"] == "node-file" and r["job_id"] == "e1" and isinstance(r["jid"], int)
+        kinds = [r["kind"] for r in recs]
+        assert [k for k in kinds if k in ("prologue", "adopt", "suspend", "resume", "declare", "kill",
+                                          "epilogue")] == \
+            ["prologue", "adopt", "suspend", "resume", "declare", "kill", "epilogue"], kinds
+        pro, epi = recs[0], recs[-1]
+        assert pro["kind"] == "prologue" and pro["uid"] == user.uid
+        assert epi["kind"] == "epilogue" and epi["detail"]["owner_uid"] == user.uid
+        assert [i["uid"] for i in epi["detail"]["identities"]] == [i["uid"] for i in summary["identities"]]
+        assert epi["detail"]["cpu_seconds"] == summary["cpu_seconds"]
+        assert epi["detail"]["declared"][0]["label"] == "/DC=org/CN=Export Test"
+        kill = next(r for r in recs if r["kind"] == "kill")
+        assert kill["detail"]["signal"] == "SIGTERM"
+
+        # kill -9: the cursor is in the store; the direct path (agent down) writes only the store
+        job_run(jc_env, "e2", user, jc_env.scratch)
+        assert agent.stop(signal.SIGKILL) == -signal.SIGKILL
+        jc_env.jobcage("suspend", "e2").ok()
+        jc_env.jobcage("resume", "e2").ok()
+        jc_env.jobcage("epilogue", "e2").ok()
+        jc_env.jobcage("prologue", "e3", "--uid", str(user.uid)).ok()
+        before = exported([out], "node-file")
+        assert not any(r["job_id"] == "e3" for r in before.values())
+        agent.start()
+        got = wait_all_exported(jc_env, [out], "node-file")
+        e2 = [r["kind"] for r in sorted(got.values(), key=lambda r: r["event_id"]) if r["job_id"] == "e2"]
+        assert e2[:2] == ["prologue", "adopt"] and e2[-3:] == ["suspend", "resume", "epilogue"], e2
+        # at least once, and a duplicate is the same record (node + event_id say so)
+        lines = read_records(out)
+        for r in lines:
+            assert r == got[r["event_id"]]
+        jc_env.jobcage("epilogue", "e3").ok()
+        wait_all_exported(jc_env, [out], "node-file")
+        metrics_ok = agent.result("ping")
+        assert metrics_ok
+    finally:
+        agent.stop()
+
+
+def test_file_rotation_keeps_every_record(jc_env: JcEnv, tmp_path: Path, make_user) -> None:
+    """Size-based rotation (PATH -> PATH.1 ..): every record in exactly one of the files, none above the
+    limit by more than one batch."""
+    out = tmp_path / "rot" / "trail.jsonl"
+    jc_env.write_config({"agent": {"node": "node-rot"},
+                         "export": {"file": str(out), "file_max_bytes": 4096, "file_keep": 100}})
+    user = make_user()
+    agent = AgentProc(jc_env, tmp_path).start()
+    try:
+        jc_env.jobcage("prologue", "r1", "--uid", str(user.uid)).ok()
+        for i in range(60):
+            agent.result("declare", job_id="r1", uid=user.uid, label=f"CN=rotation {i:03d} " + "x" * 60)
+        jc_env.jobcage("epilogue", "r1").ok()
+        files = lambda: [out] + sorted(out.parent.glob("trail.jsonl.*"))  # noqa: E731
+        wait_all_exported(jc_env, files(), "node-rot")
+        fs = files()
+        assert len(fs) >= 4, fs
+        ids = [r["event_id"] for r in read_records(*fs)]
+        assert sorted(ids) == sorted(set(ids)), "a record was written twice without a failure"
+        assert all(f.stat().st_size <= 4096 for f in fs[1:]), [f.stat().st_size for f in fs]
+    finally:
+        agent.stop()
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path: Path):
+    """A 256 KiB tmpfs of the test's own: fill it and the disk is full."""
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0755", "jct-tmpfs", str(mnt)],
+                       capture_output=True, text=True)
+    require(r.returncode == 0, f"cannot mount a tmpfs: {r.stderr.strip()}")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def fill(d: Path) -> Path:
+    f = d / "filler"
+    fd = os.open(f, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"\0" * 4096)
+    finally:
+        os.close(fd)
+    return f
+
+
+def metric(port: int, name: str, sink: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    for line in text.splitlines():
+        if line.startswith(f'{name}{{sink="{sink}"}}'):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} for {sink} not in metrics:\n{text}")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_full_disk_never_stalls_hooks_and_loses_nothing(jc_env: JcEnv, tmp_path: Path, make_user,
+                                                        small_tmpfs: Path) -> None:
+    """The export file's disk is full: hooks work as usual, the records wait in the store (pending and lag on
+    the metrics endpoint), and once space is back every one of them arrives, whole lines only."""
+    out = small_tmpfs / "trail.jsonl"
+    port = free_port()
+    jc_env.write_config({"agent": {"node": "node-full", "metrics_port": port}, "export": {"file": str(out)}})
+    user = make_user()
+    agent = AgentProc(jc_env, tmp_path).start()
+    sink = f"file:{out}"
+    try:
+        jc_env.jobcage("prologue", "f0", "--uid", str(user.uid)).ok()
+        wait_all_exported(jc_env, [out], "node-full")
+        filler = fill(small_tmpfs)
+        for i in range(5):
+            job = f"f{i + 1}"
+            job_run(jc_env, job, user, jc_env.scratch)
+            jc_env.jobcage("epilogue", job).ok()
+        wait_for(lambda: metric(port, "jobcage_export_pending", sink) > 0, 30, "pending records")
+        assert metric(port, "jobcage_export_failures_total", sink) > 0
+        time.sleep(1.1)
+        assert metric(port, "jobcage_export_lag_seconds", sink) > 1.0
+        filler.unlink()
+        got = wait_all_exported(jc_env, [out], "node-full")
+        assert {r["job_id"] for r in got.values()} == {f"f{i}" for i in range(6)}
+        wait_for(lambda: metric(port, "jobcage_export_pending", sink) == 0, 30, "no pending record")
+        assert metric(port, "jobcage_export_lag_seconds", sink) == 0
+        assert metric(port, "jobcage_export_resent_total", sink) > 0
+        assert metric(port, "jobcage_export_sent_total", sink) >= len(got)
+    finally:
+        agent.stop()
+
+
+def write_log(path: Path, recs: list[dict], gz: bool = False, prefix: str = "") -> None:
+    data = "".join(prefix + json.dumps(r, separators=(",", ":")) + "\n" for r in recs).encode()
+    path.write_bytes(gzip.compress(data) if gz else data)
+
+
+def test_whois_logs_rejects_bad_input(jc_env: JcEnv, tmp_path: Path) -> None:
+    missing = jc_env.jobcage("whois", "--uid", "1234", "--logs", str(tmp_path / "nope"))
+    missing.clean_error(1, "no such file or directory")
+    assert jc_env.jobcage("whois", "--logs", str(tmp_path)).rc == 2   # neither --uid nor --label
+    bad = tmp_path / "bad.gz"
+    bad.write_bytes(b"\x1f\x8b\x08\x00garbage")
+    jc_env.jobcage("whois", "--uid", "1", "--logs", str(bad)).clean_error(1, "gzip")
+    assert os.path.exists(bad)
