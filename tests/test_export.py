@@ -240,3 +240,77 @@ def test_whois_logs_rejects_bad_input(jc_env: JcEnv, tmp_path: Path) -> None:
     bad.write_bytes(b"\x1f\x8b\x08\x00garbage")
     jc_env.jobcage("whois", "--uid", "1", "--logs", str(bad)).clean_error(1, "gzip")
     assert os.path.exists(bad)
+
+
+JOURNALD = "/lib/systemd/systemd-journald"
+
+
+@pytest.fixture
+def journald(tmp_path: Path):
+    """A real systemd-journald of the test's own: in a private mount namespace whose /run/systemd/journal
+    (its sockets) and /run/log/journal (its files) are directories of this test, so nothing of the node's
+    is used (this node has no systemd as PID 1 and no journald of its own)."""
+    require(Path(JOURNALD).exists(), "systemd-journald is not installed")
+    sock, logs = tmp_path / "journal-sock", tmp_path / "journal-log"
+    sock.mkdir()
+    logs.mkdir()
+    script = (f"set -e; mkdir -p /run/systemd/journal /run/log/journal; mount --bind {sock} /run/systemd/journal; "
+              f"mount --bind {logs} /run/log/journal; "
+              f"if [ -d /var/log/journal ]; then mount -t tmpfs jct-journal /var/log/journal; fi; "
+              f"exec {JOURNALD}")
+    p = subprocess.Popen(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=open(tmp_path / "journald.log", "w"),
+                         start_new_session=True)
+    try:
+        wait_for(lambda: (sock / "socket").exists() or p.poll() is not None, 30, "journald's socket")
+        require(p.poll() is None, f"journald did not start: {(tmp_path / 'journald.log').read_text()[-500:]}")
+        yield sock / "socket", logs
+    finally:
+        p.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=15)
+        if p.poll() is None:
+            p.kill()
+            p.wait(timeout=15)
+
+
+def journal_records(logs: Path) -> list[dict]:
+    r = subprocess.run(["journalctl", "-D", str(logs), "SYSLOG_IDENTIFIER=jobcage", "-o", "json", "--no-pager"],
+                       capture_output=True, text=True, timeout=60)
+    return [json.loads(ln) for ln in r.stdout.splitlines() if ln.startswith("{")]
+
+
+def test_journal_native_fields(jc_env: JcEnv, tmp_path: Path, make_user, journald: tuple[Path, Path]) -> None:
+    """[export] journal: every record in a real journald with the record's keys as JOBCAGE_* fields;
+    `journalctl -o cat` output is something whois --logs reads."""
+    sock, logs = journald
+    jc_env.write_config({"agent": {"node": "node-j"}, "export": {"journal": True, "journal_socket": str(sock)}})
+    user = make_user()
+    agent = AgentProc(jc_env, tmp_path).start()
+    try:
+        job_run(jc_env, "j1", user, jc_env.scratch)
+        t_in = time.time()
+        jc_env.jobcage("epilogue", "j1").ok()
+
+        def all_in() -> list[dict] | None:
+            got = journal_records(logs)
+            ids = {int(e["JOBCAGE_EVENT_ID"]) for e in got if e.get("JOBCAGE_NODE") == "node-j"}
+            return got if set(store_ids(jc_env)) <= ids else None
+
+        got = wait_for(all_in, 60, "every record in the journal")
+    finally:
+        agent.stop()
+    epi = next(e for e in got if e["JOBCAGE_KIND"] == "epilogue")
+    assert epi["JOBCAGE_JOB_ID"] == "j1" and epi["JOBCAGE_UID"] == str(user.uid)
+    assert json.loads(epi["MESSAGE"])["detail"] == json.loads(epi["JOBCAGE_DETAIL"])
+    for e in got:
+        rec = json.loads(e["MESSAGE"])
+        assert list(rec) == RECORD_KEYS and e["JOBCAGE_NODE"] == rec["node"] == "node-j"
+        assert e["JOBCAGE_EVENT_ID"] == str(rec["event_id"]) and e["PRIORITY"] == "6"
+    text = subprocess.run(["journalctl", "-D", str(logs), "SYSLOG_IDENTIFIER=jobcage", "-o", "cat", "--no-pager"],
+                          capture_output=True, text=True, timeout=60).stdout
+    dump = tmp_path / "journal.txt"
+    dump.write_text(text)
+    rows = jc_env.jobcage("whois", "--uid", str(user.uid), "--at", f"{t_in:.6f}", "--logs", str(dump),
+                          "--json").json()
+    assert [(r["node"], r["job_id"], r["pilot_uid"]) for r in rows] == [("node-j", "j1", user.uid)], rows
