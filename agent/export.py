@@ -111,24 +111,34 @@ class FileSink(Sink):
             os.unlink(self.path)
 
     def send(self, lines: list[str], recs: list[dict]) -> None:
-        data = "".join(ln + "\n" for ln in lines).encode()
         try:
             fd = self._open()
             size = os.fstat(fd).st_size
-            if size and size + len(data) > self.max_bytes:
-                self._rotate()
-                fd, size = self._open(), 0
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-                os.fsync(fd)
-            except OSError:
-                os.ftruncate(fd, size)
-                raise
+            chunk: list[bytes] = []
+            for ln in lines:   # a file never grows past max_bytes, unless one line alone is longer
+                b = ln.encode() + b"\n"
+                if size and size + len(b) > self.max_bytes:
+                    self._write(fd, b"".join(chunk), size - sum(map(len, chunk)))
+                    chunk = []
+                    self._rotate()
+                    fd, size = self._open(), 0
+                chunk.append(b)
+                size += len(b)
+            self._write(fd, b"".join(chunk), size - sum(map(len, chunk)))
         except OSError as e:
             self.close()
             raise SinkError(f"{self.path}: {e.strerror}") from None
+
+    @staticmethod
+    def _write(fd: int, data: bytes, size_before: int) -> None:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        except OSError:
+            os.ftruncate(fd, size_before)   # whole lines only: the retry starts on a line of its own
+            raise
 
     def close(self) -> None:
         if self.f is not None:

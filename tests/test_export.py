@@ -223,6 +223,7 @@ def test_full_disk_never_stalls_hooks_and_loses_nothing(jc_env: JcEnv, tmp_path:
         assert metric(port, "jobcage_export_lag_seconds", sink) == 0
         assert metric(port, "jobcage_export_resent_total", sink) > 0
         assert metric(port, "jobcage_export_sent_total", sink) >= len(got)
+        assert metric(port, "jobcage_export_dropped_total", sink) == 0
     finally:
         agent.stop()
 

@@ -232,7 +232,8 @@ def test_collector_outage_then_agent_kill9_none_missing(jc_env: JcEnv, tmp_path:
         rsyslog.start()
         got = wait_collected(jc_env, rsyslog, "wn-c")
         assert {"during-outage", "busy"} <= {r["job_id"] for r in got.values()}
-        assert metric(mport, "jobcage_export_resent_total", sink) > 0
+        # counted once the relay acknowledged, which may be just after rsyslog wrote the file
+        wait_for(lambda: metric(mport, "jobcage_export_resent_total", sink) > 0, 30, "re-sent records counted")
 
         assert agent.stop(signal.SIGKILL) == -signal.SIGKILL
         jc_env.jobcage("suspend", "busy").ok()      # the direct path, as root: the store only
