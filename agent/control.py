@@ -192,7 +192,7 @@ class ControlServer:
         self.uid_queue = max(0, cfg.uid_queue)
         self.max_conns = max(1, cfg.max_connections)
         self.user_limit = max(64, min(cfg.max_request_bytes, protocol.MAX_MESSAGE))
-        self.timeout = cfg.request_timeout
+        self.timeout = max(0.1, cfg.request_timeout)
         self.refusals = Refusals()
         self.requests = {"root": 0, "user": 0}
         self.queued_total = 0            # non-root connections that had to wait for a slot
@@ -490,8 +490,9 @@ class ControlServer:
 
     # -- answering (worker threads) ---------------------------------------------------------------------
     def _wait_root(self) -> None:
-        # Non-root work waits while root's runs; bounded, so a stream of hooks cannot starve users.
-        self._root_idle.wait(0.5)
+        # Non-root work waits while root's runs (a hook takes milliseconds); bounded, so a long epilogue
+        # or a stream of hooks only slows users down.
+        self._root_idle.wait(0.05)
 
     def _work(self, c: _Conn) -> None:
         body, c.body = bytes(c.body or b""), None

@@ -279,3 +279,49 @@ def test_refusals_are_one_line(jc_env: JcEnv, agent_proc: AgentProc, make_user: 
     holder.kill()
     holder.wait()
     wait_for(lambda: jc_env.jobcage("list", user=user).rc == 0, 30, "the uid to be served again")
+
+
+@pytest.mark.jc_config({"agent": {"uid_connections": 2, "uid_queue": 2, "request_timeout": 1.5,
+                                  "max_request_bytes": 1000}})
+def test_caps_deadline_and_size_limit(jc_env: JcEnv, agent_proc: AgentProc, make_user: Callable[..., User]) -> None:
+    """The configured bounds, exactly: 2 served + 2 waiting per uid, the next refused at once; a whole-request
+    deadline that trickling does not extend; a length prefix over the limit answered before any body."""
+    user = make_user()
+    script = jc_env.scratch / "caps.py"
+    script.write_text(
+        "import json, socket, struct, sys, time\n"
+        "def conn():\n"
+        "    s = socket.socket(socket.AF_UNIX); s.settimeout(30); s.connect(sys.argv[1]); return s\n"
+        "def answer(s):\n"
+        "    hdr = s.recv(4, socket.MSG_WAITALL)\n"
+        "    if len(hdr) < 4: return None\n"
+        "    return json.loads(s.recv(struct.unpack('!I', hdr)[0], socket.MSG_WAITALL))\n"
+        "out = {}\n"
+        "held = [conn() for _ in range(4)]\n"         # 2 served (idle), 2 waiting
+        "time.sleep(0.3)\n"
+        "t0 = time.monotonic(); extra = conn(); out['refused'] = answer(extra)\n"
+        "out['refused_in'] = time.monotonic() - t0\n"
+        "req = json.dumps({'method': 'ping', 'params': {}}).encode(); req = struct.pack('!I', len(req)) + req\n"
+        "t0 = time.monotonic()\n"
+        "for i in range(len(req)):\n"                  # trickle into a served one: the deadline still holds
+        "    try: held[0].send(req[i:i + 1])\n"
+        "    except OSError: break\n"
+        "    time.sleep(0.25)\n"
+        "out['slow'] = answer(held[0]); out['slow_after'] = time.monotonic() - t0\n"
+        "out['idle'] = answer(held[1])\n"
+        "s = held[2]; s.sendall(req); r = answer(s); out['promoted'] = r\n"   # promoted once slots freed
+        "big = conn(); big.sendall(struct.pack('!I', 5000)); out['big'] = answer(big)\n"
+        "print(json.dumps(out))\n")
+    r = jc_env.run([PY, "-I", str(script), jc_env.socket_path], user=user, timeout=60).ok()
+    out = json.loads(r.out)
+    err = {k: (v or {}).get("error") for k, v in out.items() if isinstance(v, dict | None)}
+    assert err["refused"]["type"] == "Busy" and f"uid {user.uid}" in err["refused"]["message"], out
+    assert out["refused_in"] < 5, out
+    assert err["slow"]["type"] == "ProtocolError" and "within 1.5 s" in err["slow"]["message"], out
+    assert out["slow_after"] < 5, out             # ~1.5 s, not len(req) x 0.25 s = 10 s
+    assert err["idle"]["type"] == "ProtocolError" and "within 1.5 s" in err["idle"]["message"], out
+    assert out["promoted"]["ok"] is True, out      # a waiting connection, served once slots freed
+    assert err["big"]["type"] == "ProtocolError" and "limit 1000" in err["big"]["message"], out
+    # root is neither capped nor held to max_request_bytes: a 3,000-byte request gets a real answer
+    resp = agent_proc.call("show", job_id="x" * 3000)
+    assert resp["error"]["type"] == "InvalidArgument", resp
