@@ -257,7 +257,8 @@ def test_agent_down_login_decided_within_2s(how: str, jc_env: JcEnv, sshd: Sshd,
 
 # -- several jobs: the batch system's hint ------------------------------------------------------------------
 
-HINT_FORCE = {"ForceCommand": "{jobcage} ssh-hint --config {config} --exec"}
+HINT_FORCE = {"ForceCommand": "{jobcage} ssh-hint --config {config} --exec",
+              "Subsystem": "sftp /usr/lib/openssh/sftp-server"}
 
 
 @pytest.mark.sshd_options(HINT_FORCE)
@@ -298,6 +299,16 @@ def test_hinted_job_chosen(jc_env: JcEnv, sshd: Sshd, agent_proc: AgentProc,
                         text=True, env=dict(u.env(jc_env.env), SLURM_JOB_ID="old"), timeout=60)
     assert r2.returncode == 0 and f"/{jc_env.subtree}/new" in r2.stdout, (r2.stdout, r2.stderr)
     assert "not in an sshd session" in r2.stderr and len(r2.stderr.strip().splitlines()) == 1, r2.stderr
+    # subsystems still work under the ForceCommand (scp in OpenSSH 9 is sftp)
+    src = jc_env.scratch / "payload"
+    src.write_text("x" * 1000)
+    argv = sshd.argv(u, "")[:-2]  # the client options, without user@host and command
+    argv = [a for a in argv if a not in ("-T",)]
+    argv[0], i = "scp", argv.index("-p")
+    argv[i] = "-P"
+    r3 = subprocess.run([*argv, str(src), f"{u.name}@127.0.0.1:copied"], capture_output=True, text=True,
+                        timeout=60, stdin=subprocess.DEVNULL)
+    assert r3.returncode == 0 and (u.home / "copied").read_text() == "x" * 1000, r3.stderr
     # an interactive-style login (no command) gets the user's login shell, in the hinted job
     r = sshd.ssh(u, "", env={"SLURM_JOB_ID": "old"}, send_env=["SLURM_JOB_ID"])
     assert r.returncode == 0, session_user(r)
