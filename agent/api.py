@@ -114,8 +114,11 @@ class Api:
     def kill(self, caller: Caller, job_id: str, signal_name: str = "SIGKILL") -> dict:
         return self.m.kill(validate_job_id(job_id), parse_signal(signal_name))
 
-    def epilogue(self, caller: Caller, job_id: str) -> dict:
-        return self.m.epilogue(validate_job_id(job_id))
+    def epilogue(self, caller: Caller, job_id: str, keep: list[str] | None = None) -> dict:
+        if keep is not None and (not isinstance(keep, list) or len(keep) > 64
+                                 or not all(isinstance(k, str) and k.startswith("/") for k in keep)):
+            raise InvalidArgument("keep: a list of absolute paths")
+        return self.m.epilogue(validate_job_id(job_id), keep)
 
     def show(self, caller: Caller, job_id: str) -> dict:
         self.m.check_read(validate_job_id(job_id), caller.uid)

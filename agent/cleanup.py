@@ -48,8 +48,9 @@ VANISHED = "vanished"              # gone before we got to it (harmless)
 TOO_DEEP = "too-deep"              # deeper than max_depth: not entered
 NOT_EMPTY = "not-empty"            # a removable directory kept because something inside stays
 ERROR = "error"                    # an unexpected OSError
+BEFORE_JOB = "before-job"          # there before the job started (ctime older): not the job's to remove
 REASONS: tuple[str, ...] = (OTHER_UID, BELOW_MIN_UID, OTHER_FS, PROTECTED, RACE, VANISHED, TOO_DEEP,
-                            NOT_EMPTY, ERROR)
+                            NOT_EMPTY, ERROR, BEFORE_JOB)
 
 # O_NOFOLLOW makes opening a symlink fail (ELOOP), O_DIRECTORY makes opening a non-directory fail (ENOTDIR).
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -125,6 +126,11 @@ class CleanupReport:
         else:
             self.removed_unlisted += 1
 
+    def note_skipped_count(self, reason: str, n: int) -> None:
+        """n entries left for ``reason`` without looking at them one by one (not listed)."""
+        self.skipped_counts[reason] = self.skipped_counts.get(reason, 0) + n
+        self.skipped_unlisted += n
+
     def note_skipped(self, path: str, reason: str, detail: str = "") -> None:
         n = self.skipped_counts.get(reason, 0)
         self.skipped_counts[reason] = n + 1
@@ -181,7 +187,9 @@ class _Walker:
 
     def __init__(self, report: CleanupReport, owner_check: OwnerCheck, *, top_dev: int,
                  protect: AbstractSet[tuple[int, int]], mounts: AbstractSet[str], max_depth: int,
-                 dry_run: bool, before_descend: Callable[[str], None] | None) -> None:
+                 dry_run: bool, before_descend: Callable[[str], None] | None,
+                 since: float | None = None) -> None:
+        self.since = since
         self.report = report
         self.owner_check = owner_check
         self.top_dev = top_dev
@@ -196,14 +204,38 @@ class _Walker:
 
         True when nothing is left in it (in a dry run: when nothing would be).
         """
+        old_dir = False
+        if self.since is not None:
+            # Creating, linking or renaming an entry into a directory sets the directory's ctime (and
+            # nobody can set a ctime back): in a directory untouched since the job started no entry is
+            # the job's, so its non-directories are not even lstat-ed, only its subdirectories entered.
+            try:
+                old_dir = os.fstat(dfd).st_ctime < self.since
+            except OSError:
+                old_dir = False
+        before = 0
         try:
             # List first, act after: we do not modify the directory under an open readdir stream.
             with os.scandir(dfd) as it:
-                names = [e.name for e in it]
+                if old_dir:
+                    names = []
+                    for e in it:
+                        try:
+                            is_dir = e.is_dir(follow_symlinks=False)   # d_type: no stat
+                        except OSError:
+                            is_dir = True
+                        if is_dir:
+                            names.append(e.name)
+                        else:
+                            before += 1
+                else:
+                    names = [e.name for e in it]
         except OSError as e:
             self.report.note_skipped(path, ERROR, f"cannot list: {e.strerror}")
             return False
-        empty = True
+        if before:
+            self.report.note_skipped_count(BEFORE_JOB, before)
+        empty = not before
         for name in names:
             if not self._entry(dfd, path, name, depth):
                 empty = False
@@ -337,7 +369,7 @@ class _Walker:
 def walk_remove(dfd: int, path: str, owner_check: OwnerCheck, report: CleanupReport, *,
                 protect: AbstractSet[tuple[int, int]] = frozenset(), mounts: AbstractSet[str] | None = None,
                 max_depth: int = DEFAULT_MAX_DEPTH, dry_run: bool = False,
-                before_descend: Callable[[str], None] | None = None) -> bool:
+                before_descend: Callable[[str], None] | None = None, since: float | None = None) -> bool:
     """Remove what ``owner_check`` allows below the open directory ``dfd`` (shown as ``path``); never ``dfd`` itself.
 
     The filesystem boundary is ``dfd``'s own ``st_dev``.  Returns True when the directory is now empty (in a dry
@@ -346,7 +378,7 @@ def walk_remove(dfd: int, path: str, owner_check: OwnerCheck, report: CleanupRep
     top_dev = os.fstat(dfd).st_dev
     walker = _Walker(report, owner_check, top_dev=top_dev, protect=protect,
                      mounts=mount_points() if mounts is None else mounts, max_depth=max_depth,
-                     dry_run=dry_run, before_descend=before_descend)
+                     dry_run=dry_run, before_descend=before_descend, since=since)
     return walker.walk(dfd, path, 0)
 
 
@@ -370,7 +402,8 @@ def _identities(paths: Iterable[str]) -> set[tuple[int, int]]:
 def cleanup(dirs: Sequence[str] | None, uids: AbstractSet[int], *, min_uid: int = DEFAULT_MIN_UID,
             protect: Sequence[str] = (), protect_homes: bool = True, dry_run: bool = False,
             max_depth: int = DEFAULT_MAX_DEPTH, max_paths: int = DEFAULT_MAX_PATHS,
-            before_descend: Callable[[str], None] | None = None) -> CleanupReport:
+            before_descend: Callable[[str], None] | None = None, since: float | None = None,
+            keep: Sequence[str] = ()) -> CleanupReport:
     """Remove, below each of ``dirs``, the files and directories owned by one of ``uids``.
 
     ``dirs``: trusted top directories (default :data:`DEFAULT_DIRS` when None); symlinks in these admin-given paths
@@ -381,6 +414,9 @@ def cleanup(dirs: Sequence[str] | None, uids: AbstractSet[int], *, min_uid: int 
     removed only once everything inside it is; else it stays (``not-empty``) while what could go inside it went.
     Directories of other owners are entered (a target uid's files inside them are removed) but kept.  ``before_descend(path)`` is a test hook called just
     before a subdirectory is opened.  The caller decides which uids are free to clean (no other running job).
+    ``since`` (the job's start): only what was created (or changed) after it goes -- an entry whose ctime is
+    older is ``before-job``, and in a directory untouched since then only its subdirectories are looked at.
+    ``keep``: paths never removed (the batch system's stdout/stderr files of the job).
     """
     tops = DEFAULT_DIRS if dirs is None else dirs
     if isinstance(tops, str):
@@ -408,9 +444,11 @@ def cleanup(dirs: Sequence[str] | None, uids: AbstractSet[int], *, min_uid: int 
             return OTHER_UID
         if st.st_uid < min_uid:
             return BELOW_MIN_UID
+        if since is not None and st.st_ctime < since:
+            return BEFORE_JOB
         return None
 
-    protected = _identities(protect)
+    protected = _identities([*protect, *keep])
     if protect_homes:
         homes = []
         for uid in sorted(targets):
@@ -438,7 +476,7 @@ def cleanup(dirs: Sequence[str] | None, uids: AbstractSet[int], *, min_uid: int 
                 report.note_skipped(top, PROTECTED)
                 continue
             walk_remove(dfd, top, owner_check, report, protect=protected, mounts=mounts,
-                        max_depth=max_depth, dry_run=dry_run, before_descend=before_descend)
+                        max_depth=max_depth, dry_run=dry_run, before_descend=before_descend, since=since)
         finally:
             os.close(dfd)
     return report

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 # _socket, not socket: socket.py pulls in enum and selectors (~5 ms on every hook call)
 import _socket
+import sys
 
 from . import protocol
 from .errors import AgentUnavailable, error_class
@@ -25,6 +26,16 @@ def _connect(s: _socket.socket, path: str, timeout: float | None) -> None:
             time.sleep(0.002)
 
 
+def _check_peer(s: _socket.socket, socket_path: str) -> None:
+    """The agent runs as root: whoever else listens on the socket path (a job's own fake agent, when the
+    real one is down and the directory lets it in) is not answered to.  The kernel says who it is."""
+    raw = s.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, 12)
+    uid = int.from_bytes(raw[4:8], sys.byteorder)
+    if uid != 0:
+        raise AgentUnavailable(f"{socket_path} is served by uid {uid}, not root: not the jobcage agent",
+                               path=socket_path)
+
+
 def call(socket_path: str, method: str, timeout: float | None = 60.0, **params: object) -> object:
     """One request, one response.  Raises AgentUnavailable if nobody listens, or the
     agent's own error re-raised as the same exception class."""
@@ -37,6 +48,7 @@ def call(socket_path: str, method: str, timeout: float | None = 60.0, **params: 
             raise AgentUnavailable(f"agent not running ({socket_path}: {e.strerror})", path=socket_path) from None
         except PermissionError:
             raise AgentUnavailable(f"agent socket not accessible: {socket_path}", path=socket_path) from None
+        _check_peer(s, socket_path)
         try:
             protocol.send(s, {"method": method, "params": params})
         except (BrokenPipeError, ConnectionResetError):

@@ -54,6 +54,7 @@ class Config:
     # [cleanup]
     cleanup_enabled: bool = True
     cleanup_dirs: list[str] = ["/tmp", "/var/tmp", "/dev/shm"]
+    cleanup_owner_files: bool = False  # also remove the job owner's own files (its output may be there)
     tmpdir_base: str = ""              # per-job TMPDIR parent; "" = off
     # [pam] (sshd sessions adopted into the user's job: `jobcage pam`, docs/ssh-adoption.md)
     pam_mode: str = "deny"             # deny | allow-unadopted | log-only
@@ -115,7 +116,8 @@ SECTIONS = {
     "prune": {"min_uid": "prune_min_uid", "exempt_uids": "prune_exempt_uids",
               "exempt_users": "prune_exempt_users", "exempt_commands": "prune_exempt_commands",
               "exempt_sshd": "prune_exempt_sshd", "interval_minutes": "prune_interval"},
-    "cleanup": {"enabled": "cleanup_enabled", "dirs": "cleanup_dirs", "tmpdir_base": "tmpdir_base"},
+    "cleanup": {"enabled": "cleanup_enabled", "dirs": "cleanup_dirs", "tmpdir_base": "tmpdir_base",
+                "owner_files": "cleanup_owner_files"},
     "pam": {"mode": "pam_mode", "pick": "pam_pick", "hint_env": "pam_hint_env", "exempt_users": "pam_exempt_users",
             "exempt_groups": "pam_exempt_groups", "message": "pam_message", "timeout": "pam_timeout",
             "agent_timeout": "pam_agent_timeout", "on_failure": "pam_on_failure", "log_file": "pam_log_file"},
@@ -128,11 +130,24 @@ CHOICES = {"pam_mode": ("deny", "allow-unadopted", "log-only"), "pam_pick": ("ne
            "pam_on_failure": ("allow", "deny")}
 
 
+def _check_trusted(path: str, st: os.stat_result) -> None:
+    """A non-root caller (a job's TaskProlog, `jobcage run` as the job user) takes the socket path and
+    everything else that decides containment from the config: only from one that only root can write,
+    wherever JOBCAGE_CONFIG points.  Checked on the open file (no swap between check and read)."""
+    if os.geteuid() == 0:
+        return
+    if st.st_uid != 0 or st.st_mode & 0o022:
+        why = f"owned by uid {st.st_uid}" if st.st_uid != 0 else "writable by group or others"
+        raise InvalidArgument(f"config {path} is {why}: a non-root caller only uses a config only root can write",
+                              path=path)
+
+
 def load(path: str | None = None) -> Config:
     path = path or os.environ.get("JOBCAGE_CONFIG") or DEFAULT_PATH
     cfg = Config(path=path)
     try:
         with open(path, "rb") as f:
+            _check_trusted(path, os.fstat(f.fileno()))
             data = f.read()
     except FileNotFoundError:
         if path != DEFAULT_PATH:

@@ -12,10 +12,11 @@ USAGE = {
     "prologue": "jobcage prologue JOB_ID --uid UID [--gid GID] [--pids-max N] [--pid PID] [--json]",
     "adopt": "jobcage adopt JOB_ID [--pid PID] [--export-tmpdir]   (default pid: the caller's parent)",
     "run": "jobcage run JOB_ID -- CMD [ARG...]",
-    "epilogue": "jobcage epilogue JOB_ID [--json] [--missing-ok]",
+    "epilogue": "jobcage epilogue JOB_ID [--json] [--missing-ok] [--keep PATH]...",
 }
 VALUED = {"prologue": {"--uid", "--gid", "--pids-max", "--pid"}, "adopt": {"--pid"}, "run": set(),
-          "epilogue": set()}
+          "epilogue": {"--keep"}}
+MULTI = {"--keep"}   # repeatable
 FLAGS = {"prologue": {"--json"}, "adopt": {"--export-tmpdir"}, "run": set(), "epilogue": {"--json", "--missing-ok"}}
 
 
@@ -23,8 +24,8 @@ class UsageError(Exception):
     pass
 
 
-def parse(cmd: str, args: list[str]) -> tuple[str, dict[str, str | bool], list[str]]:
-    opts: dict[str, str | bool] = {}
+def parse(cmd: str, args: list[str]) -> tuple[str, dict[str, str | bool | list[str]], list[str]]:
+    opts: dict[str, str | bool | list[str]] = {}
     pos: list[str] = []
     rest: list[str] = []
     i = 0
@@ -40,7 +41,10 @@ def parse(cmd: str, args: list[str]) -> tuple[str, dict[str, str | bool], list[s
                 if i >= len(args):
                     raise UsageError(f"option {name} needs a value")
                 val = args[i]
-            opts[name] = val
+            if name in MULTI:
+                opts.setdefault(name, []).append(val)  # type: ignore[union-attr]
+            else:
+                opts[name] = val
         elif a in FLAGS[cmd]:
             opts[a] = True
         elif a.startswith("--"):
@@ -71,6 +75,38 @@ def _print_summary(s: dict) -> None:
           f"identities: {idents or '-'}")
 
 
+def in_cgroup(pid: int, cgroup: str) -> bool:
+    """Whether the kernel (/proc/PID/cgroup) has pid in the cgroupfs directory `cgroup` or below it."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            paths = [line.split(":", 2)[2] for line in f.read().splitlines() if line.count(":") >= 2]
+        with open("/proc/self/mounts") as f:
+            mounts = [w[1] for w in (line.split() for line in f) if len(w) > 2 and w[2] in ("cgroup", "cgroup2")]
+    except OSError:
+        return False
+    rels = [cgroup[len(m.rstrip("/")):] for m in mounts if cgroup.startswith(m.rstrip("/") + "/")]
+    return any(r and (p == r or p.startswith(r + "/")) for r in rels for p in paths)
+
+
+def _verify_joined(job_id: str, pid: int, result: object) -> str | None:
+    """After adopt/run said ok: the kernel must agree.  A reply alone proves nothing (whoever answered
+    may lie); the job's cgroup comes from the reply, else from the (root-owned) config's subtree."""
+    cgroup = result.get("cgroup") if isinstance(result, dict) else None
+    if not isinstance(cgroup, str) or not cgroup.startswith("/"):
+        from .config import load
+
+        cfg = load()
+        cgroup = None
+        with open("/proc/self/mounts") as f:
+            for w in (line.split() for line in f):
+                if len(w) > 2 and w[2] in ("cgroup2", "cgroup") and in_cgroup(
+                        pid, f"{w[1].rstrip('/')}/{cfg.cgroup_subtree.strip('/')}/{job_id}"):
+                    return None
+    elif in_cgroup(pid, cgroup):
+        return None
+    return f"the kernel does not show process {pid} in job {job_id}'s cgroup ({cgroup or 'unknown'}): not contained"
+
+
 def main(argv: list[str]) -> int:
     cmd, args = argv[0], argv[1:]
     if "-h" in args or "--help" in args[: args.index("--") if "--" in args else len(args)]:
@@ -90,6 +126,9 @@ def main(argv: list[str]) -> int:
             params["pid"] = os.getppid() if pid is None else pid
         elif cmd == "run":
             params["pid"] = os.getpid()
+        elif cmd == "epilogue" and opts.get("--keep"):
+            # the batch system's stdout/stderr files of the job: never cleaned up
+            params["keep"] = [os.path.abspath(str(k)) for k in opts["--keep"]]  # type: ignore[union-attr]
     except UsageError as e:
         print(f"jobcage {cmd}: {e}\nusage: {USAGE[cmd]}", file=sys.stderr)
         return 2
@@ -108,6 +147,11 @@ def main(argv: list[str]) -> int:
     except JobcageError as e:
         print(f"jobcage {cmd}: {e}", file=sys.stderr)
         return 1
+    if method == "adopt":
+        bad = _verify_joined(job_id, int(params["pid"]), result)  # type: ignore[call-overload]
+        if bad:
+            print(f"jobcage {cmd}: {bad}", file=sys.stderr)
+            return 1
     tmpdir = result.get("tmpdir") if isinstance(result, dict) else None
     if cmd == "run":
         if tmpdir:

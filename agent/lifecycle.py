@@ -422,7 +422,7 @@ class JobManager:
             self._record(job["jid"], job_id, "kill", detail={"signal": signal.Signals(sig).name, "processes": left})
         return {"job_id": job_id, "signal": signal.Signals(sig).name, "processes": left}
 
-    def epilogue(self, job_id: str) -> dict:
+    def epilogue(self, job_id: str, keep: list[str] | None = None) -> dict:
         """Kill what is left, final accounting, cleanup, remove the cgroup, summary.
         Idempotent: a second epilogue returns the first one's summary."""
         job = self._job(job_id)
@@ -438,7 +438,7 @@ class JobManager:
             flush()  # the last poll window's trace events (identities) before accounting, summary, cleanup
         summary = self.show(job_id)  # final accounting: the cgroup (and per-identity cpu) is still there
         summary["state"] = "ended"
-        summary["cleanup"] = self._cleanup(job)
+        summary["cleanup"] = self._cleanup(job, keep or [])
         if present:
             self.driver.remove(job_id)
         ended = time.time()
@@ -451,9 +451,12 @@ class JobManager:
             self.observer.job_ended(job_id)
         return summary
 
-    def _cleanup(self, job: dict) -> dict:
+    def _cleanup(self, job: dict, keep: list[str]) -> dict:
         """Per-job TMPDIR, then files of the job's identities that no other running
-        job holds (a shared pool uid stays until its last job ends)."""
+        job holds (a shared pool uid stays until its last job ends), and only what they
+        created during the job.  Never the owner's files unless the site opts in
+        ([cleanup] owner_files): the job's results may be there (a Slurm job submitted from
+        /tmp writes its output there), nor `keep` (the batch system's stdout/stderr files)."""
         out: dict = {}
         if job.get("tmpdir"):
             from .tmpdir import remove_job_tmpdir
@@ -462,13 +465,17 @@ class JobManager:
         if self.config.cleanup_enabled and self.config.cleanup_dirs:
             uids = {i["uid"] for i in self.store.identities(job["jid"])}
             held = self.uids_held(exclude_jid=job["jid"])
-            out["uids_kept"] = sorted(uids & held)
-            uids = {u for u in uids - held if u >= self.config.prune_min_uid}
+            owner = set() if self.config.cleanup_owner_files else {job["owner_uid"]}
+            out["uids_kept"] = sorted(uids & (held | owner))
+            uids = {u for u in uids - held - owner if u >= self.config.prune_min_uid}
+            out["since"] = iso(job["created"])
+            out["kept_paths"] = list(keep)
             out["uids_cleaned"] = sorted(uids)
             if uids:
                 from .cleanup import cleanup
 
-                files = cleanup(self.config.cleanup_dirs, uids, min_uid=self.config.prune_min_uid).to_dict()
+                files = cleanup(self.config.cleanup_dirs, uids, min_uid=self.config.prune_min_uid,
+                                since=job["created"], keep=keep).to_dict()
                 # Other users' files are the normal case, counted but not listed in a summary.
                 files["skipped"] = [s for s in files["skipped"] if s["reason"] != "other-uid"]
                 out["files"] = files

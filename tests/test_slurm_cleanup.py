@@ -1,0 +1,87 @@
+"""Issue 9, defect 5: the default epilogue must not delete what the user is meant to keep.
+
+A real single-node Slurm set up the way docs/batch-systems.md says (the fragment, Prolog + TaskProlog + Epilog +
+task/jobcage, the agent running with the BPF tracer), jobcage's cleanup on with its default directories
+(/tmp, /var/tmp, /dev/shm), and a job submitted from a directory under /tmp.  After the Epilog:
+
+- the job's output file (Slurm's stdout/stderr, owned by the job user) and the files the job owner wrote are there;
+- what the pool identity created *during* the job is gone; what it had before the job is not;
+- with `[cleanup] owner_files = true` (the site opts in) the owner's new files go too, except the batch system's
+  stdout/stderr files of the job, which the Epilog names (`--keep`, from `scontrol show job`: 22.05 does not put
+  them into the Epilog's environment).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from jctest import JcEnv, User  # noqa: E402
+from slurmcluster import SlurmCluster  # noqa: E402
+from test_slurm_jobcage import PIDS_MAX, _epilog_done, plugin_so, slurm, users, workdir  # noqa: E402
+
+__all__ = ["plugin_so", "slurm", "users", "workdir"]   # fixtures used by name
+
+DEFAULT_DIRS = ["/tmp", "/var/tmp", "/dev/shm"]
+BASE = {"tracer": {"backend": "bpf"}, "jobs": {"default_pids_max": PIDS_MAX},
+        "cleanup": {"enabled": True, "dirs": DEFAULT_DIRS}}
+
+pytestmark = [pytest.mark.root, pytest.mark.slurm, pytest.mark.bpf]
+
+
+def _run_job(slurm: SlurmCluster, jc_env: JcEnv, users: tuple[User, User], w: Path) -> tuple[int, dict]:
+    pilot, pool = users
+    old = w / "pool-old"          # the pool account's file from before the job
+    r = jc_env.run(["/bin/sh", "-c", f"echo old > {old}"], user=pool)
+    assert r.rc == 0, r.err
+    time.sleep(0.05)              # ctime granularity: before the prologue, strictly
+    script = f"""#!/bin/sh
+echo result > {w}/result.txt
+sudo -n -u {pool.name} /bin/sh -c 'echo new > {w}/pool-new; mkdir {w}/pool-dir; echo x > {w}/pool-dir/f'
+echo job output line
+"""
+    job = slurm.sbatch(script, pilot.name)
+    _epilog_done(slurm, jc_env, job)
+    summary = json.loads(jc_env.jobcage("epilogue", str(job), "--json").ok().out)  # idempotent: the first summary
+    return job, summary
+
+
+@pytest.mark.jc_config(BASE)
+def test_epilog_keeps_the_jobs_output_and_the_owners_files(
+        slurm: SlurmCluster, jc_env: JcEnv, users: tuple[User, User], workdir: Path) -> None:
+    pilot, pool = users
+    w = workdir
+    job, summary = _run_job(slurm, jc_env, users, w)
+    out = slurm.jobs_dir / f"slurm-{job}.out"
+    c = summary["cleanup"]
+    print(f"\ncleanup of job {job}: {json.dumps(c)[:600]}")
+    assert out.exists() and "job output line" in out.read_text(), "the Epilog deleted the job's output"
+    assert (w / "result.txt").read_text() == "result\n", "the owner's file is gone"
+    assert (w / "pool-old").exists(), "the pool uid's file from before the job is gone"
+    assert not (w / "pool-new").exists() and not (w / "pool-dir").exists(), "the job's pool files stay"
+    assert pool.uid in c["uids_cleaned"] and pilot.uid in c["uids_kept"], c
+    removed = c["files"]["removed"]
+    assert str(w / "pool-new") in removed and str(w / "pool-dir") in removed, removed
+    assert c["files"]["skipped_counts"].get("before-job", 0) >= 1, c["files"]["skipped_counts"]
+    assert c["since"] and c["kept_paths"], c   # the Epilog named the job's stdout/stderr
+
+
+@pytest.mark.jc_config({**BASE, "cleanup": {**BASE["cleanup"], "owner_files": True}})
+def test_owner_files_opt_in_still_keeps_the_batch_output(
+        slurm: SlurmCluster, jc_env: JcEnv, users: tuple[User, User], workdir: Path) -> None:
+    pilot, pool = users
+    w = workdir
+    job, summary = _run_job(slurm, jc_env, users, w)
+    out = slurm.jobs_dir / f"slurm-{job}.out"
+    c = summary["cleanup"]
+    assert str(out) in c["kept_paths"], c
+    assert out.exists() and "job output line" in out.read_text(), "the batch system's output file went"
+    assert not (w / "result.txt").exists(), "owner_files = true: the owner's new file goes"
+    assert (w / "pool-old").exists() and not (w / "pool-new").exists()
+    assert pilot.uid in c["uids_cleaned"], c
