@@ -15,6 +15,14 @@ from .errors import JobcageError
 TRACEFS = "/sys/kernel/tracing"
 TRACEPOINTS = ["sched/sched_process_fork", "sched/sched_process_exec", "sched/sched_process_exit",
                "syscalls/sys_enter_setuid", "syscalls/sys_enter_setresuid", "syscalls/sys_enter_setsid"]
+# user namespaces (BPF): optional, the tracer runs without them and says what it misses
+USERNS_TRACEPOINTS = ["syscalls/sys_enter_unshare", "syscalls/sys_enter_setns", "syscalls/sys_enter_clone",
+                      "syscalls/sys_enter_clone3", "syscalls/sys_enter_openat"]
+PROC_USERNS_BLIND = ("the proc connector does not report user-namespace entry (unshare/clone/setns) nor "
+                     "uid_map/gid_map writes: a namespace is noticed at the next exec or identity change of a "
+                     "process in it (read from /proc), short-lived ones not at all; namespaced set*id "
+                     "arguments are not seen (host ids are); the map helper (newuidmap) is inferred from "
+                     "/etc/subuid")
 
 
 def _bpf() -> dict:
@@ -28,6 +36,7 @@ def _bpf() -> dict:
     except ImportError as e:
         out["bcc"] = f"missing ({e})"
     out["tracepoints"] = {tp: os.path.isdir(os.path.join(TRACEFS, "events", tp)) for tp in TRACEPOINTS}
+    out["userns tracepoints"] = {tp: os.path.isdir(os.path.join(TRACEFS, "events", tp)) for tp in USERNS_TRACEPOINTS}
     return out
 
 
@@ -58,6 +67,11 @@ def report() -> dict:
                     "bcc": bpf["bcc"], "tracefs": bpf["tracefs"], "btf": bpf["btf"],
                     "kernel headers": bpf["kernel_headers"],
                     **{f"tp {k}": v for k, v in bpf["tracepoints"].items()},
+                    **{f"tp {k}": v for k, v in bpf["userns tracepoints"].items()},
+                    "user namespaces": ("traced: entry, setns, uid/gid map writes" if backend == "bpf"
+                                        and all(bpf["userns tracepoints"].values()) else
+                                        PROC_USERNS_BLIND if backend == "proc" else
+                                        "partly: tracepoints missing (see tp lines)"),
                     "proc connector": "available" if os.geteuid() == 0 else "needs root"}
     try:
         from .client import call

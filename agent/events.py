@@ -12,7 +12,8 @@ from dataclasses import asdict, dataclass, field
 KINDS = ("fork", "exec", "exit", "setuid", "setgid", "setsid", "fork_failed", "declare", "gap",
          "state", "prune", "adopt",
          # lifecycle records (agent/lifecycle.py): in the trail, so the export carries them too
-         "prologue", "suspend", "resume", "kill", "epilogue")
+         "prologue", "suspend", "resume", "kill", "epilogue",
+         "userns")   # entering a user namespace, its uid/gid maps (agent/tracer.py)
 
 
 @dataclass

@@ -42,6 +42,7 @@ STATES = {"R": "run", "S": "sleep", "D": "disk", "Z": "zombie", "T": "stop", "t"
           "I": "idle", "P": "park", "W": "wake", "K": "wkill"}
 DEFAULT_INTERVAL = 0.2   # one-shot: %CPU sampling window (s); 0 = lifetime average like ps
 MAX_MARK_LINES = 10      # footer lines per kind of mark in the text view
+USERNS_MARK = "[userns]"  # the process runs in a (non-initial) user namespace
 LINEAGE_SLACK = 2.0      # s: a lineage record older than its process's start names an earlier process
 
 
@@ -63,6 +64,7 @@ class Proc:
     cmd: str = ""       # "" for kernel threads and zombies
     t: float = 0.0      # monotonic time of the ticks reading
     pct: float | None = None
+    userns: int = 0     # inode of its user namespace when not the initial one (0: initial or unreadable)
 
 
 def _read(path: str, size: int) -> bytes:
@@ -124,7 +126,26 @@ def load_proc(pid: int, full_cmd: bool) -> Proc | None:
     if st is None or ids is None or cmd is None:
         return None
     return Proc(pid, st[2], st[3], st[4], st[1], st[0], st[5], st[7], st[6], ids[0], ids[1], cmd,
-                time.monotonic())
+                time.monotonic(), userns=read_userns(pid))
+
+
+def _initial_userns() -> int:
+    try:
+        return os.stat("/proc/1/ns/user").st_ino
+    except OSError:
+        return 4026531837   # PROC_USER_INIT_INO: fixed by the kernel for the initial namespace
+
+
+INIT_USERNS = _initial_userns()
+
+
+def read_userns(pid: int) -> int:
+    """The user namespace inode of pid when it is not the initial one, else 0."""
+    try:
+        ino = os.stat(f"/proc/{pid}/ns/user").st_ino
+    except OSError:
+        return 0
+    return 0 if ino == INIT_USERNS else ino
 
 
 def refresh_proc(p: Proc, full_cmd: bool, uids: bool = False, cmd: bool = False) -> Proc | None:
@@ -146,6 +167,7 @@ def refresh_proc(p: Proc, full_cmd: bool, uids: bool = False, cmd: bool = False)
         if ids is None:
             return None
         p.uid, p.euid = ids
+        p.userns = read_userns(p.pid)
     if cmd or exec_seen:
         c = read_cmd(p.pid, full_cmd)
         if c is None:
@@ -383,7 +405,7 @@ def node_dict(n: Node) -> dict:
             "cmd": p.cmd or f"[{p.comm}]", "cpu_seconds": round(p.ticks / HZ, 2),
             "cpu_percent": None if p.pct is None else round(p.pct, 1),
             "started": iso(boot_time() + p.start / HZ), "uid_changed": n.switched_from is not None,
-            "via": n.via, "reparented": n.reparented}
+            "via": n.via, "reparented": n.reparented, "userns": p.userns or None}
 
 
 def tree_json(roots: list[Node], sort: str = "start") -> str:
@@ -523,6 +545,9 @@ class Table:
         if n.reparented:
             segs.append((g.rep, "rep"))
             used += len(g.rep)
+        if p.userns:
+            segs.append((USERNS_MARK, "uid"))
+            used += len(USERNS_MARK)
         cmd = clean(p.cmd or f"[{p.comm}]")
         if not self.wide:
             cmd = trunc(cmd, room - used, g)
@@ -625,6 +650,12 @@ def mark_lines(rows: list[tuple[Node, int, str]], g: Glyphs, width: int, wide: b
         out.append([(g.rep, "rep"), (text, "")])
     if len(rp) > limit:
         out.append([(g.rep, "rep"), (f" ... and {len(rp) - limit} more reparented", "dim")])
+    ns = [n for n, _d, _c in rows if n.proc.userns and not n.ghost]
+    for n in ns[:limit]:
+        out.append([(USERNS_MARK, "uid"), (f" {n.proc.pid} runs in user namespace {n.proc.userns}; "
+                                           "its uids above are host ids", "")])
+    if len(ns) > limit:
+        out.append([(USERNS_MARK, "uid"), (f" ... and {len(ns) - limit} more in user namespaces", "dim")])
     return out if wide else [fit(s, width, g) for s in out]
 
 

@@ -158,7 +158,7 @@ class Agent:
         try:
             from .tracer import Tracer
 
-            self.tracer = Tracer(self.on_event, backend=backend)
+            self.tracer = Tracer(self.on_event, backend=backend, runtimes=self.config.tracer_container_runtimes)
             self.tracer_backend = self.tracer.backend
         except Exception as e:  # containment must not depend on tracing
             log.warning("tracing disabled: %s", e)

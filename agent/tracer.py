@@ -50,9 +50,21 @@ BACKENDS = ("auto", "bpf", "proc")
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 SET_SYSCALLS = ("setuid", "setreuid", "setresuid", "setgid", "setregid", "setresgid", "setgroups", "setsid")
 FORK_SYSCALLS = ("clone", "clone3", "fork", "vfork")
-KIND_NAMES = {1: "exec", 2: "exit", 3: "setuid", 4: "setgid", 5: "setsid", 6: "fork_failed"}
+NS_SYSCALLS = ("unshare", "setns")       # user namespaces: enter + exit
+OPEN_SYSCALLS = ("openat", "open")       # uid_map/gid_map opens: enter only
+KIND_NAMES = {1: "exec", 2: "exit", 3: "setuid", 4: "setgid", 5: "setsid", 6: "fork_failed", 7: "userns"}
 SYS_NAMES = {1: "setuid", 2: "setreuid", 3: "setresuid", 4: "setgid", 5: "setregid", 6: "setresgid",
-             7: "setgroups", 8: "setsid"}
+             7: "setgroups", 8: "setsid", 9: "unshare", 10: "clone", 11: "clone3", 12: "setns", 13: "map"}
+CLONE_NEWUSER = 0x10000000
+# Container runtimes marked at exec: a basename, or a path suffix when it holds a '/'.
+DEFAULT_RUNTIMES = ("apptainer", "singularity", "apptainer/bin/starter", "apptainer/bin/starter-suid",
+                    "singularity/bin/starter", "singularity/bin/starter-suid")
+IMAGE_SUFFIXES = (".sif", ".simg", ".img", ".sqsh", ".squashfs", ".ext3")
+IMAGE_SCHEMES = ("docker://", "docker-archive:", "library://", "oras://", "shub://", "instance://")
+MAP_HELPERS = ("newuidmap", "newgidmap")
+NS_KEEP = 4096              # user namespaces remembered (facts and maps)
+MAP_WAIT_S = 2.0            # how long a map event waits for the map to appear
+UNKNOWN_NS = -1             # record's userns: entered one, but it was gone before we could read it
 NOARG = 0xFFFFFFFF          # (uid_t)-1: "leave unchanged" in set*id arguments
 LINEAGE_CAP = 50_000        # records kept per job before dead uninteresting ones are dropped
 REMOVED_KEEP = 64           # removed jobs whose lineage/counters stay queryable
@@ -118,6 +130,109 @@ def proc_exe(pid: int) -> str:
         return os.readlink(f"/proc/{pid}/exe")
     except OSError:
         return ""
+
+
+# ---- user namespaces (read from /proc by the agent, which runs in the initial user namespace) -----
+
+NS_GET_PARENT = 0xB702      # linux/nsfs.h _IO(0xb7, 0x2)
+NS_GET_OWNER_UID = 0xB704   # _IO(0xb7, 0x4)
+MAP_FILES = ("uid_map", "gid_map")
+_MAP_PATH = re.compile(r"^/proc/(self|thread-self|\d+)(?:/task/\d+)?/([ug]id_map)$")
+_MAP_REL = re.compile(r"^(?:(\d+)/)?([ug]id_map)$")
+
+IdMap = list[list[int]]     # [[first id inside, first host id, count], ...]
+
+
+def userns_inode(pid: int | str) -> int | None:
+    try:
+        return os.stat(f"/proc/{pid}/ns/user").st_ino
+    except OSError:
+        return None
+
+
+INIT_USERNS = userns_inode("self") or 0   # the agent's own: the initial user namespace
+
+
+def userns_facts(pid: int) -> dict | None:
+    """{inode, owner_uid, parent, level} of pid's user namespace, from nsfs ioctls (host ids: the
+    agent is in the initial namespace), or None when pid is gone or in the initial namespace."""
+    import fcntl
+
+    try:
+        fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    fds = [fd]
+    try:
+        ino = os.fstat(fd).st_ino
+        if ino == INIT_USERNS:
+            return None
+        buf = bytearray(4)
+        try:
+            fcntl.ioctl(fd, NS_GET_OWNER_UID, buf)
+            owner = int.from_bytes(buf, "little")
+        except OSError:
+            owner = -1
+        parent, level, cur = None, 1, fd
+        while level < 40:   # the kernel allows 32 levels
+            try:
+                cur = fcntl.ioctl(cur, NS_GET_PARENT)
+            except OSError:   # EPERM: the parent is (above) our own, the initial namespace
+                break
+            fds.append(cur)
+            pino = os.fstat(cur).st_ino
+            if parent is None:
+                parent = pino
+            if pino == INIT_USERNS:
+                break
+            level += 1
+        return {"inode": ino, "owner_uid": owner, "parent": parent or INIT_USERNS, "level": level}
+    finally:
+        for f in fds:
+            os.close(f)
+
+
+def read_idmap(pid: int, which: str) -> IdMap | None:
+    """pid's uid_map or gid_map with host ids outside ([] = not written yet), None when gone."""
+    text = _read(f"/proc/{pid}/{which}")
+    if text is None:
+        return None
+    out = []
+    for line in text.splitlines():
+        try:
+            inside, outside, count = (int(x) for x in line.split())
+        except ValueError:
+            continue
+        out.append([inside, outside, count])
+    return out
+
+
+def to_host(ns_id: int, idmap: IdMap | None) -> int | None:
+    """A namespaced id as the host sees it; -1 (unchanged) stays -1; None when not mapped (or
+    the map is unknown): never a guess."""
+    if ns_id == -1:
+        return -1
+    for inside, outside, count in idmap or ():
+        if inside <= ns_id < inside + count:
+            return outside + ns_id - inside
+    return None
+
+
+def host_mapped(host_id: int, idmap: IdMap | None) -> bool:
+    return any(outside <= host_id < outside + count for _inside, outside, count in idmap or ())
+
+
+def subid_ranges(path: str, user: str, uid: int) -> list[tuple[int, int]]:
+    """/etc/subuid or /etc/subgid ranges (start, count) of a user (by name or uid)."""
+    out = []
+    for line in (_read(path) or "").splitlines():
+        parts = line.strip().split(":")
+        if len(parts) == 3 and parts[0] in (user, str(uid)):
+            try:
+                out.append((int(parts[1]), int(parts[2])))
+            except ValueError:
+                pass
+    return out
 
 
 def cgroup2_mount() -> str | None:
@@ -204,6 +319,7 @@ class _Job:
     cgroup_ids: set[int] = field(default_factory=set)
     procs: dict[int, dict] = field(default_factory=dict)   # lineage records by pid
     final_counters: dict | None = None                      # frozen at remove_job
+    userns: dict[int, int] = field(default_factory=dict)    # user namespaces in its trail: inode -> a member pid
 
 
 def _sid(v: int) -> int:
@@ -239,6 +355,20 @@ class _BpfBackend:
             if all(BPF.tracepoint_exists("syscalls", f"sys_{w}_{sc}") for w in need):
                 flags.append(f"-DJC_TP_{sc.upper()}")
             else:
+                self.missing.append(sc)
+        for sc in NS_SYSCALLS:
+            if all(BPF.tracepoint_exists("syscalls", f"sys_{w}_{sc}") for w in ("enter", "exit")):
+                flags.append(f"-DJC_TP_{sc.upper()}")
+            else:
+                self.missing.append(sc)
+        if all(BPF.tracepoint_exists("syscalls", f"sys_enter_{sc}") for sc in ("clone", "clone3")):
+            flags.append("-DJC_TP_CLONE_ENTER")
+        else:
+            self.missing.append("clone entry")
+        for sc in OPEN_SYSCALLS:
+            if BPF.tracepoint_exists("syscalls", f"sys_enter_{sc}"):
+                flags.append(f"-DJC_TP_{sc.upper()}")
+            elif sc == "openat":
                 self.missing.append(sc)
         fmt = _read(f"{tracefs()}/events/sched/sched_process_exit/format") or ""
         if "group_dead" in fmt:
@@ -631,7 +761,8 @@ class Tracer:
     """
 
     def __init__(self, on_event: Callable[[TraceEvent], None], backend: str = "auto", *,
-                 pid_filter: bool = True, ringbuf_pages: int = 1024, perf_buffer: bool = False) -> None:
+                 pid_filter: bool = True, ringbuf_pages: int = 1024, perf_buffer: bool = False,
+                 runtimes: Iterable[str] = DEFAULT_RUNTIMES) -> None:
         if backend not in BACKENDS:
             raise InvalidArgument(f"unknown tracer backend {backend!r} (use one of {', '.join(BACKENDS)})")
         if ringbuf_pages <= 0 or ringbuf_pages & (ringbuf_pages - 1):
@@ -661,6 +792,11 @@ class Tracer:
         self._next_cookie = 1
         self._free_slots = list(range(MAX_JOBS - 1, -1, -1))
         self._mono_to_epoch = time.time() - time.monotonic()
+        self.runtimes = tuple(runtimes)
+        self._ns: collections.OrderedDict[int, dict] = collections.OrderedDict()   # inode -> facts, maps
+        self._deferred: list[tuple[float, _Job, TraceEvent, int | None, str]] = []  # map events awaiting the map
+        self._extra: list[TraceEvent] = []   # events an enrichment adds before its own
+        self._ns_changing: set[int] = set()  # pids with an unshare/setns in the batch being enriched
 
     # -- jobs ----------------------------------------------------------------------------------
     def add_job(self, job_id: str, owner_uid: int, cgroup_id: int | None, pids: Iterable[int] = ()) -> None:
@@ -759,16 +895,23 @@ class Tracer:
         self._mono_to_epoch = time.time() - time.monotonic()
         raws.sort(key=lambda r: r.ts_ns)   # perf buffers are per CPU: restore one order
         n = 0
+        self._ns_changing = {r.pid for r in raws if r.kind == "userns" and r.sys in ("unshare", "setns")}
         for raw in raws:
             ev = self._enrich(raw)
-            if ev is None:
-                continue
+            extra, self._extra = self._extra, []
+            for e in extra + ([ev] if ev is not None else []):
+                n += 1
+                self._deliver(e)
+        for e in self._retry_maps():
             n += 1
-            try:
-                self._on_event(ev)
-            except Exception:  # one bad consumer call must not lose the rest of the batch
-                log.exception("on_event failed for %s", ev)
+            self._deliver(e)
         return n
+
+    def _deliver(self, ev: TraceEvent) -> None:
+        try:
+            self._on_event(ev)
+        except Exception:  # one bad consumer call must not lose the rest of the batch
+            log.exception("on_event failed for %s", ev)
 
     def _rec(self, job: _Job, pid: int, ts: float) -> dict:
         rec = job.procs.get(pid)
@@ -777,7 +920,7 @@ class Tracer:
                 self._prune(job)
             rec = job.procs[pid] = {"pid": pid, "ppid": 0, "uid": -1, "euid": -1, "gid": -1, "comm": "",
                                     "exe": "", "via": None, "first_seen": ts, "last_seen": ts,
-                                    "exited": None, "seeded": False}
+                                    "exited": None, "seeded": False, "userns": None}
         return rec
 
     def _prune(self, job: _Job) -> None:
@@ -827,27 +970,62 @@ class Tracer:
         detail = ev.detail
         if raw.tid and raw.tid != raw.pid:
             detail["tid"] = raw.tid
-        if raw.kind == "exec":
-            self._exec(job, rec, raw, ev)
+        ns = None
+        if raw.kind == "userns":
+            ok_ev = self._userns_event(job, rec, raw, ev, prev_euid)
+            if raw.sys in ("unshare", "setns"):
+                self._ns_changing.discard(raw.pid)   # later events of this batch: it is there now
+            if not ok_ev:
+                return None
+        elif raw.kind != "fork_failed":
+            ns = self._userns_of(job, rec, raw.pid, ts, raw)
+            if ns is not None:
+                detail["userns"] = self._ns_brief(ns)
+        if raw.kind == "userns":
+            pass
+        elif raw.kind == "exec":
+            self._exec(job, rec, raw, ev, ns)
         elif raw.kind in ("setuid", "setgid"):
             ev.filename = raw.filename or self._image(job, raw.pid)
             ok = raw.ret == 0
             detail.update(syscall=raw.sys or None, ret=raw.ret, ok=ok)
             if raw.kind == "setuid":
                 detail.update(old_uid=raw.old_uid, old_euid=prev_euid)
+                args: list[int | None] = []
                 if raw.sys:
-                    detail["args"] = list(raw.args[: {"setuid": 1, "setreuid": 2}.get(raw.sys, 3)])
+                    args = list(raw.args[: {"setuid": 1, "setreuid": 2}.get(raw.sys, 3)])
+                    if ns is None and ok and args and raw.sys != "setuid" and args[0] not in (-1, raw.uid):
+                        # the kernel made another real uid of it than asked: a user namespace
+                        # we could not see (gone before we looked); its ids are not host ids
+                        rec["userns"] = UNKNOWN_NS
+                        ns = self._userns_of(job, rec, raw.pid, ts, raw)
+                        detail["userns"] = self._ns_brief(ns)
+                    if ns is not None:   # namespaced ids: the host ids are what the map makes of them
+                        detail["ns_args"] = list(args)
+                        args = [to_host(a, self._ns_map(ns, "uid_map")) for a in args]
+                    detail["args"] = args
                 if ev.euid < 0:
-                    ev.euid = self._euid_after(raw, prev_euid) if ok else prev_euid
+                    ev.euid = self._euid_after(raw.sys, args, prev_euid) if ok else prev_euid
+                    if ev.euid is None:   # unmapped or map unknown: what the kernel says now, else unknown
+                        ev.euid = self._euid_now(raw.pid, raw.uid)
+                if ns is not None:
+                    detail["ns_ids"] = {"uid": self._inside(ns, "uid_map", ev.uid),
+                                        "euid": self._inside(ns, "uid_map", ev.euid)}
                 if ok and (ev.uid != raw.old_uid or ev.euid != prev_euid) \
-                        and (ev.uid != job.owner_uid or ev.euid != job.owner_uid):
-                    rec["via"] = ev.filename
+                        and (ev.uid != job.owner_uid or ev.euid not in (-1, job.owner_uid)):
+                    # in a user namespace whose map a helper (newuidmap) wrote, that helper made the
+                    # other host uid possible: it is the `via`, as sudo is for a sudo switch
+                    rec["via"] = (ns or {}).get("helper") or ev.filename
             else:
                 detail.update(old_gid=raw.old_gid, gid=raw.gid)
                 if raw.sys == "setgroups":
                     detail["ngroups"] = raw.args[0]
                 elif raw.sys:
-                    detail["args"] = list(raw.args[: {"setgid": 1, "setregid": 2}.get(raw.sys, 3)])
+                    gargs: list[int | None] = list(raw.args[: {"setgid": 1, "setregid": 2}.get(raw.sys, 3)])
+                    if ns is not None:
+                        detail["ns_args"] = list(gargs)
+                        gargs = [to_host(a, self._ns_map(ns, "gid_map")) for a in gargs]
+                    detail["args"] = gargs
                 if raw.egid >= 0:
                     detail["egid"] = raw.egid
                 if ev.euid < 0:
@@ -876,11 +1054,18 @@ class Tracer:
             if raw.gid >= 0:
                 rec["gid"] = raw.gid
             if not rec["via"] and ev.uid != job.owner_uid:
-                rec["via"] = self._inherited_via(job, raw.pid)
+                # in a namespace whose map a helper wrote, a host uid other than the owner's came
+                # through that helper (the proc connector may not have seen the switch as one)
+                rec["via"] = self._inherited_via(job, raw.pid) or (ns or {}).get("helper")
             # lineage rides along, for consumers that keep only the event stream (the store)
             detail["orig_ppid"] = rec["ppid"]
             if rec["via"]:
                 detail["via"] = rec["via"]
+        if raw.kind == "userns" and raw.sys == "map":
+            target, which = detail["target_pid"], detail["map"]
+            if not self._complete_map(job, ev, target, which, final=False):
+                self._deferred.append((time.monotonic() + MAP_WAIT_S, job, ev, target, which))
+                return None   # delivered by a later poll, once the map is written
         return ev
 
     @staticmethod
@@ -895,16 +1080,284 @@ class Tracer:
         return raw.euid if raw.euid >= 0 else raw.old_uid
 
     @staticmethod
-    def _euid_after(raw: _Raw, prev_euid: int) -> int:
-        """Effective uid after a successful set*uid, from its arguments."""
-        a = raw.args
-        if raw.sys == "setuid":
+    def _euid_after(sys: str, a: list[int | None], prev_euid: int) -> int | None:
+        """Effective uid after a successful set*uid, from its (host) arguments; None = unknown."""
+        if sys == "setuid":
             return a[0]
-        if raw.sys in ("setreuid", "setresuid") and a[1] != -1:
+        if sys in ("setreuid", "setresuid") and a[1] != -1:
             return a[1]
         return prev_euid
 
-    def _exec(self, job: _Job, rec: dict, raw: _Raw, ev: TraceEvent) -> None:
+    @staticmethod
+    def _euid_now(pid: int, ruid: int) -> int:
+        """The effective uid the kernel shows now (host id), -1 when the process is gone."""
+        st = proc_status(pid)
+        if st and "Uid" in st and st["Uid"][0] == ruid:
+            return st["Uid"][1]
+        return -1
+
+    # -- user namespaces -------------------------------------------------------------------------
+    def _ns_info(self, ino: int, pid: int) -> dict:
+        """Facts and maps of a user namespace, cached by inode (maps are written once)."""
+        info = self._ns.get(ino)
+        if info is None:
+            facts = userns_facts(pid) if userns_inode(pid) == ino else None
+            info = facts or {"inode": ino, "owner_uid": -1, "parent": None, "level": None}
+            info.update(uid_map=None, gid_map=None, helper=None, pid=pid)
+            self._ns[ino] = info
+            while len(self._ns) > NS_KEEP:
+                self._ns.popitem(last=False)
+        elif info["owner_uid"] == -1 and userns_inode(pid) == ino:
+            info.update(userns_facts(pid) or {})
+        if userns_inode(pid) == ino:
+            info["pid"] = pid
+        return info
+
+    def _ns_map(self, info: dict, which: str) -> IdMap | None:
+        """The namespace's uid_map/gid_map (host ids), read from a live member while unwritten."""
+        m = info.get(which)
+        if not m:
+            pid = info.get("pid")
+            if pid and userns_inode(pid) == info["inode"]:
+                m = read_idmap(pid, which)
+                if m:
+                    info[which] = m
+        return m or None
+
+    def _inside(self, info: dict, which: str, host_id: int) -> int | None:
+        """The namespace's view of a host id (None: not mapped there)."""
+        if host_id < 0:
+            return None
+        for inside, outside, count in self._ns_map(info, which) or ():
+            if outside <= host_id < outside + count:
+                return inside + host_id - outside
+        return None
+
+    @staticmethod
+    def _ns_brief(info: dict) -> dict:
+        return {"inode": info["inode"], "owner_uid": info["owner_uid"], "level": info["level"],
+                "parent": info["parent"]}
+
+    def _userns_of(self, job: _Job, rec: dict, pid: int, ts: float, raw: _Raw | None = None) -> dict | None:
+        """The user namespace pid runs in: None for the initial one, {"inode": None, ...} for one
+        it entered that could not be read (gone); remembered in its record as the inode, or
+        UNKNOWN_NS.  The first event of a namespace not yet in the job's trail is preceded by a
+        `userns` event saying so (the proc connector sees no namespace entry; BPF: one created
+        before tracing started)."""
+        ino = rec.get("userns")
+        if ino is not None and isinstance(self._be, _ProcBackend):
+            # the connector reports no namespace entry: look again at each event while it lives
+            ino = userns_inode(pid) or ino
+            rec["userns"] = ino
+        if ino is None:
+            if pid in self._ns_changing:   # it unshares/setns-es later in this batch: not there yet
+                ino = self._parent_ns(job, rec)
+            else:
+                ino = userns_inode(pid) if os.path.exists(f"/proc/{pid}") else None
+                if ino is None:   # gone: it ran where its creator ran (had it unshared, we would know)
+                    ino = self._parent_ns(job, rec)
+            if ino is None:
+                return None
+            rec["userns"] = ino
+        if ino == INIT_USERNS:
+            return None
+        if ino == UNKNOWN_NS:
+            return {"inode": None, "owner_uid": -1, "level": None, "parent": None, "uid_map": None,
+                    "gid_map": None, "helper": None, "pid": None}
+        info = self._ns_info(ino, pid)
+        if not info.get("helper"):
+            self._map_helper(job, info, None)
+        if not rec.get("ns_marked"):
+            rec["ns_marked"] = True
+            self._be.set_marked(pid)   # its exit completes the story, whatever its host uid
+        if ino not in job.userns:
+            job.userns[ino] = pid
+            self._extra.append(self._observed(job, rec, pid, ts, info, raw))
+        return info
+
+    def _parent_ns(self, job: _Job, rec: dict) -> int | None:
+        parent = job.procs.get(rec["ppid"])
+        if parent is not None and parent.get("userns") is not None:
+            # a parent that changed namespace may have forked us before or after: unknown
+            return UNKNOWN_NS if "userns_from" in parent else parent["userns"]
+        return userns_inode(rec["ppid"]) if rec["ppid"] else None
+
+    def _observed(self, job: _Job, rec: dict, pid: int, ts: float, info: dict, raw: _Raw | None) -> TraceEvent:
+        """The `userns` event for a namespace first seen through a process's event (`raw`: the ids
+        before that event, which is the one that follows)."""
+        uid = raw.old_uid if raw is not None and raw.old_uid >= 0 else rec["uid"]
+        if uid < 0 and raw is not None:
+            uid = raw.uid
+        euid = rec["euid"] if rec["euid"] >= 0 else (raw.euid if raw is not None and raw.euid >= 0 else uid)
+        ev = TraceEvent(kind="userns", pid=pid, ppid=rec["ppid"], uid=uid, euid=euid,
+                        comm=rec["comm"] or proc_comm(pid), filename=self._image(job, pid), job_id=job.job_id,
+                        ts=ts)
+        ev.detail.update(syscall=None, observed=True, userns=self._ns_brief(info),
+                         uid_map=self._ns_map(info, "uid_map"), gid_map=self._ns_map(info, "gid_map"),
+                         orig_ppid=rec["ppid"])
+        if isinstance(self._be, _ProcBackend):
+            ev.detail["source"] = "proc_connector"
+        self._map_helper(job, info, None)
+        return ev
+
+    def _map_helper(self, job: _Job, info: dict, writer: str | None) -> None:
+        """Who made the namespace's map give host uids other than its owner's: the writer of the
+        map (BPF saw the open), else -- proc connector -- newuidmap when the map lies within the
+        owner's /etc/subuid ranges (the only way an unprivileged owner gets them)."""
+        if info.get("helper"):
+            return
+        m = self._ns_map(info, "uid_map")
+        if not m or all(outside == info["owner_uid"] and count == 1 for _i, outside, count in m):
+            return
+        if writer:
+            info["helper"] = writer
+            return
+        # a map helper the job ran (its exec is in the trail), else -- proc connector, exec unseen --
+        # newuidmap when the map lies within the owner's /etc/subuid ranges
+        seen = [r for r in job.procs.values() if os.path.basename(r["exe"]) in MAP_HELPERS]
+        uidmap = [r for r in seen if os.path.basename(r["exe"]) == "newuidmap"] or seen
+        if uidmap:
+            info["helper"] = max(uidmap, key=lambda r: r["first_seen"])["exe"]
+            return
+        owner = info["owner_uid"]
+        try:
+            import pwd
+
+            name = pwd.getpwuid(owner).pw_name
+        except (KeyError, OverflowError):
+            name = str(owner)
+        ranges = subid_ranges("/etc/subuid", name, owner)
+        if all(outside == owner or any(s <= outside and outside + count <= s + c for s, c in ranges)
+               for _i, outside, count in m):
+            for d in os.environ.get("PATH", "/usr/bin:/bin").split(":") + ["/usr/bin", "/usr/sbin"]:
+                if os.path.exists(os.path.join(d, "newuidmap")):
+                    info["helper"] = os.path.join(d, "newuidmap")
+                    info["helper_inferred"] = True
+                    return
+
+    def _userns_event(self, job: _Job, rec: dict, raw: _Raw, ev: TraceEvent, prev_euid: int) -> bool:
+        """Fill a `userns` event (BPF); False when it is not one after all (setns into another
+        kind of namespace) or must wait for its map (see _retry_maps)."""
+        detail = ev.detail
+        ev.euid = prev_euid if ev.euid < 0 else ev.euid
+        ev.filename = self._image(job, raw.pid)
+        ts = ev.ts
+        if raw.sys == "map":
+            return self._map_event(job, rec, raw, ev)
+        ok = raw.ret > 0 if raw.sys in ("clone", "clone3") else raw.ret == 0
+        detail.update(syscall=raw.sys, ret=raw.ret, ok=ok)
+        if raw.sys == "setns":
+            detail.update(fd=raw.args[0], nstype=raw.args[1] & 0xFFFFFFFF)
+        else:
+            detail["flags"] = hex(raw.args[0] & 0xFFFFFFFF)
+        if not ok:
+            detail["errno"] = _errname(raw.ret)
+            return True
+        target = raw.ret if raw.sys in ("clone", "clone3") else raw.pid
+        ino = userns_inode(target)
+        if raw.sys in ("clone", "clone3"):
+            detail["child_pid"] = target
+            if ino is None or proc_ppid(target) != raw.pid:
+                detail["userns"] = None   # gone already (or a pid of a child pid namespace)
+                return True
+            crec = self._rec(job, target, ts)
+            crec["ppid"] = crec["ppid"] or raw.pid
+            crec["userns"] = ino
+            detail["from_userns"] = rec.get("userns") or userns_inode(raw.pid)
+        else:
+            prev = rec.get("userns")
+            if prev is None:
+                prev = self._parent_ns(job, rec) if raw.sys == "unshare" else None
+            if raw.sys == "setns" and ino is not None and ino == prev:
+                return False   # joined some other kind of namespace
+            detail["from_userns"] = prev
+            if raw.sys == "unshare" or ino is not None:
+                rec["userns"] = ino if ino is not None else UNKNOWN_NS
+                rec["userns_from"] = prev
+        if ino is None or ino == INIT_USERNS:
+            detail["userns"] = None if ino is None else {"inode": ino, "initial": True}
+            return True
+        info = self._ns_info(ino, target)
+        job.userns[ino] = target
+        detail.update(userns=self._ns_brief(info), uid_map=self._ns_map(info, "uid_map"),
+                      gid_map=self._ns_map(info, "gid_map"))
+        return True
+
+    def _map_target(self, raw: _Raw) -> int | None:
+        """The process whose map is opened: from the path, its dirfd, or newuidmap's argv."""
+        path = raw.filename
+        m = _MAP_PATH.match(path)
+        if m:
+            return raw.pid if m.group(1) in ("self", "thread-self") else int(m.group(1))
+        m = _MAP_REL.match(path)
+        if not m:
+            return None
+        dfd = raw.args[0] - (1 << 32) if raw.args[0] >= 1 << 31 else raw.args[0]
+        try:
+            base = os.readlink(f"/proc/{raw.pid}/fd/{dfd}" if dfd >= 0 else f"/proc/{raw.pid}/cwd")
+            full = _MAP_PATH.match(os.path.join(base, path))
+            if full:
+                return raw.pid if full.group(1) in ("self", "thread-self") else int(full.group(1))
+        except OSError:
+            pass
+        argv = (_read(f"/proc/{raw.pid}/cmdline") or "").split("\0")
+        if len(argv) > 1 and os.path.basename(argv[0]) in MAP_HELPERS and argv[1].isdigit():
+            return int(argv[1])
+        return None
+
+    def _map_event(self, job: _Job, rec: dict, raw: _Raw, ev: TraceEvent) -> bool:
+        which = os.path.basename(raw.filename)
+        target = self._map_target(raw)
+        ev.detail.update(syscall="map", map=which, path=raw.filename, target_pid=target)
+        return True   # the map itself: _complete_map, at the end of _enrich
+
+    def _complete_map(self, job: _Job, ev: TraceEvent, target: int | None, which: str, final: bool) -> bool:
+        """Read the map being written; True when done (or given up: `final`)."""
+        ino = userns_inode(target) if target else None
+        if ino is None and target is None:
+            # unresolved (newuidmap's dirfd, the writer gone): the job's latest namespace whose map
+            # is written and has no writer on record
+            for cand, pid in reversed(list(job.userns.items())):
+                info = self._ns.get(cand)
+                if info is not None and not info.get(f"{which}_writer") and self._ns_map(info, which):
+                    ino, target = cand, info.get("pid") or pid
+                    ev.detail["target_pid"] = target
+                    break
+        if ino is None or ino == INIT_USERNS:
+            if final:
+                ev.detail.update(userns=None, unread="target gone or not found")
+            return final
+        info = self._ns.get(ino) or self._ns_info(ino, target or 0)
+        m = self._ns_map(info, which)
+        if not m and not final:
+            return False
+        info[f"{which}_writer"] = ev.pid
+        ev.detail.update(userns=self._ns_brief(info), idmap=m)
+        if m is None:
+            ev.detail["unread"] = "map not written"
+        job.userns.setdefault(ino, target or 0)
+        if which == "uid_map":
+            writer = job.procs.get(ev.pid, {})
+            self._map_helper(job, info, writer.get("exe") or ev.filename or None)
+            if info.get("helper"):
+                ev.detail["helper"] = info["helper"]
+        return True
+
+    def _retry_maps(self) -> list[TraceEvent]:
+        if not self._deferred:
+            return []
+        now = time.monotonic()
+        done, keep = [], []
+        for item in self._deferred:
+            deadline, job, ev, target, which = item
+            if self._complete_map(job, ev, target, which, final=now >= deadline):
+                done.append(ev)
+            else:
+                keep.append(item)
+        self._deferred = keep
+        return done
+
+    def _exec(self, job: _Job, rec: dict, raw: _Raw, ev: TraceEvent, ns: dict | None = None) -> None:
         path = raw.filename
         if path and not path.startswith("/"):
             try:
@@ -928,9 +1381,16 @@ class Tracer:
                 nosuid = bool(os.statvfs(path).f_flag & os.ST_NOSUID)
             except OSError:
                 nosuid = False
+            # in a user namespace the kernel ignores the bit when the file's owner is not mapped there
+            unknown = ns is not None and ns["inode"] is None
+            unmapped = ns is not None and not unknown and not host_mapped(st.st_uid, self._ns_map(ns, "uid_map"))
             if st.st_mode & stat.S_ISUID:
                 detail.update(setuid_file=True, file_uid=st.st_uid)
-                if not nosuid:
+                if unknown:   # maybe ignored by the kernel, maybe not: claim nothing
+                    euid = -1
+                elif unmapped:
+                    detail["setuid_ignored"] = "file owner not mapped in the user namespace"
+                elif not nosuid:
                     euid = st.st_uid
             if st.st_mode & stat.S_ISGID:
                 detail.update(setgid_file=True, file_gid=st.st_gid)
@@ -949,6 +1409,42 @@ class Tracer:
                     rec["via"] = path
         ev.euid = euid
         rec["exe"] = path
+        runtime = self._runtime(path)
+        if runtime:
+            detail["container_runtime"] = runtime
+            image = self._runtime_image(raw.pid)
+            if image:
+                detail["image"] = image
+
+    def _runtime(self, path: str) -> str | None:
+        """The configured container-runtime entry the exec'd file matches, if any."""
+        base = os.path.basename(path)
+        for r in self.runtimes:
+            if ("/" in r and path.endswith("/" + r.lstrip("/"))) or r == base:
+                return r
+        return None
+
+    @staticmethod
+    def _runtime_image(pid: int) -> str | None:
+        """The image an apptainer/singularity command line names (`exec|run|shell|test|instance
+        start [options] IMAGE ...`), when its arguments are still readable."""
+        argv = (_read(f"/proc/{pid}/cmdline") or "").split("\0")[1:]
+        while argv and argv[-1] == "":
+            argv.pop()
+        for a in argv:
+            if a.endswith(IMAGE_SUFFIXES) or a.startswith(IMAGE_SCHEMES):
+                return a
+        verbs = ("exec", "run", "shell", "test", "start", "inspect")
+        for i, a in enumerate(argv):
+            if a in verbs:
+                rest = argv[i + 1:]
+                if a == "start" or (rest and rest[0] == "start"):
+                    rest = rest[1:] if rest and rest[0] == "start" else rest
+                for b in rest:
+                    if not b.startswith("-") and os.path.isdir(b):   # a sandbox directory
+                        return b
+                break
+        return None
 
     # -- queries -------------------------------------------------------------------------------
     def counters(self, job_id: str) -> dict[str, int | None]:

@@ -25,6 +25,7 @@ enum jc_kind {
 	JC_EV_SETGID = 4,       /* setgid, setregid, setresgid, setgroups */
 	JC_EV_SETSID = 5,
 	JC_EV_FORK_FAILED = 6,  /* rate limited: at most one per job per CPU per second */
+	JC_EV_USERNS = 7,       /* user namespace: created, joined, or its uid/gid map opened for writing */
 };
 
 /* Which syscall an identity event came from (struct jc_event.sys). */
@@ -38,7 +39,16 @@ enum jc_sys {
 	JC_SYS_SETRESGID = 6,
 	JC_SYS_SETGROUPS = 7,
 	JC_SYS_SETSID = 8,
+	JC_SYS_UNSHARE = 9,     /* userns events: arg0 = flags (low 32 bits), ret = 0 or -errno */
+	JC_SYS_CLONE = 10,      /* arg0 = flags, ret = child pid (in the parent) or -errno */
+	JC_SYS_CLONE3 = 11,
+	JC_SYS_SETNS = 12,      /* arg0 = fd, arg1 = nstype (0 = any: user space checks what changed) */
+	JC_SYS_NSMAP = 13,      /* open for writing of a .../uid_map or gid_map: arg0 = dirfd, arg1 = open
+	                         * flags, filename = the path as passed (maybe relative to dirfd) */
 };
+
+#define JC_CLONE_NEWUSER 0x10000000   /* linux/sched.h */
+#define JC_NSPATH_LEN 64              /* longest uid_map path looked at ("/proc/4194304/uid_map" is 21) */
 
 /* Bits of the `marked` map (tgid -> bits).  An exit is reported when the process was SEEN (user
  * space got an event about it, so its end completes the story) and its real uid differs from the

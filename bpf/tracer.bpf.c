@@ -11,10 +11,12 @@
  *   JC_RINGBUF_PAGES     ring buffer size in pages (power of two)
  *   JC_HAVE_GROUP_DEAD   sched_process_exit has the group_dead field
  *   JC_TP_<SYSCALL>      the syscalls:sys_{enter,exit}_<syscall> tracepoints exist
+ *   JC_TP_CLONE_ENTER    sys_enter_clone/clone3 exist (CLONE_NEWUSER is seen at entry)
  *
  * What reaches user space: exec, identity changes (with return code), setsid, exit of
  * processes whose real uid differs from the job owner's or that changed identity (if an
- * event was sent about them before: see JC_MARK_SEEN), and fork failures rate limited.
+ * event was sent about them before: see JC_MARK_SEEN), fork failures rate limited, and
+ * user-namespace entry (unshare/clone/clone3 with CLONE_NEWUSER, setns) and uid/gid map opens.
  * Forks are only counted: a fork bomb costs map updates, not events.
  *
  * Fork/lineage choice: instead of one event per fork, the fork tracepoint writes
@@ -293,11 +295,13 @@ static __always_inline int id_exit(void *ctx, long ret)
 	struct jc_job j = {};
 	j.slot = p.slot;
 	j.cookie = p.cookie;
+	/* A process that entered a user namespace counts as changed: its ids mean something else now. */
 	mark(tgid, ret == 0 ? (JC_MARK_CHANGED | JC_MARK_SEEN) : JC_MARK_SEEN);
 	struct jc_event *e = ev_reserve(&j);
 	if (!e)
 		return 0;
-	ev_common(e, (p.sys >= JC_SYS_SETGID) ? JC_EV_SETGID : JC_EV_SETUID, &j);
+	ev_common(e, p.sys >= JC_SYS_UNSHARE ? JC_EV_USERNS : (p.sys >= JC_SYS_SETGID) ? JC_EV_SETGID : JC_EV_SETUID,
+		  &j);
 	e->old_uid = p.old_uid;
 	e->old_gid = p.old_gid;
 	e->sys = p.sys;
@@ -393,15 +397,112 @@ static __always_inline int fork_exit(void *ctx, long ret)
 	return 0;
 }
 
+/* clone/clone3 with CLONE_NEWUSER also end a pending userns record (see user namespaces below). */
+#ifdef JC_TP_CLONE_ENTER
+#define JC_NS_CLONE_EXIT(ctx, ret) id_exit(ctx, ret)
+#else
+#define JC_NS_CLONE_EXIT(ctx, ret) 0
+#endif
 #ifdef JC_TP_CLONE
-TRACEPOINT_PROBE(syscalls, sys_exit_clone) { return fork_exit(args, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_clone) { JC_NS_CLONE_EXIT(args, args->ret); return fork_exit(args, args->ret); }
 #endif
 #ifdef JC_TP_CLONE3
-TRACEPOINT_PROBE(syscalls, sys_exit_clone3) { return fork_exit(args, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_clone3) { JC_NS_CLONE_EXIT(args, args->ret); return fork_exit(args, args->ret); }
 #endif
 #ifdef JC_TP_FORK
 TRACEPOINT_PROBE(syscalls, sys_exit_fork) { return fork_exit(args, args->ret); }
 #endif
 #ifdef JC_TP_VFORK
 TRACEPOINT_PROBE(syscalls, sys_exit_vfork) { return fork_exit(args, args->ret); }
+#endif
+
+/* ---- user namespaces --------------------------------------------------------------- */
+
+/* unshare/clone/clone3 with CLONE_NEWUSER and setns go through the set*id path: sys_enter keeps
+ * a pending record, sys_exit sends one JC_EV_USERNS event with the return code (clone: the child's
+ * pid).  The flag test comes before any map lookup: plain forks pay one bit test.  Which namespace
+ * it is (inode, owner, maps) user space reads from /proc: the programs read no kernel struct. */
+#ifdef JC_TP_UNSHARE
+TRACEPOINT_PROBE(syscalls, sys_enter_unshare)
+{
+	if (!(args->unshare_flags & JC_CLONE_NEWUSER))
+		return 0;
+	return id_enter(JC_SYS_UNSHARE, U32(args->unshare_flags), NOARG, NOARG);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_unshare) { return id_exit(args, args->ret); }
+#endif
+#if defined(JC_TP_CLONE_ENTER) && defined(JC_TP_CLONE)
+TRACEPOINT_PROBE(syscalls, sys_enter_clone)
+{
+	if (!(args->clone_flags & JC_CLONE_NEWUSER))
+		return 0;
+	return id_enter(JC_SYS_CLONE, U32(args->clone_flags), NOARG, NOARG);
+}
+#endif
+#if defined(JC_TP_CLONE_ENTER) && defined(JC_TP_CLONE3)
+TRACEPOINT_PROBE(syscalls, sys_enter_clone3)
+{
+	u64 flags = 0;   /* struct clone_args starts with its u64 flags: user memory, not a kernel struct */
+	if (bpf_probe_read_user(&flags, sizeof(flags), (void *)args->uargs) || !(flags & JC_CLONE_NEWUSER))
+		return 0;
+	return id_enter(JC_SYS_CLONE3, U32(flags), NOARG, NOARG);
+}
+#endif
+#ifdef JC_TP_SETNS
+TRACEPOINT_PROBE(syscalls, sys_enter_setns)
+{
+	/* nstype 0 (any) or with CLONE_NEWUSER: maybe a user namespace; user space looks at what changed */
+	if (args->flags && !(args->flags & JC_CLONE_NEWUSER))
+		return 0;
+	return id_enter(JC_SYS_SETNS, U32(args->fd), U32(args->flags), NOARG);
+}
+TRACEPOINT_PROBE(syscalls, sys_exit_setns) { return id_exit(args, args->ret); }
+#endif
+
+/* Open for writing of a uid_map or gid_map (newuidmap/newgidmap, unshare -r, a runtime): one
+ * event with the path as passed, so user space can read the map that is being written and name
+ * the writer.  Read-only opens (nearly all) return after one bit test. */
+static __always_inline int nsmap_open(void *ctx, int dfd, const char *filename, int flags)
+{
+	if ((flags & 3) == 0)   /* O_RDONLY */
+		return 0;
+	u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	struct jc_job j;
+	int by_pid;
+
+	if (!current_job(tgid, &j, &by_pid))
+		return 0;
+	char path[JC_NSPATH_LEN] = {};
+	long n = bpf_probe_read_user_str(path, sizeof(path), filename);
+	if (n < 8 || n > JC_NSPATH_LEN)   /* n counts the NUL; a longer path is not looked at */
+		return 0;
+	u32 end = (u32)(n - 1);   /* index of the NUL */
+	const char tail[] = "id_map";
+	char c = path[(end - 7) & (JC_NSPATH_LEN - 1)];
+	if (c != 'u' && c != 'g')
+		return 0;
+#pragma unroll
+	for (int i = 0; i < 6; i++)
+		if (path[(end - 6 + i) & (JC_NSPATH_LEN - 1)] != tail[i])
+			return 0;
+	if (end > 7 && path[(end - 8) & (JC_NSPATH_LEN - 1)] != '/')
+		return 0;
+	struct jc_event *e = ev_reserve(&j);
+	if (!e)
+		return 0;
+	ev_common(e, JC_EV_USERNS, &j);
+	e->sys = JC_SYS_NSMAP;
+	e->arg0 = (u32)dfd;
+	e->arg1 = (u32)flags;
+	__builtin_memcpy(e->filename, path, JC_NSPATH_LEN);
+	ev_submit(ctx, e, &j, 1);
+	mark(tgid, JC_MARK_SEEN);
+	return 0;
+}
+
+#ifdef JC_TP_OPENAT
+TRACEPOINT_PROBE(syscalls, sys_enter_openat) { return nsmap_open(args, args->dfd, args->filename, args->flags); }
+#endif
+#ifdef JC_TP_OPEN
+TRACEPOINT_PROBE(syscalls, sys_enter_open) { return nsmap_open(args, -100 /* AT_FDCWD */, args->filename, args->flags); }
 #endif

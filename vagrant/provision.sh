@@ -10,22 +10,14 @@ log() { printf 'bootstrap: %s\n' "$*"; }
 family=${ID_LIKE:-$ID}
 
 DEB_PKGS=(python3 python3-venv python3-dev python3-bpfcc bpfcc-tools bpftrace linux-headers-amd64
-          sudo util-linux procps gcc make libc6-dev sqlite3 tmux
-<<<<<<< HEAD
-          munge slurmctld slurmd slurm-client auditd openssh-server)
-=======
-          munge slurmctld slurmd slurm-client auditd rsyslog)
->>>>>>> c00239a (Audit export: lifecycle records in the trail (written with the change), [export] file/syslog/journal sinks fed from the store with a cursor per sink and a bounded memory queue, export metrics, [agent] node; whois --logs/--label over collected files (plain or gzip, streamed); tests with a real rsyslog and two agents as two nodes; benches)
+          sudo util-linux uidmap procps gcc make libc6-dev sqlite3 tmux
+          munge slurmctld slurmd slurm-client auditd openssh-server rsyslog)
 # EL9: /usr/bin/python3 is 3.9, jobcage needs 3.11 (bootstrap-venv.sh picks python3.11 and lends it the
 # distribution's bcc); Slurm and munge come from EPEL (which needs CRB); kernel-devel is installed apart,
 # as the exact running kernel's package may be gone from the mirrors.
 RPM_PKGS=(python3 python3-devel python3.11 python3.11-devel python3-bcc bcc-tools bpftrace sudo util-linux
-<<<<<<< HEAD
           shadow-utils procps-ng gcc make sqlite tmux rsync munge slurm slurm-slurmctld slurm-slurmd audit
-          openssh-server)
-=======
-          shadow-utils procps-ng gcc make sqlite tmux rsync munge slurm slurm-slurmctld slurm-slurmd audit rsyslog)
->>>>>>> c00239a (Audit export: lifecycle records in the trail (written with the change), [export] file/syslog/journal sinks fed from the store with a cursor per sink and a bounded memory queue, export metrics, [agent] node; whois --logs/--label over collected files (plain or gzip, streamed); tests with a real rsyslog and two agents as two nodes; benches)
+          openssh-server rsyslog)
 
 case "$family" in
   *debian*)
