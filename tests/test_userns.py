@@ -15,6 +15,7 @@ import json
 import os
 import secrets
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -358,4 +359,44 @@ def test_nested_and_setns_into_sibling_job(jc_env: JcEnv, agent_proc: AgentProc,
         assert set(idents(show(jc_env, job))) == {pilot.uid}
     assert whois(jc_env, 0) == []
     open_gate(end_b)
+    open_gate(end)
+
+
+# -- container runtimes --------------------------------------------------------------------------------------------
+
+RUNTIME_C = r"""
+/* A stand-in with apptainer's name and command line (apptainer is not packaged for Debian 12): waits for one
+ * line on stdin, so its arguments stay readable while the agent marks the exec. */
+#include <stdio.h>
+int main(void) { char b[8]; return fgets(b, sizeof b, stdin) ? 0 : 1; }
+"""
+
+
+@pytest.mark.parametrize("jc_env", BOTH, indirect=True)
+def test_container_runtime_exec_marked(jc_env: JcEnv, agent_proc: AgentProc, nsusers: NsUsers,
+                                       tmp_path: Path) -> None:
+    """An exec of a file named like a configured runtime (`[tracer] container_runtimes`, default: apptainer,
+    singularity and their starters) is marked in the trail with the image its arguments name; other execs are not."""
+    require(shutil.which("gcc") is not None, "gcc is missing")
+    pilot = nsusers.pilot
+    job = f"rt-{secrets.token_hex(2)}"
+    bindir = jc_env.scratch / f"{job}-bin"
+    bindir.mkdir()
+    bindir.chmod(0o755)
+    (tmp_path / "rt.c").write_text(RUNTIME_C)
+    subprocess.run(["gcc", "-O2", "-o", str(bindir / "apptainer"), str(tmp_path / "rt.c")], check=True)
+    (bindir / "apptainer").chmod(0o755)
+    prologue(jc_env, job, pilot)
+    d = workdir(jc_env, job)
+    end = fifo(d, "end")
+    image = f"{d}/payload.sif"
+    jc_env.start_job(job, f"echo $$ > {d}/pilot.pid\ncat {end} | {bindir}/apptainer exec --contain --bind /tmp "
+                          f"{image} /bin/true\nexit 0", user=pilot, via_root=False)
+    pilot_pid = pid_file(d / "pilot.pid")
+    evs = wait_events(agent_proc, job, lambda evs: any(e["detail"].get("container_runtime") for e in evs),
+                      "the runtime exec marked")
+    rt = first(evs, "runtime exec", kind="exec", detail_container_runtime="apptainer")
+    assert rt["filename"] == f"{bindir}/apptainer" and rt["detail"]["image"] == image, rt
+    assert rt["ppid"] == pilot_pid and rt["uid"] == pilot.uid, rt
+    assert not [e for e in pick(evs, kind="exec") if e is not rt and e["detail"].get("container_runtime")]
     open_gate(end)
