@@ -354,7 +354,7 @@ def test_nested_and_setns_into_sibling_job(jc_env: JcEnv, agent_proc: AgentProc,
     b_evs = trail(jc_env, job_b)
     assert pick(b_evs, pid=joined_pid), "the joined process is job B's"
     a_evs_now = trail(jc_env, job_a)
-    b_pids = {e["pid"] for e in b_evs}
+    b_pids = {e["pid"] for e in b_evs if e["pid"] > 0}   # not the lifecycle records (pid 0)
     assert not [e for e in a_evs_now if e["pid"] in b_pids], "job B's processes leaked into A's trail"
     ns = {(e["detail"].get("userns") or {}).get("inode"): e["detail"]["userns"] for e in
           userns_entries(a_evs_now, backend)}
