@@ -418,7 +418,7 @@ class Worker:
             if self.sink.broken():
                 self._fail("the collector closed the connection")
             self._settle()
-            if self.cursor != saved and (time.monotonic() - last_save > 1.0 or not self.in_flight):
+            if self.cursor != saved and time.monotonic() - last_save >= 0.5:   # at most 2 writes a second
                 try:
                     self.reader.save(self.sink.name, self.cursor)
                     saved, last_save = self.cursor, time.monotonic()

@@ -230,7 +230,7 @@ class JobManager:
                 jid = self.store.add_job(job_id, uid, gid, path, pids_max if self.driver.has_pids else None,
                                          created, tmpdir)
                 self._record(jid, job_id, "prologue", ts=created, uid=uid, euid=uid, pid=pid or 0,
-                             detail={"mode": "own", "cgroup": path, "gid": gid, "pids_max": pids_max})
+                             detail={"cgroup": path, "gid": gid, "pids_max": pids_max})
             if self.observer:
                 self.observer.job_started(self.store.job(job_id) or {"jid": jid, "job_id": job_id,
                                           "owner_uid": uid}, self.driver.cgroup_id(job_id), [])
@@ -648,7 +648,7 @@ class JobManager:
                 jid = self.store.add_job(name, owner, meta.get("owner_gid"), self.driver.path(name),
                                          meta.get("pids_max"), created)
                 self._record(jid, name, "prologue", ts=created, uid=owner, euid=owner,
-                             detail={"mode": "own", "cgroup": self.driver.path(name), "reconciled": True})
+                             detail={"cgroup": self.driver.path(name), "reconciled": True})
             if self.observer:
                 self.observer.job_started(self.store.job(name) or {}, self.driver.cgroup_id(name),
                                           self.driver.pids(name))

@@ -20,7 +20,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from jctest import AgentProc, JcEnv, User, read_int, require, wait_for
+from jctest import AgentProc, JcEnv, User, proc, read_int, require, wait_for
 
 RECORD_KEYS = ["ts", "node", "event_id", "jid", "job_id", "kind", "pid", "ppid", "uid", "euid", "comm",
                "filename", "detail"]
@@ -120,10 +120,19 @@ def test_file_export_lifecycle_restart_and_direct_path(jc_env: JcEnv, tmp_path: 
         lines = read_records(out)
         for r in lines:
             assert r == got[r["event_id"]]
+        gap = [r for r in got.values() if r["job_id"] == "e3" and r["kind"] == "gap"]
+        assert gap and gap[0]["detail"]["reason"] == "agent not running", gap   # e3 ran while the agent was down
+
+        # prune kills are records too (whoever asks for the prune): a process of the user in no job
+        stray = jc_env.popen(["sleep", "300"], user=user)
+        wait_for(lambda: (p := proc(stray.pid)) is not None and p.uid == user.uid and p.comm == "sleep", 10,
+                 "the stray running as the user")
+        jc_env.jobcage("prune", "--kill", "--uid", str(user.uid)).ok()
         jc_env.jobcage("epilogue", "e3").ok()
-        wait_all_exported(jc_env, [out], "node-file")
-        metrics_ok = agent.result("ping")
-        assert metrics_ok
+        got = wait_all_exported(jc_env, [out], "node-file")
+        pruned = [r for r in got.values() if r["kind"] == "prune"]
+        assert [(r["pid"], r["uid"], r["jid"], r["detail"]["result"]) for r in pruned] == \
+            [(stray.pid, user.uid, None, "killed")], pruned
     finally:
         agent.stop()
 

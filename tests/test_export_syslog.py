@@ -29,6 +29,8 @@ CONF = """\
 global(workDirectory="{work}" maxMessageSize="64k")
 module(load="imtcp")
 module(load="imudp")
+module(load="imuxsock" SysSock.Use="off")
+input(type="imuxsock" Socket="{unix}")
 input(type="imtcp" address="127.0.0.1" port="{port}")
 input(type="imudp" address="127.0.0.1" port="{port}")
 template(name="perhost" type="string" string="{out}/%HOSTNAME%.log")
@@ -63,7 +65,8 @@ class Rsyslog:
         self.out.chmod(0o755)
         self.port = free_port()
         self.conf = root / "rsyslog.conf"
-        self.conf.write_text(CONF.format(work=self.work, port=self.port, out=self.out))
+        self.unix = root / "log.sock"   # a private "/dev/log"
+        self.conf.write_text(CONF.format(work=self.work, port=self.port, out=self.out, unix=self.unix))
         self.proc: subprocess.Popen | None = None
         self.log = root / "rsyslogd.log"
 
@@ -245,3 +248,27 @@ def test_collector_outage_then_agent_kill9_none_missing(jc_env: JcEnv, tmp_path:
         assert kinds[-3:] == ["suspend", "resume", "epilogue"], kinds
     finally:
         agent.stop()
+
+
+def test_local_syslog_socket(jc_env: JcEnv, tmp_path: Path, make_user, rsyslog: Rsyslog) -> None:
+    """[export] syslog = unix:PATH (what /dev/log is on a node): rsyslog's imuxsock takes syslog(3)'s format;
+    the file is the local host's (imuxsock names the messages after it), the records name the node."""
+    user = make_user()
+    jc_env.write_config({"agent": {"node": "wn-local"}, "export": {"syslog": f"unix:{rsyslog.unix}"}})
+    agent = AgentProc(jc_env, tmp_path).start()
+    try:
+        jc_env.jobcage("prologue", "l1", "--uid", str(user.uid)).ok()
+        jc_env.jobcage("epilogue", "l1").ok()
+        host = socket.gethostname()
+
+        def done() -> dict[int, dict] | None:
+            got = exported(list(rsyslog.out.glob("*.log")), "wn-local")
+            return got if set(store_ids(jc_env)) <= set(got) else None
+
+        got = wait_for(done, 60, "every record through the local socket")
+    finally:
+        agent.stop()
+    assert [r["kind"] for r in sorted(got.values(), key=lambda r: r["event_id"])] == ["prologue", "epilogue"]
+    lines = [ln for f in rsyslog.out.glob("*.log") for ln in f.read_text().splitlines() if "wn-local" in ln]
+    assert lines and all(" jobcage[" in ln for ln in lines), lines
+    assert any(f.name.startswith(host.split(".")[0]) for f in rsyslog.out.glob("*.log")), list(rsyslog.out.iterdir())
