@@ -157,7 +157,8 @@ class SyslogSink(Sink):
         if facility not in FACILITIES:
             raise InvalidArgument(f"[export] syslog_facility: unknown facility {facility!r}")
         self.pri = FACILITIES[facility] * 8 + SEVERITY_INFO
-        self.node = node
+        # RFC 5424 HOSTNAME: 1-255 printable ASCII, no space (the record's "node" keeps the name as it is)
+        self.node = "".join(c if "!" <= c <= "~" else "_" for c in node)[:255] or "-"
         self.name = f"syslog:{target}"
         if target.startswith("unix:"):
             self.proto, self.addr = "unix", target[5:]

@@ -49,6 +49,22 @@ def ping(sock: str) -> bool:
         return False
 
 
+def rpc(sock: str, method: str, **params: object) -> float:
+    """One request on the control socket from this process: the agent's side of a hook, without the
+    hook's interpreter start-up (which dominates the whole-process figure on a loaded node)."""
+    t0 = time.perf_counter()
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(60)
+        s.connect(sock)
+        d = json.dumps({"method": method, "params": params}).encode()
+        s.sendall(struct.pack("!I", len(d)) + d)
+        (n,) = struct.unpack("!I", s.recv(4, socket.MSG_WAITALL))
+        resp = json.loads(s.recv(n, socket.MSG_WAITALL))
+    if not resp.get("ok"):
+        raise RuntimeError(f"{method}: {resp}")
+    return (time.perf_counter() - t0) * 1000
+
+
 def timed(argv: list[str], env: dict[str, str]) -> float:
     t0 = time.perf_counter()
     r = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -92,6 +108,7 @@ def main() -> int:
     subtrees: list[str] = []
     sleepers: list[subprocess.Popen] = []
     results: dict[str, dict[str, list[float]]] = {c: {"prologue": [], "adopt": [], "epilogue": []} for c in CASES}
+    rpcs: dict[str, dict[str, list[float]]] = {c: {"prologue": [], "adopt": [], "epilogue": []} for c in CASES}
     try:
         with open(full / "filler", "wb") as f, contextlib.suppress(OSError):
             while True:
@@ -130,6 +147,17 @@ def main() -> int:
                     if i >= 2:
                         results[case][hook].append(dt)
                 sleeper.wait(timeout=30)
+                sock = str(base / case / "agent.sock")
+                job = f"r{case}{i}"
+                sleeper = subprocess.Popen(["sleep", "300"])
+                sleepers.append(sleeper)
+                for hook, params in (("prologue", {"job_id": job, "uid": 0}),
+                                     ("adopt", {"job_id": job, "pid": sleeper.pid}),
+                                     ("epilogue", {"job_id": job})):
+                    dt = rpc(sock, hook, **params)
+                    if i >= 2:
+                        rpcs[case][hook].append(dt)
+                sleeper.wait(timeout=30)
         pending = {}
         for case in CASES:
             db = sqlite3.connect(str(base / case / "state" / "jobcage.db"), timeout=30)
@@ -157,14 +185,17 @@ def main() -> int:
                 with contextlib.suppress(OSError):
                     os.rmdir(f"{root}/{st}")
         shutil.rmtree(base, ignore_errors=True)
-    print(f"hook latency through the agent, {a.trials} trials per case, interleaved (median ms; ratio to 'none')")
-    print(f"{'case':10} {'prologue':>9} {'adopt':>9} {'epilogue':>9} {'ratio p/a/e':>16} {'pending':>8}")
-    ref = {h: statistics.median(v) for h, v in results["none"].items()}
-    for case in CASES:
-        med = {h: statistics.median(v) for h, v in results[case].items()}
-        ratio = "/".join(f"{med[h] / ref[h]:.2f}" for h in ("prologue", "adopt", "epilogue"))
-        print(f"{case:10} {med['prologue']:9.1f} {med['adopt']:9.1f} {med['epilogue']:9.1f} {ratio:>16} "
-              f"{pending[case]:8d}")
+    print(f"{a.trials} trials per case, interleaved; load {os.getloadavg()[0]:.1f} (median ms; ratio to 'none')")
+    for title, table in (("whole hook process (jobcage prologue/adopt/epilogue)", results),
+                         ("agent round trip (the same requests on the socket)", rpcs)):
+        print(f"\n{title}")
+        print(f"{'case':10} {'prologue':>9} {'adopt':>9} {'epilogue':>9} {'ratio p/a/e':>16} {'pending':>8}")
+        ref = {h: statistics.median(v) for h, v in table["none"].items()}
+        for case in CASES:
+            med = {h: statistics.median(v) for h, v in table[case].items()}
+            ratio = "/".join(f"{med[h] / ref[h]:.2f}" for h in ("prologue", "adopt", "epilogue"))
+            print(f"{case:10} {med['prologue']:9.1f} {med['adopt']:9.1f} {med['epilogue']:9.1f} {ratio:>16} "
+                  f"{pending[case]:8d}")
     return 0
 
 
