@@ -22,6 +22,7 @@ import json
 import os
 import secrets
 import shutil
+import signal
 import socket
 import sqlite3
 import statistics
@@ -82,6 +83,7 @@ def main() -> int:
     if os.geteuid() != 0:
         print("export_hooks: run as root", file=sys.stderr)
         return 1
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))   # run the cleanup below
     base = Path(tempfile.mkdtemp(prefix="jcx-", dir="/tmp"))
     full = base / "full"
     full.mkdir()
@@ -180,10 +182,10 @@ def main() -> int:
         for h in holes:
             h.close()
         subprocess.run(["umount", "-l", str(full)], check=False)
+        from hook_latency import cleanup  # kills and removes what a run left in a private subtree
+
         for st in subtrees:
-            for root in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup/pids", "/sys/fs/cgroup"):
-                with contextlib.suppress(OSError):
-                    os.rmdir(f"{root}/{st}")
+            cleanup(st)
         shutil.rmtree(base, ignore_errors=True)
     print(f"{a.trials} trials per case, interleaved; load {os.getloadavg()[0]:.1f} (median ms; ratio to 'none')")
     for title, table in (("whole hook process (jobcage prologue/adopt/epilogue)", results),
