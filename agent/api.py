@@ -78,10 +78,11 @@ class Api:
                 "tracer": getattr(self.agent, "tracer_backend", "off")}
 
     def prologue(self, caller: Caller, job_id: str, uid: int, gid: int | None = None,
-                 pids_max: int | None = None, pid: int | None = None) -> dict:
+                 pids_max: int | None = None, pid: int | None = None, pids_request: int | None = None) -> dict:
         return self.m.prologue(validate_job_id(job_id), _int("uid", uid), None if gid is None else _int("gid", gid),
                                None if pids_max is None else _int("pids limit", pids_max, minimum=1),
-                               None if pid is None else _int("pid", pid, minimum=1))
+                               None if pid is None else _int("pid", pid, minimum=1),
+                               None if pids_request is None else _int("pids request", pids_request, minimum=1))
 
     def adopt(self, caller: Caller, job_id: str, pid: int) -> dict:
         self.m.adopt(validate_job_id(job_id), _int("pid", pid, minimum=1), caller.uid)
@@ -161,8 +162,11 @@ class Api:
             raise InvalidArgument(f"invalid uids: {uids!r}")
         return self.m.prune(bool(kill), None if min_uid is None else _int("min uid", min_uid), uids)
 
-    def cleanup(self, caller: Caller, uid: int, dry_run: bool = False) -> dict:
-        return self.m.cleanup_uid(_int("uid", uid), bool(dry_run))
+    def cleanup(self, caller: Caller, uid: int, dry_run: bool = False, since: float | None = None) -> dict:
+        if since is not None and (not isinstance(since, int | float) or isinstance(since, bool)
+                                  or not math.isfinite(since)):
+            raise InvalidArgument(f"invalid time: {since!r}")
+        return self.m.cleanup_uid(_int("uid", uid), bool(dry_run), since)
 
 
 def parse_signal(name: object) -> int:

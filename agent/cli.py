@@ -340,15 +340,27 @@ def prune(do_kill: bool, min_uid: int | None, uids: tuple[int, ...], as_json: bo
 
 @cli.command()
 @click.option("--uid", type=int, required=True)
-@click.option("--dry-run", is_flag=True)
+@click.option("--dry-run", is_flag=True, help="say what would go and why; remove nothing")
+@click.option("--since", "since", help="only what was created or changed since (ISO 8601 or epoch seconds)")
 @click.option("--json", "as_json", is_flag=True)
 @errors
-def cleanup(uid: int, dry_run: bool, as_json: bool) -> None:
+def cleanup(uid: int, dry_run: bool, since: str | None, as_json: bool) -> None:
     """Remove files of UID in the configured dirs (refused while a running job holds UID)."""
-    r = invoke("cleanup", uid=uid, dry_run=dry_run)
+    try:
+        when = parse_time(since)
+    except click.BadParameter as e:
+        click.echo(f"jobcage cleanup: --since: {e.message}", err=True)
+        sys.exit(2)
+    r = invoke("cleanup", uid=uid, dry_run=dry_run, **({"since": when} if when is not None else {}))
     assert isinstance(r, dict)
     if as_json:
         _json(r)
         return
+    if dry_run:
+        click.echo(f"rule: {r.get('rule', '')}")
+        for p in r["removed"]:
+            click.echo(f"would remove: {p}")
+        if r.get("removed_unlisted"):
+            click.echo(f"would remove: ... and {r['removed_unlisted']} more")
     click.echo(f"{'would remove' if dry_run else 'removed'} {r['removed_files']} file(s), "
                f"{r['removed_dirs']} dir(s); skipped {sum(r['skipped_counts'].values())}: {r['skipped_counts']}")

@@ -25,6 +25,7 @@ class Config:
     cgroup_subtree: str = "jobcage"    # relative path under each hierarchy root
     # [jobs]
     default_pids_max: int = 4096
+    max_pids_max: int = 0              # cap of a limit the job asks for (--pids-request); 0 = default_pids_max
     kill_timeout: float = 10.0         # seconds before kill reports survivors
     freeze_timeout: float = 10.0
     # [agent]
@@ -108,7 +109,7 @@ class Config:
 
 SECTIONS = {
     "cgroups": {"mode": "cgroup_mode", "subtree": "cgroup_subtree"},
-    "jobs": {"default_pids_max": "default_pids_max", "kill_timeout": "kill_timeout",
+    "jobs": {"default_pids_max": "default_pids_max", "max_pids_max": "max_pids_max", "kill_timeout": "kill_timeout",
              "freeze_timeout": "freeze_timeout"},
     "agent": {"state_dir": "state_dir", "socket": "socket_path", "root_socket": "root_socket_path",
               "reconcile_interval": "reconcile_interval",

@@ -9,12 +9,13 @@ import os
 import sys
 
 USAGE = {
-    "prologue": "jobcage prologue JOB_ID --uid UID [--gid GID] [--pids-max N] [--pid PID] [--json]",
+    "prologue": "jobcage prologue JOB_ID --uid UID [--gid GID] [--pids-max N | --pids-request N] [--pid PID] "
+                "[--json]",
     "adopt": "jobcage adopt JOB_ID [--pid PID] [--export-tmpdir]   (default pid: the caller's parent)",
     "run": "jobcage run JOB_ID -- CMD [ARG...]",
     "epilogue": "jobcage epilogue JOB_ID [--json] [--missing-ok] [--keep PATH]...",
 }
-VALUED = {"prologue": {"--uid", "--gid", "--pids-max", "--pid"}, "adopt": {"--pid"}, "run": set(),
+VALUED = {"prologue": {"--uid", "--gid", "--pids-max", "--pids-request", "--pid"}, "adopt": {"--pid"}, "run": set(),
           "epilogue": {"--keep"}}
 MULTI = {"--keep"}   # repeatable
 FLAGS = {"prologue": {"--json"}, "adopt": {"--export-tmpdir"}, "run": set(), "epilogue": {"--json", "--missing-ok"}}
@@ -120,7 +121,7 @@ def main(argv: list[str]) -> int:
             if uid is None:
                 raise UsageError("--uid is required")
             params.update(uid=uid, gid=_int(opts, "--gid"), pids_max=_int(opts, "--pids-max"),
-                          pid=_int(opts, "--pid"))
+                          pid=_int(opts, "--pid"), pids_request=_int(opts, "--pids-request"))
         elif cmd == "adopt":
             pid = _int(opts, "--pid")
             params["pid"] = os.getppid() if pid is None else pid

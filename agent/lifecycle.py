@@ -195,10 +195,15 @@ class JobManager:
 
     # -- lifecycle --------------------------------------------------------------------
     def prologue(self, job_id: str, uid: int, gid: int | None = None, pids_max: int | None = None,
-                 pid: int | None = None) -> dict:
+                 pid: int | None = None, pids_request: int | None = None) -> dict:
         validate_job_id(job_id)
         if not isinstance(uid, int) or uid < 0:
             raise InvalidArgument(f"invalid uid: {uid!r}")
+        if pids_max is None and pids_request is not None:
+            # what the job itself asked for (e.g. Slurm --comment): the user's word, so capped by the site
+            if not isinstance(pids_request, int) or pids_request < 1:
+                raise InvalidArgument(f"invalid pids request: {pids_request!r}")
+            pids_max = min(pids_request, self.config.max_pids_max or self.config.default_pids_max)
         if pids_max is None:
             pids_max = self.config.default_pids_max
         if not isinstance(pids_max, int) or pids_max < 1:
@@ -486,7 +491,7 @@ class JobManager:
         return {i["uid"] for j in self.store.jobs("active") if j["jid"] != exclude_jid
                 for i in self.store.identities(j["jid"])}
 
-    def cleanup_uid(self, uid: int, dry_run: bool = False) -> dict:
+    def cleanup_uid(self, uid: int, dry_run: bool = False, since: float | None = None) -> dict:
         """`jobcage cleanup --uid`: the epilogue's file cleanup for one uid, refused
         while a running job holds it."""
         if uid < self.config.prune_min_uid:
@@ -498,8 +503,13 @@ class JobManager:
             raise AccessDenied(f"uid {uid} is held by running job(s) {', '.join(holders)}")
         from .cleanup import cleanup
 
-        return cleanup(self.config.cleanup_dirs, {uid}, min_uid=self.config.prune_min_uid,
-                       dry_run=dry_run).to_dict()
+        out = cleanup(self.config.cleanup_dirs, {uid}, min_uid=self.config.prune_min_uid,
+                      dry_run=dry_run, since=since).to_dict()
+        # why these go: the rule, in words (the dry run's answer to "what would go and why")
+        out["rule"] = (f"files and empty directories of uid {uid} in {', '.join(self.config.cleanup_dirs)}"
+                       + (f" created or changed since {iso(since)}" if since is not None else "")
+                       + f"; no running job holds uid {uid}; never homes, other filesystems or symlink targets")
+        return out
 
     def prune(self, kill: bool = False, min_uid: int | None = None, uids: list[int] | None = None) -> dict:
         """Processes in no job's cgroup (uid >= min_uid, not exempt); killed with kill."""

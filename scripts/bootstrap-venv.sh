@@ -63,6 +63,8 @@ mv "$launcher.new" "$launcher"
 # JOBCAGE_VENV_ONLY=1: a second checkout (a developer's worktree) builds its venv without taking over
 # the node's /usr/local/bin links.
 [ "${JOBCAGE_VENV_ONLY:-0}" = 1 ] && exit 0
+# Job users execute /usr/local/bin/jobcage: refuse to link it to a checkout they cannot reach.
+bash "$top/scripts/check-reachable.sh" "$launcher" "$venv/bin/jobtrace" || exit 1
 for pair in "jobcage:$launcher" "jobtrace:$venv/bin/jobtrace"; do
   s=${pair%%:*} target=${pair#*:}
   if [ "$(readlink -f /usr/local/bin/$s 2>/dev/null)" != "$target" ]; then

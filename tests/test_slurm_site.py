@@ -1,4 +1,9 @@
-"""Issue 9, defect 5: the default epilogue must not delete what the user is meant to keep.
+"""Issue 9, defects 5 and 7: a Slurm site set up as docs/batch-systems.md says.
+
+Per-job pids limit: `sbatch --comment=jobcage:pids=N` asks for N, the Prolog passes it on, jobcage grants at
+most `[jobs] max_pids_max`; no request: `[jobs] default_pids_max`.
+
+The default epilogue must not delete what the user is meant to keep.
 
 A real single-node Slurm set up the way docs/batch-systems.md says (the fragment, Prolog + TaskProlog + Epilog +
 task/jobcage, the agent running with the BPF tracer), jobcage's cleanup on with its default directories
@@ -85,3 +90,39 @@ def test_owner_files_opt_in_still_keeps_the_batch_output(
     assert not (w / "result.txt").exists(), "owner_files = true: the owner's new file goes"
     assert (w / "pool-old").exists() and not (w / "pool-new").exists()
     assert pilot.uid in c["uids_cleaned"], c
+
+
+@pytest.mark.jc_config({**BASE, "jobs": {"default_pids_max": PIDS_MAX, "max_pids_max": 100}})
+def test_per_job_pids_limit_from_the_comment(
+        slurm: SlurmCluster, jc_env: JcEnv, users: tuple[User, User], workdir: Path) -> None:
+    """--comment=jobcage:pids=40 -> 40; =5000 -> capped at max_pids_max 100; none -> the default; the kernel's
+    pids.max says so while the job runs."""
+    pilot, _pool = users
+    got = {}
+    for comment, want in (("jobcage:pids=40", 40), ("site note, jobcage:pids=5000", 100), (None, PIDS_MAX)):
+        args = [f"--comment={comment}"] if comment else []
+        job = slurm.sbatch("#!/bin/sh\nsleep 300\n", pilot.name, *args)
+        slurm.wait_state(job, "RUNNING")
+        s = jc_env.jobcage("show", str(job), "--json").json()
+        dirs = jc_env.cgroup_dirs(str(job))
+        kernel = int(((dirs.get("pids") or dirs["unified"]) / "pids.max").read_text())
+        got[comment] = (s["pids_max"], kernel)
+        assert s["pids_max"] == kernel == want, (comment, s["pids_max"], kernel)
+        slurm.scancel(job)
+        _epilog_done(slurm, jc_env, job)
+    print(f"\nrequested -> granted (store, kernel): {got}")
+
+
+def test_docs_slurm_conf_block_is_the_fragment() -> None:
+    """Following the docs literally gives the fragment the suite runs Slurm with: every setting, KillWait too."""
+    from test_slurm_jobcage import _fragment
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "batch-systems.md").read_text()
+    block = doc.split("### Wiring", 1)[1].split("```", 2)[1]
+    conf = {}
+    for line in block.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if "=" in line:
+            k, v = line.split("=", 1)
+            conf[k.strip()] = v.strip()
+    assert conf == _fragment(), (conf, _fragment())
