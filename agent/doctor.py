@@ -74,9 +74,9 @@ def report() -> dict:
                                         "partly: tracepoints missing (see tp lines)"),
                     "proc connector": "available" if os.geteuid() == 0 else "needs root"}
     try:
-        from .client import call
+        from .client import call, socket_for
 
-        info = call(cfg.socket_path, "ping", timeout=2)
+        info = call(socket_for(cfg), "ping", timeout=2)
         agent = {"running": True, **(info if isinstance(info, dict) else {})}
     except JobcageError as e:
         agent = {"running": False, "detail": str(e)}

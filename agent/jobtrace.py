@@ -696,10 +696,10 @@ class Source:
 
     def __call__(self, method: str, timeout: float = 60.0, **params: Any) -> Any:
         if self._api is None:
-            from .client import call
+            from .client import call, socket_for
 
             try:
-                return call(self.cfg.socket_path, method, timeout=timeout, **params)
+                return call(socket_for(self.cfg), method, timeout=timeout, **params)
             except AgentUnavailable as e:
                 if os.geteuid() != 0:
                     raise AgentUnavailable(f"{e}; jobtrace needs the agent unless run as root") from None

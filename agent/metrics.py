@@ -103,10 +103,47 @@ class ExportCollector(Collector):
         yield from fams.values()
 
 
+SCRAPERS = 4          # concurrent metrics connections; more are closed at once
+SCRAPE_TIMEOUT = 10   # seconds of silence before a metrics connection is dropped
+
+
 def serve(agent: Agent, port: int) -> None:
-    from prometheus_client import start_http_server
+    """prometheus_client's WSGI server, but bounded: its thread-per-connection server would let any local
+    user (127.0.0.1 is everyone's) make the root agent hold a thread per idle connection."""
+    import threading
+    from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+    from prometheus_client.exposition import ThreadingWSGIServer, make_wsgi_app
 
     registry = CollectorRegistry()
     registry.register(JobCollector(agent))
     registry.register(ExportCollector(agent))
-    start_http_server(port, addr="127.0.0.1", registry=registry)
+    slots = threading.BoundedSemaphore(SCRAPERS)
+
+    class Server(ThreadingWSGIServer):
+        request_queue_size = 64   # refused connections are closed at once; a short backlog only drops SYNs
+
+        def process_request(self, request: object, client_address: object) -> None:
+            if not slots.acquire(blocking=False):
+                self.shutdown_request(request)
+                return
+            try:
+                super().process_request(request, client_address)
+            except Exception:
+                slots.release()
+                raise
+
+        def process_request_thread(self, request: object, client_address: object) -> None:
+            try:
+                super().process_request_thread(request, client_address)
+            finally:
+                slots.release()
+
+    class Handler(WSGIRequestHandler):
+        timeout = SCRAPE_TIMEOUT
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass  # no line per scrape
+
+    httpd = make_server("127.0.0.1", port, make_wsgi_app(registry), Server, handler_class=Handler)
+    threading.Thread(target=httpd.serve_forever, name="metrics", daemon=True).start()

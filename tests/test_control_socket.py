@@ -325,3 +325,40 @@ def test_caps_deadline_and_size_limit(jc_env: JcEnv, agent_proc: AgentProc, make
     # root is neither capped nor held to max_request_bytes: a 3,000-byte request gets a real answer
     resp = agent_proc.call("show", job_id="x" * 3000)
     assert resp["error"]["type"] == "InvalidArgument", resp
+
+
+PORT2 = _free_port()
+
+
+@pytest.mark.jc_config({"agent": {"metrics_port": PORT2}})
+def test_metrics_port_bounded(jc_env: JcEnv, agent_proc: AgentProc, make_user: Callable[..., User]) -> None:
+    """The metrics port is on 127.0.0.1, which every local user reaches: 200 idle connections of a user
+    cost the agent no thread each; once they are gone, scrapes are answered."""
+    assert agent_proc.proc is not None
+    apid = agent_proc.proc.pid
+    user = make_user()
+    def scraped() -> bool:
+        try:
+            return b"jobcage_control_refused_total" in urllib.request.urlopen(
+                f"http://127.0.0.1:{PORT2}/metrics", timeout=20).read()
+        except OSError:
+            return False
+
+    wait_for(scraped, 30, "the metrics server to answer")   # it starts just after the socket
+    _rss, idle_threads = proc_status(apid)
+    script = jc_env.scratch / "tcp.py"
+    script.write_text(
+        "import socket, sys, time\n"
+        "conns = []\n"
+        "for i in range(200):\n"
+        "    s = socket.create_connection(('127.0.0.1', int(sys.argv[1]))); conns.append(s)\n"
+        "print('held', flush=True)\n"
+        "time.sleep(300)\n")
+    holder = jc_env.popen([PY, "-I", str(script), str(PORT2)], user=user, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    time.sleep(1.0)   # let the agent accept what it will
+    _rss, threads = proc_status(apid)
+    assert threads <= idle_threads + 4, (idle_threads, threads)
+    holder.kill()
+    holder.wait()
+    wait_for(scraped, 30, "a scrape to be answered")
