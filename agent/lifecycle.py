@@ -545,8 +545,11 @@ class JobManager:
             stats = self.driver.pids_stats(job_id)
             state = "suspended" if self.driver.has_freeze and self.driver.frozen(job_id) else "running"
             cpu = self.driver.cpu_usage_ns(job_id) / 1e9
-            if state != job["state"]:
-                self.store.set_state(job["jid"], state, "seen in the kernel")
+            if state != job["state"]:   # frozen or thawed by someone else (a batch system's own freezer)
+                with self.store.transaction():
+                    self.store.set_state(job["jid"], state, "seen in the kernel")
+                    self._record(job["jid"], job_id, "suspend" if state == "suspended" else "resume",
+                                 detail={"seen_in_kernel": True})
         else:
             pids = []
             stats = {"current": 0, "max": job["pids_max"], "limit_hits": job["pids_limit_hits"]}

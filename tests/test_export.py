@@ -71,6 +71,18 @@ def job_run(env: JcEnv, job: str, user: User, scratch: Path) -> int:
     return wait_for(lambda: read_int(pidf), 30, f"{job}'s payload")
 
 
+def freeze_directly(env: JcEnv, job: str, frozen: bool) -> None:
+    """Freeze or thaw the job's cgroup the way a batch system's own freezer does, and wait for the kernel."""
+    d = env.member_dir(job)
+    if (d / "cgroup.freeze").exists():
+        (d / "cgroup.freeze").write_text("1" if frozen else "0")
+        wait_for(lambda: f"frozen {int(frozen)}" in (d / "cgroup.events").read_text(), 30, "the freezer")
+    else:
+        (d / "freezer.state").write_text("FROZEN" if frozen else "THAWED")
+        wait_for(lambda: (d / "freezer.state").read_text().strip() == ("FROZEN" if frozen else "THAWED"), 30,
+                 "the freezer")
+
+
 def test_file_export_lifecycle_restart_and_direct_path(jc_env: JcEnv, tmp_path: Path, make_user) -> None:
     """Every lifecycle record reaches the JSON-lines file with the contract's keys; records written while the
     agent was killed with -9 (the direct CLI path as root) are sent when it is back; none is missing."""
@@ -83,6 +95,11 @@ def test_file_export_lifecycle_restart_and_direct_path(jc_env: JcEnv, tmp_path: 
         jc_env.jobcage("suspend", "e1").ok()
         jc_env.jobcage("resume", "e1").ok()
         jc_env.jobcage("declare", "e1", "--uid", str(user.uid), "--label", "/DC=org/CN=Export Test").ok()
+        # a batch system freezing the job with its own hands: the lifecycle records it when it sees it
+        freeze_directly(jc_env, "e1", True)
+        assert jc_env.jobcage("show", "e1", "--json").json()["state"] == "suspended"
+        freeze_directly(jc_env, "e1", False)
+        assert jc_env.jobcage("show", "e1", "--json").json()["state"] == "running"
         jc_env.jobcage("kill", "e1", "--signal", "TERM").ok()
         summary = jc_env.jobcage("epilogue", "e1", "--json").json()
         got = wait_all_exported(jc_env, [out], "node-file")
@@ -93,7 +110,9 @@ def test_file_export_lifecycle_restart_and_direct_path(jc_env: JcEnv, tmp_path: 
         kinds = [r["kind"] for r in recs]
         assert [k for k in kinds if k in ("prologue", "adopt", "suspend", "resume", "declare", "kill",
                                           "epilogue")] == \
-            ["prologue", "adopt", "suspend", "resume", "declare", "kill", "epilogue"], kinds
+            ["prologue", "adopt", "suspend", "resume", "declare", "suspend", "resume", "kill", "epilogue"], kinds
+        seen = [r["detail"].get("seen_in_kernel") for r in recs if r["kind"] in ("suspend", "resume")]
+        assert seen == [None, None, True, True], seen
         pro, epi = recs[0], recs[-1]
         assert pro["kind"] == "prologue" and pro["uid"] == user.uid
         assert epi["kind"] == "epilogue" and epi["detail"]["owner_uid"] == user.uid
