@@ -36,6 +36,7 @@ RECORD_KEYS = ("ts", "node", "event_id", "jid", "job_id", "kind", "pid", "ppid",
                "filename", "detail")
 EVENT_COLS = ("id", "jid", "job_id", "ts", "kind", "pid", "ppid", "uid", "euid", "comm", "filename", "detail")
 BATCH = 500
+LINGER = 0.05   # seconds a woken worker waits for more records before it sends
 FACILITIES = {"kern": 0, "user": 1, "daemon": 3, "auth": 4, "syslog": 5, "authpriv": 10,
               **{f"local{i}": 16 + i for i in range(8)}}
 SEVERITY_INFO = 6
@@ -431,7 +432,10 @@ class Worker:
                 self._fail(f"store: {e}")
                 rows, from_store = [], False
             if not rows:
-                self.wake.wait(0.2 if self.in_flight else 1.0)
+                if self.wake.wait(0.2 if self.in_flight else 1.0):
+                    # linger: a hook's records come in twos and threes; one batch (one fsync, one
+                    # send) for them all keeps the export's work off the hooks' backs
+                    self.stop.wait(LINGER)
                 self.wake.clear()
                 continue
             recs = [record(self.node, r) for r in rows]
