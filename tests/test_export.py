@@ -343,3 +343,13 @@ def test_journal_native_fields(jc_env: JcEnv, tmp_path: Path, make_user, journal
     rows = jc_env.jobcage("whois", "--uid", str(user.uid), "--at", f"{t_in:.6f}", "--logs", str(dump),
                           "--json").json()
     assert [(r["node"], r["job_id"], r["pilot_uid"]) for r in rows] == [("node-j", "j1", user.uid)], rows
+
+
+@pytest.mark.parametrize("bad, says", [({"syslog": "http://relay:514"}, "syslog"),
+                                       ({"syslog": "tcp://relay"}, "syslog"),
+                                       ({"syslog": "unix:/dev/log", "syslog_facility": "mail2"}, "facility"),
+                                       ({"file": "/tmp/x.jsonl", "file_max_bytes": 10}, "file_max_bytes")])
+def test_bad_export_config_stops_the_agent_with_one_line(jc_env: JcEnv, bad: dict, says: str) -> None:
+    jc_env.write_config({"export": bad})
+    jc_env.jobcage("agent", "--config", str(jc_env.config_path), timeout=60).clean_error(1, says)
+    assert not Path(jc_env.socket_path).exists()
