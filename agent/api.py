@@ -78,11 +78,15 @@ class Api:
                 "tracer": getattr(self.agent, "tracer_backend", "off")}
 
     def prologue(self, caller: Caller, job_id: str, uid: int, gid: int | None = None,
-                 pids_max: int | None = None, pid: int | None = None, pids_request: int | None = None) -> dict:
+                 pids_max: int | None = None, pid: int | None = None, pids_request: int | None = None,
+                 cgroup: str | None = None, from_pid: int | None = None) -> dict:
+        if cgroup is not None and not isinstance(cgroup, str):
+            raise InvalidArgument(f"invalid cgroup path: {cgroup!r}")
         return self.m.prologue(validate_job_id(job_id), _int("uid", uid), None if gid is None else _int("gid", gid),
                                None if pids_max is None else _int("pids limit", pids_max, minimum=1),
                                None if pid is None else _int("pid", pid, minimum=1),
-                               None if pids_request is None else _int("pids request", pids_request, minimum=1))
+                               None if pids_request is None else _int("pids request", pids_request, minimum=1),
+                               cgroup=cgroup, from_pid=None if from_pid is None else _int("pid", from_pid, minimum=1))
 
     def adopt(self, caller: Caller, job_id: str, pid: int) -> dict:
         self.m.adopt(validate_job_id(job_id), _int("pid", pid, minimum=1), caller.uid)

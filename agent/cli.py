@@ -177,10 +177,10 @@ def list_(include_ended: bool, as_json: bool) -> None:
     from rich.table import Table
 
     t = Table(box=None)
-    for col in ("JOB", "STATE", "OWNER", "PROCS", "PIDS MAX", "CPU s", "CREATED"):
+    for col in ("JOB", "STATE", "MODE", "OWNER", "PROCS", "PIDS MAX", "CPU s", "CREATED"):
         t.add_column(col)
     for j in jobs:  # type: ignore[union-attr]
-        t.add_row(j["job_id"], j["state"], f"{j['owner']}({j['owner_uid']})", str(j["processes"]),
+        t.add_row(j["job_id"], j["state"], j.get("mode", "own"), f"{j['owner']}({j['owner_uid']})", str(j["processes"]),
                   str(j["pids_max"] if j["pids_max"] is not None else "-"), str(j["cpu_seconds"]), j["created"] or "")
     _console().print(t)
 
@@ -200,7 +200,8 @@ def show(job_id: str, as_json: bool) -> None:
 
     con = _console()
     con.print(f"[bold]job {s['job_id']}[/bold]  {s['state']}  owner {s['owner']}({s['owner_uid']})")
-    con.print(f"  cgroup      {s['cgroup']}")
+    con.print(f"  cgroup      {s['cgroup']}   mode {s.get('mode', 'own')}"
+              + ("  (the batch system's: jobcage moves nothing there)" if s.get("mode") == "attach" else ""))
     con.print(f"  processes   {s['processes']}   pids {s['pids_current']}/{s['pids_max'] or '-'}"
               f"   fork limit hits {s['pids_limit_hits']}")
     con.print(f"  cpu         {s['cpu_seconds']} s   events lost {s['events_lost']}")

@@ -82,6 +82,11 @@ class Config:
     export_journal_socket: str = "/run/systemd/journal/socket"
     export_queue_size: int = 10000     # records held in memory per sink; the store holds the rest
     export_max_record: int = 16384     # bytes; a larger record's detail is cut (syslog relays cap messages)
+    # [attach]  (prologue --cgroup / --from-pid: the batch system owns the cgroup)
+    # Slurm cgroup/v2 (Debian builds with --enable-multiple-slurmd: NODENAME_slurmstepd.scope), cgroup/v1
+    attach_job_patterns: list[str] = [r".*/([^/]*_)?slurmstepd\.scope/job_[0-9]+",
+                                      r".*/slurm[^/]*/uid_[0-9]+/job_[0-9]+"]
+    attach_pids_limit: bool = False    # opt-in: write pids.max in the batch system's cgroup
     path: str = ""                     # where this config came from
 
     def __init__(self, path: str = "") -> None:
@@ -130,6 +135,7 @@ SECTIONS = {
                "syslog": "export_syslog", "syslog_facility": "export_syslog_facility",
                "journal": "export_journal", "journal_socket": "export_journal_socket",
                "queue_size": "export_queue_size", "max_record": "export_max_record"},
+    "attach": {"job_patterns": "attach_job_patterns", "pids_limit": "attach_pids_limit"},
 }
 CHOICES = {"pam_mode": ("deny", "allow-unadopted", "log-only"), "pam_pick": ("newest", "oldest"),
            "pam_on_failure": ("allow", "deny")}

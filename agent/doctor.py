@@ -58,6 +58,15 @@ def report() -> dict:
     except JobcageError as e:
         cg["driver"] = f"unusable: {e}"
     r["cgroups"] = cg
+    held = "cgroup2" if layout.v2_root else ""
+    if "freezer" in layout.v1:
+        held += (" or " if held else "") + "v1 freezer"
+    r["jobs"] = {"mode": "own",   # the default; attach per job with prologue --cgroup / --from-pid
+                 "attach": f"prologue --cgroup PATH | --from-pid PID: a {held} cgroup the batch system made"
+                 if held else "unavailable: no cgroup2 or v1 freezer hierarchy",
+                 "attach job patterns": " ".join(cfg.attach_job_patterns) or "-",
+                 "attach pids limit": "set by jobcage (site opt-in)" if cfg.attach_pids_limit
+                 else "off: jobcage writes no limit in a batch system's cgroup"}
     bpf = _bpf()
     ok = bpf["bcc"] is True and bpf["tracefs"] and all(bpf["tracepoints"].values())
     backend = cfg.tracer_backend

@@ -10,13 +10,13 @@ import sys
 
 USAGE = {
     "prologue": "jobcage prologue JOB_ID --uid UID [--gid GID] [--pids-max N | --pids-request N] [--pid PID] "
-                "[--json]",
+                "[--cgroup PATH | --from-pid PID] [--json]",
     "adopt": "jobcage adopt JOB_ID [--pid PID] [--export-tmpdir]   (default pid: the caller's parent)",
     "run": "jobcage run JOB_ID -- CMD [ARG...]",
     "epilogue": "jobcage epilogue JOB_ID [--json] [--missing-ok] [--keep PATH]...",
 }
-VALUED = {"prologue": {"--uid", "--gid", "--pids-max", "--pids-request", "--pid"}, "adopt": {"--pid"}, "run": set(),
-          "epilogue": {"--keep"}}
+VALUED = {"prologue": {"--uid", "--gid", "--pids-max", "--pids-request", "--pid", "--cgroup", "--from-pid"},
+          "adopt": {"--pid"}, "run": set(), "epilogue": {"--keep"}}
 MULTI = {"--keep"}   # repeatable
 FLAGS = {"prologue": {"--json"}, "adopt": {"--export-tmpdir"}, "run": set(), "epilogue": {"--json", "--missing-ok"}}
 
@@ -121,7 +121,10 @@ def main(argv: list[str]) -> int:
             if uid is None:
                 raise UsageError("--uid is required")
             params.update(uid=uid, gid=_int(opts, "--gid"), pids_max=_int(opts, "--pids-max"),
-                          pid=_int(opts, "--pid"), pids_request=_int(opts, "--pids-request"))
+                          pid=_int(opts, "--pid"), pids_request=_int(opts, "--pids-request"),
+                          cgroup=opts.get("--cgroup"), from_pid=_int(opts, "--from-pid"))
+            if "--cgroup" in opts and "--from-pid" in opts:
+                raise UsageError("--cgroup and --from-pid exclude each other")
         elif cmd == "adopt":
             pid = _int(opts, "--pid")
             params["pid"] = os.getppid() if pid is None else pid

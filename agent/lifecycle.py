@@ -20,10 +20,12 @@ from typing import Protocol
 
 from jobcage.cgroups import get_driver
 from jobcage.cgroups.driver import Driver
+from jobcage.cgroups.path import CgroupAt, Named
 
 from .config import Config
 from .errors import (
     AccessDenied,
+    CgroupError,
     InvalidArgument,
     JobExists,
     NoSuchCgroup,
@@ -135,7 +137,8 @@ def epilogue_detail(summary: dict) -> dict:
 class Observer(Protocol):
     """What the agent plugs in to hear about jobs (tracer, accounting)."""
 
-    def job_started(self, job: dict, cgroup_id: int | None, pids: list[int]) -> None: ...
+    def job_started(self, job: dict, cgroup_id: int | None, pids: list[int],
+                    level: int | None = None) -> None: ...  # level: match the cgroup's descendants too
     def job_adopted(self, job_id: str, pid: int) -> None: ...
     def job_cpu_by_uid(self, job_id: str, pids: list[int]) -> dict[int, float] | None: ...
     def job_ended(self, job_id: str) -> None: ...
@@ -159,7 +162,7 @@ class JobManager:
     def _job(self, job_id: str) -> dict:
         validate_job_id(job_id)
         job = self.store.job(job_id)
-        if job is None or (job["state"] != "ended" and not self.driver.exists(job_id)):
+        if job is None or (job["state"] != "ended" and not self.held(job).exists()):
             # Kernel state first: a cgroup made while the store was unavailable, or a
             # job whose cgroup vanished while nobody watched.
             self.reconcile(only=job_id)
@@ -173,6 +176,33 @@ class JobManager:
         if job["state"] == "ended":
             raise NoSuchJob(f"job {job_id} has ended", job_id=job_id)
         return job
+
+    def held(self, job: dict) -> CgroupAt | Named:
+        """The cgroup that holds the job: jobcage's own (mode own), or the batch system's
+        (mode attach), with one interface."""
+        if job.get("mode") == "attach":
+            return CgroupAt(self.driver.layout, job["cgroup"], int(job["cgroup_ino"] or 0))
+        return Named(self.driver, job["job_id"])
+
+    def trace_target(self, job: dict) -> tuple[int | None, list[int], int | None]:
+        """(cgroup2 id, current pids, level) for the tracer: an attached cgroup is matched with
+        every cgroup below it (level = its depth), jobcage's own leaf by its id."""
+        cg = self.held(job)
+        if not cg.exists():
+            return None, [], None
+        return cg.cgroup_id(), cg.pids(), cg.level
+
+    def attached_holder(self, pid: int) -> dict | None:
+        """The running attached job whose cgroup holds pid, if any."""
+        for job in self.store.jobs("active"):
+            if job.get("mode") == "attach":
+                cg = self.held(job)
+                try:
+                    if cg.exists() and cg.contains(pid):
+                        return job
+                except NoSuchProcess:
+                    return None
+        return None
 
     def may_read(self, job: dict, caller_uid: int) -> bool:
         if caller_uid == 0 or caller_uid == job["owner_uid"]:
@@ -195,15 +225,22 @@ class JobManager:
 
     # -- lifecycle --------------------------------------------------------------------
     def prologue(self, job_id: str, uid: int, gid: int | None = None, pids_max: int | None = None,
-                 pid: int | None = None, pids_request: int | None = None) -> dict:
+                 pid: int | None = None, pids_request: int | None = None, cgroup: str | None = None,
+                 from_pid: int | None = None) -> dict:
         validate_job_id(job_id)
         if not isinstance(uid, int) or uid < 0:
             raise InvalidArgument(f"invalid uid: {uid!r}")
+        attach = cgroup is not None or from_pid is not None
         if pids_max is None and pids_request is not None:
             # what the job itself asked for (e.g. Slurm --comment): the user's word, so capped by the site
             if not isinstance(pids_request, int) or pids_request < 1:
                 raise InvalidArgument(f"invalid pids request: {pids_request!r}")
-            pids_max = min(pids_request, self.config.max_pids_max or self.config.default_pids_max)
+            # attach mode: a limit in the batch system's cgroup only where the site opted in; else the
+            # request is moot (the batch system's own limits hold), not an error that fails the job
+            if not attach or self.config.attach_pids_limit:
+                pids_max = min(pids_request, self.config.max_pids_max or self.config.default_pids_max)
+        if attach:
+            return self._attach(job_id, uid, gid, pids_max, pid, cgroup, from_pid)
         if pids_max is None:
             pids_max = self.config.default_pids_max
         if not isinstance(pids_max, int) or pids_max < 1:
@@ -220,6 +257,9 @@ class JobManager:
             if self.driver.exists(job_id) and self.driver.pids(job_id):
                 raise JobExists(f"job {job_id} has a cgroup with processes but no record; "
                                 "run 'jobcage epilogue' first", job_id=job_id)
+            if pid is not None and (holder := self.attached_holder(pid)) is not None:
+                raise AccessDenied(f"process {pid} belongs to job {holder['job_id']} (attached to "
+                                   f"{holder['cgroup']})", job_id=job_id, pid=pid)
             created = time.time()
             path = self.driver.create(job_id)
             try:
@@ -235,12 +275,94 @@ class JobManager:
                 jid = self.store.add_job(job_id, uid, gid, path, pids_max if self.driver.has_pids else None,
                                          created, tmpdir)
                 self._record(jid, job_id, "prologue", ts=created, uid=uid, euid=uid, pid=pid or 0,
-                             detail={"cgroup": path, "gid": gid, "pids_max": pids_max})
+                             detail={"mode": "own", "cgroup": path, "gid": gid, "pids_max": pids_max})
             if self.observer:
                 self.observer.job_started(self.store.job(job_id) or {"jid": jid, "job_id": job_id,
                                           "owner_uid": uid}, self.driver.cgroup_id(job_id), [])
         if pid is not None:
             self.adopt(job_id, pid, 0)
+        return self.show(job_id)
+
+    def _attach(self, job_id: str, uid: int, gid: int | None, pids_max: int | None, pid: int | None,
+                cgroup: str | None, from_pid: int | None) -> dict:
+        """Attach mode: the batch system made the job's cgroup; jobcage moves nothing and writes
+        no limit there unless [attach] pids_limit says so.  Its own subtree gets an empty anchor
+        cgroup named after the job, carrying the trusted xattr (owner, the target's path and
+        inode): the batch system's cgroup is not ours to write even an xattr on, and the anchor
+        lets reconcile() find the job again with the database lost."""
+        if cgroup is not None and from_pid is not None:
+            raise InvalidArgument("--cgroup and --from-pid exclude each other")
+        layout = self.driver.layout
+        if from_pid is not None:
+            if not isinstance(from_pid, int) or from_pid <= 0:
+                raise InvalidArgument(f"invalid pid: {from_pid!r}")
+            from jobcage.cgroups.path import find_ancestor
+
+            cgroup = find_ancestor(layout, from_pid, self.config.attach_job_patterns)
+        target = CgroupAt.open(layout, cgroup)
+        own_root = self.driver.membership_root()
+        if target.path == own_root or target.path.startswith(own_root + "/") \
+                or own_root.startswith(target.path + "/"):
+            raise InvalidArgument(f"{target.path} is jobcage's own subtree (or holds it): use own mode",
+                                  job_id=job_id)
+        if pids_max is not None and not self.config.attach_pids_limit:
+            raise InvalidArgument("attach mode writes no limit in the batch system's cgroup: --pids-max "
+                                  "needs [attach] pids_limit = true", job_id=job_id)
+        limit = None
+        if self.config.attach_pids_limit:
+            limit = self.config.default_pids_max if pids_max is None else pids_max
+            if not isinstance(limit, int) or limit < 1:
+                raise InvalidArgument(f"invalid pids limit: {limit!r}")
+            if not target.has_pids:
+                raise Unsupported(f"[attach] pids_limit is set but {target.path} has no pids controller",
+                                  job_id=job_id)
+        if pid is not None and not target.contains(pid):
+            raise AccessDenied(f"process {pid} is not inside {target.path}: attach mode moves nothing",
+                               job_id=job_id, pid=pid)
+        self.reconcile(only=job_id)
+        old = self.store.job(job_id)
+        if old is not None and old["state"] != "ended":
+            if old.get("mode") == "attach" and old["cgroup_ino"] == target.ino and old["owner_uid"] == uid:
+                return self.show(job_id)   # a retried prologue
+            raise JobExists(f"job {job_id} already exists ({old.get('mode') or 'own'} mode, uid "
+                            f"{old['owner_uid']}, {old['cgroup']})", job_id=job_id)
+        for other in self.store.jobs("active"):
+            if other.get("mode") == "attach" and other["job_id"] != job_id:
+                o = self.held(other)
+                if o.exists() and o.overlaps(target):
+                    how = "already attached to" if o.ino == target.ino else "overlaps the cgroup of"
+                    raise JobExists(f"cgroup {target.path} is {how} job {other['job_id']} ({o.path})",
+                                    job_id=job_id)
+        if self.driver.exists(job_id):
+            raise JobExists(f"job {job_id} has a cgroup in jobcage's subtree but no record; "
+                            "run 'jobcage epilogue' first", job_id=job_id)
+        created = time.time()
+        self.driver.create(job_id)   # the anchor
+        orig_max = None
+        try:
+            if limit is not None:
+                orig_max = target.pids_max_raw()
+            self.driver.set_meta(job_id, json.dumps(
+                {"owner_uid": uid, "owner_gid": gid, "created": created, "pids_max": limit, "mode": "attach",
+                 "cgroup": target.path, "cgroup_ino": target.ino, "pids_max_orig": orig_max}).encode())
+            if limit is not None:
+                target.set_pids_max(limit)
+            if not target.exists():   # removed by the batch system while we looked at it
+                raise NoSuchCgroup(f"cgroup {target.path} vanished while attaching", path=target.path)
+            tmpdir = self._make_tmpdir(job_id, uid, gid)
+        except Exception:
+            if orig_max is not None and target.exists():
+                target.set_pids_max(orig_max)
+            self.driver.remove(job_id)
+            raise
+        with self.store.transaction():   # the record is part of the change (it survives a crash with it)
+            jid = self.store.add_job(job_id, uid, gid, target.path, limit, created, tmpdir, mode="attach",
+                                     cgroup_ino=target.ino)
+            self._record(jid, job_id, "prologue", ts=created, uid=uid, euid=uid, pid=pid or 0,
+                         detail={"mode": "attach", "cgroup": target.path, "gid": gid, "pids_max": limit})
+        if self.observer:
+            self.observer.job_started(self.store.job(job_id) or {}, target.cgroup_id(), target.pids(),
+                                      target.level)
         return self.show(job_id)
 
     def _make_tmpdir(self, job_id: str, uid: int, gid: int | None) -> str | None:
@@ -264,6 +386,17 @@ class JobManager:
                 raise AccessDenied(f"job {job_id} is not yours", job_id=job_id, pid=pid)
             if ruid != caller_uid or euid != caller_uid:
                 raise AccessDenied(f"process {pid} is not yours", job_id=job_id, pid=pid)
+        if job.get("mode") == "attach":
+            if self.held(job).contains(pid):
+                if self.observer:
+                    self.observer.job_adopted(job_id, pid)
+                return
+            raise AccessDenied(f"job {job_id} is attached to {job['cgroup']}: jobcage moves nothing, and "
+                               f"process {pid} is not inside it", job_id=job_id, pid=pid)
+        holder = self.attached_holder(pid)
+        if holder is not None:
+            raise AccessDenied(f"process {pid} belongs to job {holder['job_id']} (attached to {holder['cgroup']})",
+                               job_id=job_id, pid=pid)
         current = self.driver.cgroup_of(pid)
         if current == job_id:
             return
@@ -277,11 +410,16 @@ class JobManager:
 
     # The two kernel questions sshd adoption asks, in one place per mode (own mode: jobcage's subtree).
     def holder_of(self, pid: int) -> str | None:
-        """The job whose cgroup holds pid, if any."""
-        return self.driver.cgroup_of(pid)
+        """The job whose cgroup holds pid, if any (jobcage's own, or an attached batch system's)."""
+        own = self.driver.cgroup_of(pid)
+        if own is not None:
+            return own
+        holder = self.attached_holder(pid)
+        return holder["job_id"] if holder is not None else None
 
     def is_suspended(self, job: dict) -> bool:
-        return bool(self.driver.has_freeze and self.driver.frozen(job["job_id"]))
+        cg = self.held(job)
+        return bool(cg.has_freeze and cg.exists() and cg.frozen())
 
     def sshd_adopt(self, uid: int, pid: int, info: dict | None = None, hint: str | None = None,
                    dry_run: bool = False) -> dict:
@@ -293,7 +431,9 @@ class JobManager:
         if uid == 0:
             raise InvalidArgument("root's sessions are never adopted")
         self.reconcile()  # the kernel's jobs, also ones the store missed while it was unavailable
-        mine = [j for j in self.store.jobs("active") if j["owner_uid"] == uid]
+        # attached jobs are no candidates: jobcage moves nothing into a batch system's cgroup (there the
+        # batch system's own module, e.g. pam_slurm_adopt, adopts sessions)
+        mine = [j for j in self.store.jobs("active") if j["owner_uid"] == uid and j.get("mode") != "attach"]
         current = self.holder_of(pid)
         out: dict = {"uid": uid, "pid": pid, "candidates": [j["job_id"] for j in mine], "job_id": None,
                      "adopted": False}
@@ -391,9 +531,10 @@ class JobManager:
 
     def suspend(self, job_id: str) -> dict:
         job = self._active(job_id)
-        if not self.driver.has_freeze:
-            raise Unsupported("this node has no freezer: cannot suspend", job_id=job_id)
-        self.driver.freeze(job_id, self.config.freeze_timeout)
+        cg = self.held(job)
+        if not cg.has_freeze:
+            raise Unsupported(f"no freezer for {cg.path}: cannot suspend", job_id=job_id)
+        cg.freeze(self.config.freeze_timeout)
         with self.store.transaction():
             if job["state"] != "suspended":
                 self.store.set_state(job["jid"], "suspended")
@@ -402,9 +543,10 @@ class JobManager:
 
     def resume(self, job_id: str) -> dict:
         job = self._active(job_id)
-        if not self.driver.has_freeze:
-            raise Unsupported("this node has no freezer: cannot resume", job_id=job_id)
-        self.driver.thaw(job_id, self.config.freeze_timeout)
+        cg = self.held(job)
+        if not cg.has_freeze:
+            raise Unsupported(f"no freezer for {cg.path}: cannot resume", job_id=job_id)
+        cg.thaw(self.config.freeze_timeout)
         with self.store.transaction():
             if job["state"] != "running":
                 self.store.set_state(job["jid"], "running")
@@ -415,13 +557,14 @@ class JobManager:
         """SIGKILL: return when the job is empty.  Other signals: delivered to every
         process at one frozen instant, then return (the job may handle them)."""
         job = self._active(job_id)
+        cg = self.held(job)
         if sig == signal.SIGKILL:
-            self.driver.kill(job_id, self.config.kill_timeout)
-            if job["state"] == "suspended":
-                self.driver.thaw(job_id, self.config.freeze_timeout)
+            cg.kill(self.config.kill_timeout)
+            if job["state"] == "suspended" and cg.exists():
+                cg.thaw(self.config.freeze_timeout)
         else:
-            self.driver.signal(job_id, sig)
-        left = len(self.driver.pids(job_id))
+            cg.signal(sig)
+        left = len(cg.pids()) if cg.exists() else 0
         with self.store.transaction():
             self.store.set_state(job["jid"], job["state"], f"signal {signal.Signals(sig).name}")
             self._record(job["jid"], job_id, "kill", detail={"signal": signal.Signals(sig).name, "processes": left})
@@ -432,19 +575,28 @@ class JobManager:
         Idempotent: a second epilogue returns the first one's summary."""
         job = self._job(job_id)
         if job["state"] == "ended":
-            return json.loads(job["summary"]) if job["summary"] else self.show(job_id)
-        present = self.driver.exists(job_id)
+            summary = json.loads(job["summary"]) if job["summary"] else self.show(job_id)
+            if summary.get("mode") == "attach" and summary.get("cleanup", {}) is None:
+                # the batch system removed the cgroup first and reconcile ended the job: the
+                # epilogue still owes the file cleanup
+                summary["cleanup"] = self._cleanup(job, keep or [])
+                self.store.set_summary(job["jid"], summary)
+            return summary
+        cg = self.held(job)
+        present = cg.exists()
         if present:
-            self.driver.kill(job_id, self.config.kill_timeout)
-            if self.driver.has_freeze and self.driver.frozen(job_id):
-                self.driver.thaw(job_id, self.config.freeze_timeout)
+            cg.kill(self.config.kill_timeout)
+            if cg.exists() and cg.has_freeze and cg.frozen():
+                cg.thaw(self.config.freeze_timeout)
         flush = getattr(self.observer, "flush_events", None)
         if flush is not None:
             flush()  # the last poll window's trace events (identities) before accounting, summary, cleanup
-        summary = self.show(job_id)  # final accounting: the cgroup (and per-identity cpu) is still there
+        summary = self._view(job)  # final accounting: the cgroup (and per-identity cpu) is still there
         summary["state"] = "ended"
         summary["cleanup"] = self._cleanup(job, keep or [])
-        if present:
+        if job.get("mode") == "attach":
+            self._detach(job, cg)
+        elif present:
             self.driver.remove(job_id)
         ended = time.time()
         summary["ended"] = iso(ended)
@@ -455,6 +607,22 @@ class JobManager:
         if self.observer:
             self.observer.job_ended(job_id)
         return summary
+
+    def _detach(self, job: dict, cg: CgroupAt | Named) -> None:
+        """End of an attached job: give back the pids.max we set (if the site let us), drop
+        the anchor.  The batch system's cgroup stays: removing it is the batch system's job."""
+        raw = self.driver.get_meta(job["job_id"]) if self.driver.exists(job["job_id"]) else None
+        try:
+            orig = json.loads(raw).get("pids_max_orig") if raw else None
+        except ValueError:
+            orig = None
+        if orig is not None and isinstance(cg, CgroupAt) and cg.exists():
+            try:
+                cg.set_pids_max(orig)
+            except CgroupError:
+                pass
+        if self.driver.exists(job["job_id"]):
+            self.driver.remove(job["job_id"], timeout=1.0)
 
     def _cleanup(self, job: dict, keep: list[str]) -> dict:
         """Per-job TMPDIR, then files of the job's identities that no other running
@@ -513,13 +681,21 @@ class JobManager:
 
     def prune(self, kill: bool = False, min_uid: int | None = None, uids: list[int] | None = None) -> dict:
         """Processes in no job's cgroup (uid >= min_uid, not exempt); killed with kill."""
-        from functools import partial
-
         from .prune import find_strays, kill_strays, pids_in_cgroup_tree
 
         cfg = self.config
         self.driver.ensure_subtree()
-        in_jobs = partial(pids_in_cgroup_tree, self.driver.membership_root())
+        roots = [self.driver.membership_root()] + [
+            j["cgroup"] for j in self.store.jobs("active") if j.get("mode") == "attach"]
+
+        def in_jobs() -> set[int]:   # attached jobs' processes live in the batch system's cgroups
+            out = pids_in_cgroup_tree(roots[0])
+            for r in roots[1:]:
+                try:
+                    out |= pids_in_cgroup_tree(r)
+                except NoSuchCgroup:
+                    pass
+            return out
         strays = find_strays(in_jobs, min_uid=cfg.prune_min_uid if min_uid is None else min_uid,
                              only_uids=set(uids) if uids else None, exempt_uids=cfg.prune_exempt_uids,
                              exempt_users=cfg.prune_exempt_users, exempt_commands=cfg.prune_exempt_commands,
@@ -538,13 +714,18 @@ class JobManager:
 
     # -- views --------------------------------------------------------------------
     def show(self, job_id: str) -> dict:
-        job = self._job(job_id)
-        live = job["state"] != "ended" and self.driver.exists(job_id)
+        return self._view(self._job(job_id))
+
+    def _view(self, job: dict) -> dict:
+        job_id = job["job_id"]
+        cg = self.held(job)
+        live = job["state"] != "ended" and cg.exists()
         if live:
-            pids = self.driver.pids(job_id)
-            stats = self.driver.pids_stats(job_id)
-            state = "suspended" if self.driver.has_freeze and self.driver.frozen(job_id) else "running"
-            cpu = self.driver.cpu_usage_ns(job_id) / 1e9
+            pids = cg.pids()
+            stats = cg.pids_stats()
+            state = "suspended" if cg.has_freeze and cg.frozen() else "running"
+            ns = cg.cpu_usage_ns()
+            cpu = ns / 1e9 if ns is not None else None
             if state != job["state"]:   # frozen or thawed by someone else (a batch system's own freezer)
                 with self.store.transaction():
                     self.store.set_state(job["jid"], state, "seen in the kernel")
@@ -555,17 +736,21 @@ class JobManager:
             stats = {"current": 0, "max": job["pids_max"], "limit_hits": job["pids_limit_hits"]}
             state = "ended"
             cpu = job["cpu_seconds"]
-        if live and self.observer:
+        # an attached cgroup the batch system removed first: its exited tasks' CPU is still known
+        if self.observer and (live or (job["state"] != "ended" and job.get("mode") == "attach")):
             live_cpu = self.observer.job_cpu_by_uid(job_id, pids)
             if live_cpu is not None and cpu is not None:
                 live_cpu = split_cpu(live_cpu, cpu, job["owner_uid"])
             if live_cpu:
                 self.store.set_identity_cpu(job["jid"], live_cpu, time.time())
+                if cpu is None:
+                    cpu = sum(live_cpu.values())
         idents = [{"uid": i["uid"], "user": user_name(i["uid"]), "first_seen": iso(i["first_seen"]),
                    "last_seen": iso(i["last_seen"]), "via": i["via"], "cpu_seconds": round(i["cpu_seconds"] or 0, 3)}
                   for i in self.store.identities(job["jid"])]
         return {
-            "job_id": job_id, "state": state, "owner_uid": job["owner_uid"], "owner": user_name(job["owner_uid"]),
+            "job_id": job_id, "state": state, "mode": job.get("mode") or "own",
+            "owner_uid": job["owner_uid"], "owner": user_name(job["owner_uid"]),
             "cgroup": job["cgroup"], "pids_current": stats["current"], "pids_max": stats["max"],
             "pids_limit_hits": stats["limit_hits"], "processes": len(pids),
             "cpu_seconds": round(cpu, 3) if cpu is not None else None, "identities": idents,
@@ -584,7 +769,8 @@ class JobManager:
             if job["state"] == "ended":
                 if not include_ended:
                     continue
-                out.append({"job_id": job["job_id"], "state": "ended", "owner_uid": job["owner_uid"],
+                out.append({"job_id": job["job_id"], "state": "ended", "mode": job.get("mode") or "own",
+                            "owner_uid": job["owner_uid"],
                             "owner": user_name(job["owner_uid"]), "processes": 0, "pids_max": job["pids_max"],
                             "cpu_seconds": job["cpu_seconds"], "created": iso(job["created"]),
                             "ended": iso(job["ended"])})
@@ -593,13 +779,12 @@ class JobManager:
                 s = self.show(job["job_id"])
             except (NoSuchJob, NoSuchCgroup):
                 continue
-            out.append({k: s[k] for k in ("job_id", "state", "owner_uid", "owner", "processes", "pids_max",
+            out.append({k: s[k] for k in ("job_id", "state", "mode", "owner_uid", "owner", "processes", "pids_max",
                                           "cpu_seconds", "created", "ended")})
         return out
 
     def pids(self, job_id: str) -> list[int]:
-        self._active(job_id)
-        return self.driver.pids(job_id)
+        return self.held(self._active(job_id)).pids()
 
     def declare(self, job_id: str, uid: int, label: str, caller_uid: int) -> dict:
         """A pilot declares who its payload is (gLExec's non-privileged mode): the
@@ -630,43 +815,80 @@ class JobManager:
     def trace_data(self, job_id: str) -> dict:
         """Everything jobtrace needs in one answer: the job, its pids, lineage."""
         job = self._job(job_id)
-        live = job["state"] != "ended" and self.driver.exists(job_id)
-        return {"job": self.show(job_id), "pids": self.driver.pids(job_id) if live else [],
+        cg = self.held(job)
+        live = job["state"] != "ended" and cg.exists()
+        return {"job": self._view(job), "pids": cg.pids() if live else [],
                 "lineage": {str(k): v for k, v in self.store.lineage(job["jid"]).items()}}
 
     # -- reconciliation ----------------------------------------------------------------
     def reconcile(self, only: str | None = None) -> list[str]:
         """Make the store agree with cgroupfs: register cgroups it lacks (owner from
-        the kernel-held xattr), end jobs whose cgroup is gone.  Returns live job ids."""
+        the kernel-held xattr), end jobs whose cgroup is gone -- for an attached job, the
+        batch system's cgroup (the anchor in our subtree only helps find it).  Returns live
+        job ids."""
         names = self.driver.list() if only is None else ([only] if self.driver.exists(only) else [])
+        active = {j["job_id"]: j for j in self.store.jobs("active") if only is None or j["job_id"] == only}
         live = []
         for name in names:
             try:
                 validate_job_id(name)
             except InvalidArgument:
                 continue  # not ours to manage (never touch what we did not create)
-            live.append(name)
-            job = self.store.job(name)
-            if job is not None and job["state"] != "ended":
-                continue
+            job = active.get(name)
+            if job is not None:
+                if job.get("mode") != "attach":
+                    live.append(name)
+                continue   # attached: decided below, by the batch system's cgroup
             raw = self.driver.get_meta(name)
-            if raw is None:
-                continue
+            meta = None
             try:
-                meta = json.loads(raw)
+                meta = json.loads(raw) if raw is not None else None
             except ValueError:
+                pass
+            if not isinstance(meta, dict) or meta.get("mode") != "attach":
+                live.append(name)
+                if meta is None:
+                    continue
+                owner, created = int(meta["owner_uid"]), float(meta.get("created") or time.time())
+                with self.store.transaction():
+                    jid = self.store.add_job(name, owner, meta.get("owner_gid"), self.driver.path(name),
+                                             meta.get("pids_max"), created)
+                    self._record(jid, name, "prologue", ts=created, uid=owner, euid=owner,
+                                 detail={"mode": "own", "cgroup": self.driver.path(name), "reconciled": True})
+                if self.observer:
+                    self.observer.job_started(self.store.job(name) or {}, self.driver.cgroup_id(name),
+                                              self.driver.pids(name))
+                continue
+            try:   # an anchor without a record (database lost): the job is live if its cgroup is
+                target = CgroupAt(self.driver.layout, str(meta["cgroup"]), int(meta["cgroup_ino"]))
+            except (InvalidArgument, KeyError, TypeError, ValueError):
+                continue
+            if not target.exists():
+                self._drop_anchor(name)
                 continue
             owner, created = int(meta["owner_uid"]), float(meta.get("created") or time.time())
             with self.store.transaction():
-                jid = self.store.add_job(name, owner, meta.get("owner_gid"), self.driver.path(name),
-                                         meta.get("pids_max"), created)
+                jid = self.store.add_job(name, owner, meta.get("owner_gid"), target.path, meta.get("pids_max"),
+                                         created, mode="attach", cgroup_ino=target.ino)
                 self._record(jid, name, "prologue", ts=created, uid=owner, euid=owner,
-                             detail={"cgroup": self.driver.path(name), "reconciled": True})
+                             detail={"mode": "attach", "cgroup": target.path, "reconciled": True})
+            active[name] = self.store.job(name) or {}
             if self.observer:
-                self.observer.job_started(self.store.job(name) or {}, self.driver.cgroup_id(name),
-                                          self.driver.pids(name))
-        for job in self.store.jobs("active"):
-            if (only is None or job["job_id"] == only) and job["job_id"] not in live:
+                self.observer.job_started(active[name], target.cgroup_id(), target.pids(), target.level)
+        for job_id, job in active.items():
+            if job.get("mode") == "attach":
+                cg = self.held(job)
+                if cg.exists():
+                    live.append(job_id)
+                    try:   # kept current: what is left of the cpu figure when the cgroup goes first
+                        ns = cg.cpu_usage_ns()
+                        if ns is not None:
+                            self.store.set_cpu(job["jid"], ns / 1e9)
+                    except CgroupError:
+                        pass
+                    continue
+                self._end_vanished(job)
+            elif job_id not in live:
                 ended = time.time()
                 with self.store.transaction():
                     self.store.end_job(job["jid"], ended, job["cpu_seconds"], job["pids_limit_hits"],
@@ -675,3 +897,24 @@ class JobManager:
                                  euid=job["owner_uid"], detail={"reason": "cgroup vanished",
                                                                 "owner_uid": job["owner_uid"]})
         return live
+
+    def _end_vanished(self, job: dict) -> None:
+        """The batch system removed an attached job's cgroup (so every process is gone): end the
+        job with its final accounting; the epilogue, if it comes, still does the file cleanup."""
+        summary = self._view(job)
+        ended = time.time()
+        summary.update(state="ended", ended=iso(ended), cleanup=None, ended_by="batch system removed the cgroup")
+        self._drop_anchor(job["job_id"])
+        with self.store.transaction():
+            self.store.end_job(job["jid"], ended, summary["cpu_seconds"], summary["pids_limit_hits"], summary,
+                               "cgroup vanished")
+            self._record(job["jid"], job["job_id"], "epilogue", ts=ended, uid=job["owner_uid"],
+                         euid=job["owner_uid"], detail={**epilogue_detail(summary), "reason": "cgroup vanished"})
+        if self.observer:
+            self.observer.job_ended(job["job_id"])
+
+    def _drop_anchor(self, name: str) -> None:
+        try:
+            self.driver.remove(name, timeout=1.0)
+        except CgroupError:
+            pass   # a process was moved into it: leave it to the administrator (prune sees it)

@@ -38,15 +38,18 @@ class JobCollector(Collector):
         for job in active:
             name = job["job_id"]
             try:
-                stats = m.driver.pids_stats(name)
+                cg = m.held(job)   # jobcage's cgroup or the batch system's (attach mode)
+                stats = cg.pids_stats()
                 lv = [name, str(job["owner_uid"])]
-                procs.add_metric(lv, len(m.driver.pids(name)))
+                procs.add_metric(lv, len(cg.pids()))
                 if stats["max"] is not None:
                     pmax.add_metric(lv, stats["max"])
                 if stats["limit_hits"] is not None:
                     hits.add_metric(lv, stats["limit_hits"])
-                cpu.add_metric(lv, m.driver.cpu_usage_ns(name) / 1e9)
-                frozen.add_metric(lv, 1 if m.driver.has_freeze and m.driver.frozen(name) else 0)
+                ns = cg.cpu_usage_ns()
+                if ns is not None:
+                    cpu.add_metric(lv, ns / 1e9)
+                frozen.add_metric(lv, 1 if cg.has_freeze and cg.frozen() else 0)
                 lost.add_metric(lv, job["events_lost"] or 0)
                 idents.add_metric(lv, len(m.store.identities(job["jid"])))
             except JobcageError:

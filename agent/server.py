@@ -63,7 +63,7 @@ class Agent:
         self._next_prune = time.monotonic() + 60 * config.prune_interval
 
     # -- Observer protocol (called by JobManager, from any thread) ------------------
-    def job_started(self, job: dict, cgroup_id: int | None, pids: list[int]) -> None:
+    def job_started(self, job: dict, cgroup_id: int | None, pids: list[int], level: int | None = None) -> None:
         if not job:
             return
         with self._lock:
@@ -73,7 +73,7 @@ class Agent:
             self._owner[job["job_id"]] = job["owner_uid"]
             self._lost_base[job["job_id"]] = int(job.get("events_lost") or 0)
             if self.tracer is not None:
-                self.tracer.add_job(job["job_id"], job["owner_uid"], cgroup_id, pids)
+                self.tracer.add_job(job["job_id"], job["owner_uid"], cgroup_id, pids, subtree_level=level)
 
     def job_adopted(self, job_id: str, pid: int) -> None:
         with self._lock:
@@ -98,7 +98,7 @@ class Agent:
             if self.accounting is None:
                 return None
             self.accounting.poll()
-            return self.accounting.job_cpu_by_uid(job_id, pids or self.manager.driver.pids(job_id))
+            return self.accounting.job_cpu_by_uid(job_id, pids)
 
     def job_ended(self, job_id: str) -> None:
         with self._lock:
@@ -196,7 +196,8 @@ class Agent:
         live = self.manager.reconcile()
         for job_id in live:
             try:
-                self.manager.driver.sync(job_id)
+                if self.manager.driver.exists(job_id):   # own mode (an attached job's anchor is empty)
+                    self.manager.driver.sync(job_id)
             except JobcageError:
                 pass
             jid = self._jids.get(job_id)
@@ -237,9 +238,10 @@ class Agent:
             log.exception("reconcile at start failed; continuing with the jobs the store knows")
             live = []
         for job in self.store.jobs("active"):
+            if job["job_id"] in self._jids:   # reconcile() may have just registered it
+                continue
             try:
-                self.job_started(job, self.manager.driver.cgroup_id(job["job_id"]),
-                                 self.manager.driver.pids(job["job_id"]))
+                self.job_started(job, *self.manager.trace_target(job))
             except Exception:
                 log.exception("job %s: cannot follow it (tracing, accounting)", job["job_id"])
         self._record_gap(live)

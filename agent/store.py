@@ -26,7 +26,7 @@ CREATE TABLE IF NOT EXISTS jobs(
   job_id TEXT NOT NULL, owner_uid INTEGER NOT NULL, owner_gid INTEGER, cgroup TEXT,
   pids_max INTEGER, state TEXT NOT NULL, created REAL NOT NULL, ended REAL,
   cpu_seconds REAL, pids_limit_hits INTEGER, events_lost INTEGER DEFAULT 0,
-  tmpdir TEXT, summary TEXT);
+  tmpdir TEXT, summary TEXT, mode TEXT DEFAULT 'own', cgroup_ino INTEGER);
 CREATE INDEX IF NOT EXISTS jobs_id ON jobs(job_id, jid);
 CREATE TABLE IF NOT EXISTS job_states(
   id INTEGER PRIMARY KEY, jid INTEGER NOT NULL, ts REAL NOT NULL, state TEXT NOT NULL, detail TEXT);
@@ -51,7 +51,9 @@ CREATE TABLE IF NOT EXISTS export_cursors(sink TEXT PRIMARY KEY, last_id INTEGER
 TS_SLACK = 0.001 + 1e-6   # printed times are truncated to ms
 
 JOB_COLS = ("jid", "job_id", "owner_uid", "owner_gid", "cgroup", "pids_max", "state", "created", "ended",
-            "cpu_seconds", "pids_limit_hits", "events_lost", "tmpdir", "summary")
+            "cpu_seconds", "pids_limit_hits", "events_lost", "tmpdir", "summary", "mode", "cgroup_ino")
+# Columns added after the first release: (name, declaration) for databases made before them.
+ADDED_COLS = (("mode", "TEXT DEFAULT 'own'"), ("cgroup_ino", "INTEGER"))
 
 
 class Store:
@@ -70,6 +72,10 @@ class Store:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
             self.db.executescript(SCHEMA)
+            have = {r[1] for r in self.db.execute("PRAGMA table_info(jobs)")}
+            for col, decl in ADDED_COLS:
+                if col not in have:
+                    self.db.execute(f"ALTER TABLE jobs ADD COLUMN {col} {decl}")
         except (OSError, sqlite3.Error) as e:
             raise StoreError(f"cannot open state database {path}: {e}", path=path) from None
 
@@ -115,11 +121,14 @@ class Store:
 
     # -- jobs ---------------------------------------------------------------
     def add_job(self, job_id: str, owner_uid: int, owner_gid: int | None, cgroup: str, pids_max: int | None,
-                created: float, tmpdir: str | None = None) -> int:
+                created: float, tmpdir: str | None = None, mode: str = "own", cgroup_ino: int | None = None) -> int:
+        """mode 'own': jobcage made `cgroup`; 'attach': the batch system's cgroup at `cgroup`,
+        inode `cgroup_ino` (a cgroup made again at that path is another one)."""
         with self._lock:
-            cur = self._x("INSERT INTO jobs(job_id, owner_uid, owner_gid, cgroup, pids_max, state, created, tmpdir)"
-                          " VALUES(?,?,?,?,?,?,?,?)",
-                          (job_id, owner_uid, owner_gid, cgroup, pids_max, "running", created, tmpdir))
+            cur = self._x("INSERT INTO jobs(job_id, owner_uid, owner_gid, cgroup, pids_max, state, created, tmpdir,"
+                          " mode, cgroup_ino) VALUES(?,?,?,?,?,?,?,?,?,?)",
+                          (job_id, owner_uid, owner_gid, cgroup, pids_max, "running", created, tmpdir, mode,
+                           cgroup_ino))
             jid = int(cur.lastrowid or 0)
             self._x("INSERT INTO job_states(jid, ts, state) VALUES(?,?,?)", (jid, created, "running"))
             self.touch_identity(jid, owner_uid, created, "batch system")
@@ -149,6 +158,13 @@ class Store:
             self._x("UPDATE jobs SET ended=?, cpu_seconds=?, pids_limit_hits=?, summary=? WHERE jid=?",
                     (ended, cpu_seconds, limit_hits, json.dumps(summary), jid))
             self.set_state(jid, "ended", detail, ended)
+
+    def set_cpu(self, jid: int, cpu_seconds: float) -> None:
+        """The latest CPU reading of a running job: what is left when its cgroup goes first."""
+        self._x("UPDATE jobs SET cpu_seconds=? WHERE jid=?", (cpu_seconds, jid))
+
+    def set_summary(self, jid: int, summary: dict) -> None:
+        self._x("UPDATE jobs SET summary=? WHERE jid=?", (json.dumps(summary), jid))
 
     def add_events_lost(self, jid: int, n: int) -> None:
         self._x("UPDATE jobs SET events_lost=? WHERE jid=?", (n, jid))

@@ -80,6 +80,8 @@ def _header_define(name: str) -> int:
 
 
 MAX_JOBS = _header_define("JC_MAX_JOBS")
+MAX_LEVEL = _header_define("JC_MAX_LEVEL")
+JOB_SUBTREE = _header_define("JC_JOB_SUBTREE")
 MARK_CHANGED = _header_define("JC_MARK_CHANGED")
 MARK_SEEN = _header_define("JC_MARK_SEEN")
 
@@ -317,6 +319,7 @@ class _Job:
     cookie: int
     slot: int
     cgroup_ids: set[int] = field(default_factory=set)
+    level: int | None = None                                # set: the cgroups' descendants are the job's too
     procs: dict[int, dict] = field(default_factory=dict)   # lineage records by pid
     final_counters: dict | None = None                      # frozen at remove_job
     userns: dict[int, int] = field(default_factory=dict)    # user namespaces in its trail: inode -> a member pid
@@ -375,6 +378,8 @@ class _BpfBackend:
             flags.append("-DJC_HAVE_GROUP_DEAD")
         if pid_filter:
             flags.append("-DJC_PID_FILTER")
+        flags.append("-DJC_SUBTREE")
+        self._levels: collections.Counter[int] = collections.Counter()   # depth -> subtree jobs there
         self.perfbuf = perf_buffer
         src = str(bpf_files.SOURCE).encode()
         try:
@@ -395,6 +400,7 @@ class _BpfBackend:
         self.exited_map = self.b[b"exited"]
         self.marked_map = self.b[b"marked"]
         self.job_pids = self.b[b"job_pids"] if pid_filter else None
+        self.subtree_levels = self.b[b"subtree_levels"]
         self.events = self.b[b"events"]
         self._batch: list[_Raw] = []
         self.perf_lost = 0
@@ -426,12 +432,22 @@ class _BpfBackend:
                     cgroup_id=e.cgroup_id)
 
     def _leaf(self, job: _Job) -> ct.Structure:
-        return self.jobs.Leaf(job.slot, job.cookie, job.owner_uid, 0)
+        return self.jobs.Leaf(job.slot, job.cookie, job.owner_uid, JOB_SUBTREE if job.level else 0)
+
+    def _set_levels(self) -> None:
+        mask = 0
+        for lvl, n in self._levels.items():
+            if n > 0:
+                mask |= 1 << lvl
+        self.subtree_levels[self.subtree_levels.Key(0)] = self.subtree_levels.Leaf(mask)
 
     def add_job(self, job: _Job) -> None:
         self.counters_map.clearitem(job.slot)
         for cg in job.cgroup_ids:
             self.add_cgroup(job, cg)
+        if job.level:
+            self._levels[job.level] += 1
+            self._set_levels()
 
     def add_cgroup(self, job: _Job, cgroup_id: int) -> None:
         self.jobs[self.jobs.Key(cgroup_id)] = self._leaf(job)
@@ -445,6 +461,9 @@ class _BpfBackend:
     def remove_job(self, job: _Job) -> None:
         for cg in job.cgroup_ids:
             self.jobs.pop(self.jobs.Key(cg), None)
+        if job.level:
+            self._levels[job.level] -= 1
+            self._set_levels()
         if self.job_pids is not None:
             for k in [k for k, v in self.job_pids.items() if v.cookie == job.cookie]:
                 self.job_pids.pop(k, None)
@@ -527,6 +546,7 @@ class _ProcBackend:
         self.marked: set[int] = set()   # changed identity (inherited by children)
         self.seen: set[int] = set()     # an event was sent about it (see JC_MARK_SEEN)
         self.cg_jobs: dict[int, int] = {}                    # cgroup id -> cookie
+        self.subtree_jobs: dict[int, int] = {}               # cgroup id -> cookie, descendants included
         self.owners: dict[int, tuple[int, int]] = {}         # cookie -> (owner uid, added at ns)
         self.forks: collections.Counter[int] = collections.Counter()
         self.overruns = 0
@@ -536,23 +556,44 @@ class _ProcBackend:
         self._out: list[_Raw] = []
 
     # membership --------------------------------------------------------------------------
-    def _cgroup_id_of(self, pid: int) -> int | None:
+    def _cgroup_rel_of(self, pid: int) -> str | None:
         text = _read(f"/proc/{pid}/cgroup")
         if not text or not self.cg2:
             return None
         for line in text.splitlines():
             if line.startswith("0::"):
-                rel = line[3:].strip()
-                ino = self._cg_ino.get(rel)
-                if ino is None:
-                    try:
-                        ino = os.stat(self.cg2 + rel.rstrip("/")).st_ino
-                    except OSError:
-                        return None
-                    if len(self._cg_ino) > 4096:
-                        self._cg_ino.clear()
-                    self._cg_ino[rel] = ino
-                return ino
+                return line[3:].strip()
+        return None
+
+    def _ino(self, rel: str) -> int | None:
+        ino = self._cg_ino.get(rel)
+        if ino is None:
+            try:
+                ino = os.stat(self.cg2 + rel.rstrip("/")).st_ino
+            except OSError:
+                return None
+            if len(self._cg_ino) > 4096:
+                self._cg_ino.clear()
+            self._cg_ino[rel] = ino
+        return ino
+
+    def _cgroup_id_of(self, pid: int) -> int | None:
+        rel = self._cgroup_rel_of(pid)
+        return None if rel is None else self._ino(rel)
+
+    def _cookie_of_cgroup(self, pid: int) -> int | None:
+        """The job of the cgroup holding pid: its own, or (subtree jobs) an ancestor's."""
+        rel = self._cgroup_rel_of(pid)
+        if rel is None:
+            return None
+        c = self.cg_jobs.get(self._ino(rel) or -1)
+        if c is not None or not self.subtree_jobs:
+            return c
+        parts = rel.strip("/").split("/")
+        for i in range(1, len(parts)):
+            c = self.subtree_jobs.get(self._ino("/" + "/".join(parts[:i])) or -1)
+            if c is not None:
+                return c
         return None
 
     def _learn_ids(self, tgid: int) -> tuple[int, int, int, int]:
@@ -568,7 +609,7 @@ class _ProcBackend:
         now = time.monotonic()
         if self._not_member.get(tgid, 0.0) > now:
             return None
-        c = self.cg_jobs.get(self._cgroup_id_of(tgid) or -1)
+        c = self._cookie_of_cgroup(tgid)
         if c is None:
             if len(self._not_member) > 100_000:
                 self._not_member.clear()
@@ -586,6 +627,8 @@ class _ProcBackend:
 
     def add_cgroup(self, job: _Job, cgroup_id: int) -> None:
         self.cg_jobs[cgroup_id] = job.cookie
+        if job.level:
+            self.subtree_jobs[cgroup_id] = job.cookie
         self._not_member.clear()
 
     def add_pids(self, job: _Job, pids: Iterable[int]) -> None:
@@ -596,6 +639,7 @@ class _ProcBackend:
     def remove_job(self, job: _Job) -> None:
         for cg in job.cgroup_ids:
             self.cg_jobs.pop(cg, None)
+            self.subtree_jobs.pop(cg, None)
         for pid in [p for p, c in self.members.items() if c == job.cookie]:
             self._forget(pid)
         self.owners.pop(job.cookie, None)
@@ -799,9 +843,16 @@ class Tracer:
         self._ns_changing: set[int] = set()  # pids with an unshare/setns in the batch being enriched
 
     # -- jobs ----------------------------------------------------------------------------------
-    def add_job(self, job_id: str, owner_uid: int, cgroup_id: int | None, pids: Iterable[int] = ()) -> None:
+    def add_job(self, job_id: str, owner_uid: int, cgroup_id: int | None, pids: Iterable[int] = (),
+                subtree_level: int | None = None) -> None:
         """Start tracing a job: its cgroup2 id and/or the pids it has now (their future
-        children follow).  Processes already running are seeded from /proc."""
+        children follow).  Processes already running are seeded from /proc.
+
+        ``subtree_level``: the cgroup's depth below the cgroup2 root; set, every cgroup below it
+        belongs to the job too (attach mode: a batch system's job cgroup and its steps)."""
+        if subtree_level is not None and not 0 < subtree_level < MAX_LEVEL:
+            raise Unsupported(f"job {job_id}: cgroup depth {subtree_level} is beyond the tracer's "
+                              f"{MAX_LEVEL - 1}", job_id=job_id)
         if job_id in self._jobs:
             # Idempotent: the agent's start-up (reconcile, then its own pass over the running
             # jobs) may register a job twice.  What is new is added, nothing is reset.
@@ -815,7 +866,8 @@ class Tracer:
                               job_id=job_id)
         if not self._free_slots:
             raise JobcageError(f"job {job_id}: more than {MAX_JOBS} traced jobs", job_id=job_id)
-        job = _Job(job_id, owner_uid, self._next_cookie, self._free_slots.pop())
+        job = _Job(job_id, owner_uid, self._next_cookie, self._free_slots.pop(),
+                   level=subtree_level if cgroup_id is not None else None)
         self._next_cookie += 1
         if cgroup_id is not None:
             job.cgroup_ids.add(cgroup_id)

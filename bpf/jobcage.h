@@ -57,12 +57,15 @@ enum jc_sys {
 #define JC_MARK_CHANGED 1   /* identity changed in the job; inherited by children */
 #define JC_MARK_SEEN 2      /* an exec / identity / setsid event was sent; not inherited */
 
+#define JC_MAX_LEVEL 16       /* cgroup2 depths searched for a job that holds a whole subtree */
+#define JC_JOB_SUBTREE 1      /* jc_job.flags: the job is this cgroup and every cgroup below it */
+
 /* Value of the job maps (cgroup2 id -> job, and tgid -> job in pid-filter mode). */
 struct jc_job {
 	u32 slot;       /* index into the per-CPU counters array */
 	u32 cookie;     /* never reused while the tracer runs: late events still map to the right job */
 	u32 owner_uid;  /* exits of processes with another real uid are reported */
-	u32 flags;      /* reserved */
+	u32 flags;      /* JC_JOB_SUBTREE */
 };
 
 /* Per job, per CPU.  User space sums the CPUs. */

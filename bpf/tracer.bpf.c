@@ -12,6 +12,9 @@
  *   JC_HAVE_GROUP_DEAD   sched_process_exit has the group_dead field
  *   JC_TP_<SYSCALL>      the syscalls:sys_{enter,exit}_<syscall> tracepoints exist
  *   JC_TP_CLONE_ENTER    sys_enter_clone/clone3 exist (CLONE_NEWUSER is seen at entry)
+ *   JC_SUBTREE           jobs that hold a whole cgroup subtree (attach mode: a batch system's
+ *                        job cgroup with its steps below it) are matched through
+ *                        bpf_get_current_ancestor_cgroup_id() at the depths in `subtree_levels`
  *
  * What reaches user space: exec, identity changes (with return code), setsid, exit of
  * processes whose real uid differs from the job owner's or that changed identity (if an
@@ -34,6 +37,9 @@
 #endif
 
 BPF_HASH(jobs, u64, struct jc_job, JC_MAX_JOBS);                 /* cgroup2 id -> job */
+#ifdef JC_SUBTREE
+BPF_ARRAY(subtree_levels, u32, 1);   /* bit L: some JC_JOB_SUBTREE job's cgroup is at depth L */
+#endif
 #ifdef JC_PID_FILTER
 BPF_HASH(job_pids, u32, struct jc_job, JC_LINEAGE_ENTRIES);      /* tgid -> job */
 #endif
@@ -50,6 +56,31 @@ BPF_PERCPU_ARRAY(scratch, struct jc_event, 1);   /* the event is too big for the
 BPF_RINGBUF_OUTPUT(events, JC_RINGBUF_PAGES);
 #endif
 
+#ifdef JC_SUBTREE
+/* The subtree job whose cgroup is an ancestor of the current task's: one helper call and one
+ * lookup per depth in use (usually one: Slurm's job_N sits at the same depth for every job),
+ * nothing when no such job exists.  The task's own cgroup was looked up already. */
+static __always_inline struct jc_job *subtree_job(void)
+{
+	u32 zero = 0;
+	u32 *levels = subtree_levels.lookup(&zero);
+
+	if (!levels || !*levels)
+		return 0;
+	u32 mask = *levels;
+#pragma unroll
+	for (int lvl = 1; lvl < JC_MAX_LEVEL; lvl++) {
+		if (!(mask & (1u << lvl)))
+			continue;
+		u64 anc = bpf_get_current_ancestor_cgroup_id(lvl);
+		struct jc_job *j = jobs.lookup(&anc);
+		if (j && (j->flags & JC_JOB_SUBTREE))
+			return j;
+	}
+	return 0;
+}
+#endif
+
 /* 1 and a copy of the current task's job in *out (safe to keep across map updates), or 0. */
 static __always_inline int current_job(u32 tgid, struct jc_job *out, int *by_pid)
 {
@@ -57,6 +88,10 @@ static __always_inline int current_job(u32 tgid, struct jc_job *out, int *by_pid
 	struct jc_job *j = jobs.lookup(&cg);
 
 	*by_pid = 0;
+#ifdef JC_SUBTREE
+	if (!j)
+		j = subtree_job();
+#endif
 #ifdef JC_PID_FILTER
 	if (!j) {
 		j = job_pids.lookup(&tgid);

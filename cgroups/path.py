@@ -1,0 +1,406 @@
+"""A cgroup at a path: operations on a cgroup somebody else created (a batch system's).
+
+Where a :class:`~jobcage.cgroups.driver.Driver` manages named leaves in jobcage's own subtree,
+:class:`CgroupAt` acts on one existing cgroup *and everything below it* (Slurm's
+``job_N/step_M/user/task_K``, a systemd ``.slice`` with its ``.scope``).  It moves nothing
+and writes no limit by itself: membership, freeze, kill, CPU and pids counters are read or
+driven through the files the kernel gives every cgroup (``cgroup.procs``, ``cgroup.freeze``,
+``cgroup.kill``, ``cpu.stat``; ``freezer.state`` in a v1 freezer hierarchy).  The only limit
+it can write is ``pids.max``, and only when the caller asks (:meth:`set_pids_max`).
+
+Nothing here knows of jobs.  :class:`Named` gives a driver's named cgroup the same interface,
+so a caller can hold either kind the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal as _signal
+import time
+from collections.abc import Callable, Iterable
+
+from .detect import Layout
+from .driver import Driver, describe_pids, read, read_keyed, write
+from .errors import InvalidArgument, NoSuchCgroup, NoSuchProcess, Timeout, Unsupported
+
+MEMBERSHIP_KINDS = ("cgroup2", "freezer")   # hierarchies whose cgroups can hold a job (freeze, kill)
+COMPANIONS = ("pids", "cpuacct")           # v1 hierarchies read at the same relative path when present
+
+
+def _mounts(layout: Layout) -> list[tuple[str, str]]:
+    """(kind, mount point) of the hierarchies a held cgroup may live in, longest mount first."""
+    out = []
+    if layout.v2_root:
+        out.append(("cgroup2", layout.v2_root))
+    if "freezer" in layout.v1:
+        out.append(("freezer", layout.v1["freezer"]))
+    return sorted(out, key=lambda km: -len(km[1]))
+
+
+def _split(layout: Layout, path: object) -> tuple[str, str, str]:
+    """(kind, mount, relative path '/a/b') of a cgroup directory path; checked, not opened."""
+    if not isinstance(path, str) or not path or "\0" in path or len(path) > 4096:
+        raise InvalidArgument(f"invalid cgroup path: {str(path)[:80]!r}")
+    if not path.startswith("/"):
+        raise InvalidArgument(f"cgroup path must be absolute: {path!r}")
+    if ".." in path.split("/"):
+        raise InvalidArgument(f"cgroup path must not contain '..': {path!r}")
+    norm = os.path.normpath(path)
+    for kind, mnt in _mounts(layout):
+        if norm == mnt:
+            raise InvalidArgument(f"{norm} is the root cgroup: give the batch system's job cgroup below it")
+        if norm.startswith(mnt.rstrip("/") + "/"):
+            return kind, mnt, norm[len(mnt.rstrip("/")):]
+    where = ", ".join(m for _k, m in _mounts(layout)) or "none mounted"
+    raise InvalidArgument(f"{norm} is not under a cgroup mount that can hold a job ({where})")
+
+
+def _proc_cgroup_lines(pid: int) -> dict[str, str]:
+    """/proc/PID/cgroup as {'' (cgroup2) | v1 controller: relative path}."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            text = f.read()
+    except (FileNotFoundError, ProcessLookupError):
+        raise NoSuchProcess(f"no such process: {pid}", pid=pid) from None
+    except OSError as e:
+        raise NoSuchProcess(f"cannot read process {pid}: {e.strerror}", pid=pid) from None
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        _hid, ctrls, rel = line.split(":", 2)
+        if ctrls == "":
+            out[""] = rel
+        for c in ctrls.split(","):
+            if c:
+                out.setdefault(c, rel)
+    return out
+
+
+def cgroup_paths_of(layout: Layout, pid: int) -> list[str]:
+    """The directories of the cgroups holding pid, membership hierarchies only (cgroup2 first)."""
+    lines = _proc_cgroup_lines(pid)
+    out = []
+    for kind, mnt in sorted(_mounts(layout), key=lambda km: km[0] != "cgroup2"):
+        rel = lines.get("" if kind == "cgroup2" else kind)
+        if rel is not None:
+            out.append(mnt.rstrip("/") + rel.rstrip("/") if rel != "/" else mnt)
+    return out
+
+
+def find_ancestor(layout: Layout, pid: int, patterns: Iterable[str]) -> str:
+    """The directory of the outermost cgroup holding pid whose path (relative to its mount) fully
+    matches one of the regular expressions: e.g. Slurm's ``.*/slurmstepd\\.scope/job_[0-9]+``
+    above ``.../step_0/user/task_0``."""
+    try:
+        regs = [re.compile(p) for p in patterns]
+    except (re.error, TypeError) as e:
+        raise InvalidArgument(f"invalid cgroup pattern: {e}") from None
+    paths = cgroup_paths_of(layout, pid)
+    for path in paths:
+        kind, mnt, rel = _split_loose(layout, path)
+        parts = rel.strip("/").split("/") if rel.strip("/") else []
+        for i in range(1, len(parts) + 1):
+            prefix = "/" + "/".join(parts[:i])
+            if any(r.fullmatch(prefix) for r in regs):
+                return mnt.rstrip("/") + prefix
+    shown = " or ".join(os.path.relpath(p, "/sys/fs/cgroup") if p.startswith("/sys/fs/cgroup") else p
+                        for p in paths) or "none"
+    raise InvalidArgument(f"process {pid} is in no cgroup matching the configured job patterns "
+                          f"(it is in {shown}); give --cgroup PATH or set [attach] job_patterns", pid=pid)
+
+
+def _split_loose(layout: Layout, path: str) -> tuple[str, str, str]:
+    for kind, mnt in _mounts(layout):
+        if path == mnt:
+            return kind, mnt, "/"
+        if path.startswith(mnt.rstrip("/") + "/"):
+            return kind, mnt, path[len(mnt.rstrip("/")):]
+    raise InvalidArgument(f"{path} is not under a cgroup mount")
+
+
+class CgroupAt:
+    """One existing cgroup and its subtree, named by directory and identified by inode (= the
+    cgroup2 id BPF sees): a cgroup removed and made again at the same path is another one."""
+
+    poll_interval = 0.0005
+
+    def __init__(self, layout: Layout, path: str, ino: int) -> None:
+        self.layout = layout
+        self.kind, self.mount, self.rel = _split(layout, path)
+        self.path = self.mount.rstrip("/") + self.rel
+        self.ino = ino
+        self.level = len(self.rel.strip("/").split("/"))   # depth below the root (root = 0)
+
+    @classmethod
+    def open(cls, layout: Layout, path: object) -> CgroupAt:
+        """Check a path given by a user and open the cgroup there; one clear error otherwise."""
+        kind, mnt, rel = _split(layout, path)
+        full = mnt.rstrip("/") + rel
+        if os.path.realpath(full) != full:
+            raise InvalidArgument(f"cgroup path goes through a symbolic link: {path!r}")
+        try:
+            st = os.stat(full)
+        except FileNotFoundError:
+            raise NoSuchCgroup(f"no such cgroup: {full}", path=full) from None
+        except OSError as e:
+            raise InvalidArgument(f"cannot open cgroup {full}: {e.strerror}", path=full) from None
+        if not os.path.isfile(os.path.join(full, "cgroup.procs")):
+            raise InvalidArgument(f"not a cgroup directory: {full}", path=full)
+        return cls(layout, full, st.st_ino)
+
+    # -- identity ---------------------------------------------------------------------
+    def exists(self) -> bool:
+        """Still there, and still the same cgroup (not one made again under the same name)."""
+        try:
+            return os.stat(self.path).st_ino == self.ino
+        except OSError:
+            return False
+
+    def cgroup_id(self) -> int | None:
+        return self.ino if self.kind == "cgroup2" else None
+
+    def _check(self) -> None:
+        if not self.exists():
+            raise NoSuchCgroup(f"cgroup {self.path} is gone", path=self.path)
+
+    def _companion(self, ctrl: str) -> str | None:
+        """The same relative path in a v1 hierarchy, if whoever made the cgroup made it there."""
+        mnt = self.layout.v1.get(ctrl)
+        if not mnt or self.kind == ctrl:
+            return None
+        d = mnt.rstrip("/") + self.rel
+        return d if os.path.isdir(d) else None
+
+    # -- membership ----------------------------------------------------------------------
+    def dirs(self) -> list[str]:
+        """This cgroup and every cgroup below it, parents first; ones vanishing meanwhile skipped."""
+        out = []
+        for d, _subdirs, _files in os.walk(self.path):
+            out.append(d)
+        return out
+
+    def pids(self) -> list[int]:
+        """Every process in the subtree."""
+        self._check()
+        out: list[int] = []
+        for d in self.dirs():
+            try:
+                out.extend(int(x) for x in read(os.path.join(d, "cgroup.procs")).split())
+            except NoSuchCgroup:
+                continue   # a child cgroup removed while we read
+        return out
+
+    def contains(self, pid: int) -> bool:
+        """pid is in this cgroup or below it."""
+        lines = _proc_cgroup_lines(pid)
+        rel = lines.get("" if self.kind == "cgroup2" else self.kind)
+        return rel is not None and (rel == self.rel or rel.startswith(self.rel + "/"))
+
+    def overlaps(self, other: CgroupAt) -> bool:
+        """One is the other, or inside it (same hierarchy)."""
+        if self.kind != other.kind:
+            return False
+        a, b = self.rel + "/", other.rel + "/"
+        return a.startswith(b) or b.startswith(a)
+
+    # -- freeze -----------------------------------------------------------------------------
+    @property
+    def has_freeze(self) -> bool:
+        if self.kind == "freezer":
+            return True
+        return os.path.exists(os.path.join(self.path, "cgroup.freeze"))
+
+    @property
+    def has_kill(self) -> bool:
+        return self.kind == "cgroup2" and os.path.exists(os.path.join(self.path, "cgroup.kill"))
+
+    def _set_frozen(self, frozen: bool) -> None:
+        if self.kind == "freezer":
+            write(os.path.join(self.path, "freezer.state"), "FROZEN" if frozen else "THAWED")
+        elif self.has_freeze:
+            write(os.path.join(self.path, "cgroup.freeze"), "1" if frozen else "0")
+        else:
+            raise Unsupported(f"{self.path} has no freezer", path=self.path)
+
+    def frozen(self) -> bool:
+        """The kernel says the whole subtree is frozen (v2: cgroup.events; v1: FROZEN, not FREEZING)."""
+        if self.kind == "freezer":
+            return read(os.path.join(self.path, "freezer.state")).strip() == "FROZEN"
+        if not self.has_freeze:
+            return False
+        return read_keyed(os.path.join(self.path, "cgroup.events")).get("frozen") == "1"
+
+    def _wait(self, what: str, cond: Callable[[], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        delay = self.poll_interval
+        while not cond():
+            if time.monotonic() > deadline:
+                raise Timeout(f"{what} of {self.path} not confirmed after {timeout:g}s; "
+                              f"processes: {describe_pids(self.pids())}", path=self.path)
+            time.sleep(delay)
+            delay = min(delay * 2, 0.02)
+
+    def freeze(self, timeout: float = 10.0) -> None:
+        self._check()
+        self._set_frozen(True)
+        self._wait("freeze", self.frozen, timeout)
+
+    def thaw(self, timeout: float = 10.0) -> None:
+        self._check()
+        self._set_frozen(False)
+        self._wait("thaw", lambda: not self.frozen(), timeout)
+
+    # -- signals ------------------------------------------------------------------------------
+    def signal(self, sig: int) -> int:
+        """sig to every process of the subtree at one frozen instant; how many got it."""
+        was = self.has_freeze and self.frozen()
+        if self.has_freeze and not was:
+            self.freeze()
+        n = 0
+        try:
+            for pid in self.pids():
+                try:
+                    os.kill(pid, sig)
+                    n += 1
+                except ProcessLookupError:
+                    pass
+        finally:
+            if self.has_freeze and not was and self.exists():
+                self.thaw()
+        return n
+
+    def kill(self, timeout: float = 10.0) -> None:
+        """SIGKILL the whole subtree; return when it is empty.  cgroup.kill where the kernel has
+        it (recursive, catches racing forks); else freeze, SIGKILL each pid, thaw, repeat -- with
+        no pids.max clamp: that limit is not ours to write."""
+        self._check()
+        if self.has_kill:
+            write(os.path.join(self.path, "cgroup.kill"), "1")
+            self._wait("kill", lambda: not self.exists() or not self.pids(), timeout)
+            return
+        deadline = time.monotonic() + timeout
+        while self.exists() and self.pids():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise Timeout(f"kill of {self.path} incomplete after {timeout:g}s; "
+                              f"survivors: {describe_pids(self.pids())}", path=self.path)
+            if self.has_freeze:
+                self.freeze(timeout=left)
+            for pid in self.pids():
+                try:
+                    os.kill(pid, _signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if self.has_freeze:
+                self.thaw(timeout=max(deadline - time.monotonic(), 0.1))
+            try:
+                self._wait("kill", lambda: not self.exists() or not self.pids(), min(0.05, max(left, 0.001)))
+            except Timeout:
+                pass
+
+    # -- counters -------------------------------------------------------------------------------
+    def cpu_usage_ns(self) -> int | None:
+        """CPU of the subtree: cgroup2 cpu.stat (hierarchical, present without the cpu controller),
+        v1 cpuacct.usage at the same path; None when neither exists."""
+        if self.kind == "cgroup2":
+            return int(read_keyed(os.path.join(self.path, "cpu.stat"))["usage_usec"]) * 1000
+        acct = self._companion("cpuacct")
+        if acct is None:
+            return None
+        return int(read(os.path.join(acct, "cpuacct.usage")).strip())
+
+    def _pids_dir(self) -> str | None:
+        if os.path.exists(os.path.join(self.path, "pids.max")):
+            return self.path   # v2 with the pids controller enabled for this cgroup
+        return self._companion("pids")
+
+    @property
+    def has_pids(self) -> bool:
+        return self._pids_dir() is not None
+
+    def pids_stats(self) -> dict:
+        """{'current', 'max' (None = unlimited), 'limit_hits'}: the counters of whoever made it."""
+        d = self._pids_dir()
+        if d is None:
+            return {"current": len(self.pids()), "max": None, "limit_hits": None}
+        mx = read(os.path.join(d, "pids.max")).strip()
+        return {"current": int(read(os.path.join(d, "pids.current"))),
+                "max": None if mx == "max" else int(mx), "limit_hits": self._limit_hits(d)}
+
+    @staticmethod
+    def _limit_hits(d: str) -> int:
+        """Forks refused anywhere in the subtree.  Where pids.events.local exists (cgroup2, kernels with
+        hierarchical pids events) the cgroup's pids.events counts its descendants' refusals; elsewhere
+        (v1, older cgroup2) a refusal is counted in the cgroup of the task that forked: sum the subtree."""
+        if os.path.exists(os.path.join(d, "pids.events.local")):
+            return int(read_keyed(os.path.join(d, "pids.events")).get("max", 0))
+        total = 0
+        for sub, _dirs, _files in os.walk(d):
+            try:
+                total += int(read_keyed(os.path.join(sub, "pids.events")).get("max", 0))
+            except NoSuchCgroup:
+                continue
+        return total
+
+    def pids_max_raw(self) -> str | None:
+        d = self._pids_dir()
+        return None if d is None else read(os.path.join(d, "pids.max")).strip()
+
+    def set_pids_max(self, value: int | str | None) -> None:
+        """Only when the site opted in: the cgroup is someone else's."""
+        d = self._pids_dir()
+        if d is None:
+            raise Unsupported(f"no pids controller at {self.path}", path=self.path)
+        if isinstance(value, int) and value < 0:
+            raise InvalidArgument(f"invalid pids limit: {value}")
+        write(os.path.join(d, "pids.max"), "max" if value is None else str(value))
+
+
+class Named:
+    """A driver's named cgroup with CgroupAt's interface (no name argument)."""
+
+    def __init__(self, driver: Driver, name: str) -> None:
+        self.driver = driver
+        self.name = name
+        self.level: int | None = None   # a leaf: BPF matches its own id
+
+    @property
+    def path(self) -> str:
+        return self.driver.path(self.name)
+
+    @property
+    def has_freeze(self) -> bool:
+        return self.driver.has_freeze
+
+    def exists(self) -> bool:
+        return self.driver.exists(self.name)
+
+    def cgroup_id(self) -> int | None:
+        return self.driver.cgroup_id(self.name)
+
+    def pids(self) -> list[int]:
+        return self.driver.pids(self.name)
+
+    def contains(self, pid: int) -> bool:
+        return self.driver.cgroup_of(pid) == self.name
+
+    def frozen(self) -> bool:
+        return self.driver.frozen(self.name)
+
+    def freeze(self, timeout: float = 10.0) -> None:
+        self.driver.freeze(self.name, timeout)
+
+    def thaw(self, timeout: float = 10.0) -> None:
+        self.driver.thaw(self.name, timeout)
+
+    def signal(self, sig: int) -> int:
+        return self.driver.signal(self.name, sig)
+
+    def kill(self, timeout: float = 10.0) -> None:
+        self.driver.kill(self.name, timeout)
+
+    def cpu_usage_ns(self) -> int | None:
+        return self.driver.cpu_usage_ns(self.name)
+
+    def pids_stats(self) -> dict:
+        return self.driver.pids_stats(self.name)
