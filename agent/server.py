@@ -127,6 +127,8 @@ class Agent:
         by_job: dict[int, list[TraceEvent]] = {}
         # (jid, uid) -> [first ts, last ts, via]: one identity write per uid and batch
         seen: dict[tuple[int, int], list] = {}
+        # one row per process and batch too (an exec-heavy job names thousands): executemany
+        lineage: dict[tuple[int, int], tuple[int, int, int, str | None, float]] = {}
         for ev in batch:
             jid = self._jids.get(ev.job_id or "")
             if jid is None:
@@ -145,9 +147,10 @@ class Agent:
                 else:
                     cur[0], cur[1], cur[2] = min(cur[0], ev.ts), max(cur[1], ev.ts), cur[2] or via
             if ev.detail.get("orig_ppid") is not None:
-                self.store.set_lineage(jid, ev.pid, int(ev.detail["orig_ppid"]), ev.detail.get("via"), ev.ts)
+                lineage[(jid, ev.pid)] = (jid, ev.pid, int(ev.detail["orig_ppid"]), ev.detail.get("via"), ev.ts)
         for (jid, uid), (t0, t1, via) in seen.items():
             self.store.touch_identity(jid, uid, t0, via, last=t1)
+        self.store.set_lineages(lineage.values())
         for jid, evs in by_job.items():
             self.store.add_events(jid, evs)
 

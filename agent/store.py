@@ -267,6 +267,14 @@ class Store:
         self._x("INSERT OR REPLACE INTO lineage(jid, pid, orig_ppid, via, ts) VALUES(?,?,?,?,?)",
                 (jid, pid, orig_ppid, via, ts))
 
+    def set_lineages(self, rows: Iterable[tuple[int, int, int, str | None, float]]) -> None:
+        """Many :meth:`set_lineage` at once: (jid, pid, orig_ppid, via, ts) rows."""
+        rows = list(rows)
+        if rows:
+            with self._lock:
+                self.db.executemany("INSERT OR REPLACE INTO lineage(jid, pid, orig_ppid, via, ts) VALUES(?,?,?,?,?)",
+                                    rows)
+
     def lineage(self, jid: int) -> dict[int, dict]:
         return {pid: {"orig_ppid": pp, "via": via, "ts": ts} for pid, pp, via, ts in
                 self._x("SELECT pid, orig_ppid, via, ts FROM lineage WHERE jid=?", (jid,))}
