@@ -17,7 +17,9 @@ exited -- in the kernel, by the cgroup2 id of the exiting task (BPF), or from it
 connector) -- and remembers exited task -> job; ``job_of_exited`` asks it.  The taskstats
 record is sent a little before the exit tracepoint runs, so a record not yet known to the
 tracer waits (``pending_s``) and is retried on the next polls; after that it belongs to no
-job (most exits on a node are not jobs').
+job (most exits on a node are not jobs').  Every exit on the node sends a record, so the cost
+per record is kept small: one batch fetch of the kernel's remembered exits per poll
+(``sync_exited``), the pid peeked at its fixed place, and only a job's records decoded.
 
 A task is charged entirely to the uid it had at exit (or has now): the CPU a pilot's child
 used before it switched to the pool uid goes to the pool uid.  Helpers switch uid right
@@ -28,6 +30,7 @@ record (address-space teardown) is in the cgroup's usage but not here.
 from __future__ import annotations
 
 import collections
+import ctypes as ct
 import errno
 import logging
 import os
@@ -48,7 +51,8 @@ _NLA = struct.Struct("=HH")
 _GENL_HDR = 4
 TASKSTATS_TYPE_PID, TASKSTATS_TYPE_STATS, TASKSTATS_TYPE_AGGR_PID = 1, 3, 4
 NLMSG_MIN_TYPE = 0x10   # below: NLMSG_NOOP, _ERROR, _DONE, _OVERRUN
-MAX_TRIES = 3   # polls a record waits for the tracer to learn its task's exit
+PENDING_MAX = 200_000   # records waiting for their exit to be known (2 s of a very busy node)
+MSG_DONTWAIT, MSG_TRUNC = 0x40, 0x20
 
 
 class TaskExit:
@@ -63,22 +67,27 @@ class TaskExit:
         return f"TaskExit(pid={self.pid}, uid={self.uid}, cpu_ns={self.cpu_ns}, comm={self.comm!r})"
 
 
+# struct taskstats fields we read: version; cpu_run_real/virtual_total; ac_comm; ac_uid, ac_gid,
+# ac_pid; ac_utime, ac_stime.  Version 15 has them 48 bytes later (see parse_taskstats).
+_TS = struct.Struct("=H62xQQ32s8xIII20xQQ")
+_TS15 = struct.Struct("=H110xQQ32s8xIII20xQQ")
+_VERSION = struct.Struct("=H")
+_CPU = struct.Struct("=72xQ40xI28xQQ")     # cpu_run_virtual_total, ac_uid, ac_utime, ac_stime
+_CPU15 = struct.Struct("=120xQ40xI28xQQ")
+
+
 def parse_taskstats(buf: bytes) -> TaskExit | None:
     """Decode a struct taskstats.  Its layout is append-only ABI except version 15, which
     inserted six delay max/min fields after cpu_delay_total etc. (moved to the end again in
     16); everything after them sits 48 bytes later."""
-    if len(buf) < 168:
+    if len(buf) < _TS.size:
         return None
-    version = struct.unpack_from("=H", buf, 0)[0]
-    shift = 48 if version == 15 else 0
-    if len(buf) < 168 + shift:
+    st = _TS15 if _VERSION.unpack_from(buf)[0] == 15 else _TS
+    if len(buf) < st.size:
         return None
-    _real, virt = struct.unpack_from("=QQ", buf, 64 + shift)
-    comm = buf[80 + shift:112 + shift].split(b"\0", 1)[0].decode(errors="replace")
-    uid, _gid, pid = struct.unpack_from("=III", buf, 120 + shift)
-    utime_us, stime_us = struct.unpack_from("=QQ", buf, 152 + shift)
+    version, _real, virt, comm, uid, _gid, pid, utime_us, stime_us = st.unpack_from(buf)
     cpu_ns = virt if virt else (utime_us + stime_us) * 1000
-    return TaskExit(pid, uid, cpu_ns, comm, version)
+    return TaskExit(pid, uid, cpu_ns, comm.split(b"\0", 1)[0].decode(errors="replace"), version)
 
 
 def _nlas(buf: bytes, off: int, end: int) -> Iterable[tuple[int, int, int]]:
@@ -91,25 +100,57 @@ def _nlas(buf: bytes, off: int, end: int) -> Iterable[tuple[int, int, int]]:
         off += (length + 3) & ~3
 
 
-def parse_messages(data: bytes) -> list[TaskExit]:
-    """Per-task exit records of one datagram.  AGGR_TGID records (whole thread groups) are
-    skipped: their threads already came one by one as AGGR_PID."""
+# The kernel's layout (taskstats_exit): nlmsghdr, genlmsghdr, AGGR_PID{PID, STATS}, read in one go:
+# nlmsg length and type, then AGGR_PID nla type, PID nla length/type, pid, STATS nla length/type.
+_FAST = struct.Struct("=IH10x4xHHHHIHH")
+_FAST_HEAD = (TASKSTATS_TYPE_AGGR_PID, 8, TASKSTATS_TYPE_PID)
+_FAST_STATS = _FAST.size
+
+
+def split_messages(data: bytes) -> list[tuple[int, int, int]]:
+    """(pid, offset, end) of the struct taskstats of each per-task exit record in one datagram,
+    without decoding it: the pid decides whether a record is worth parsing (most exits on a node
+    are nobody's job).  AGGR_TGID records (whole thread groups) are skipped: their threads already
+    came one by one as AGGR_PID."""
     out = []
     off = 0
-    while off + _NLMSG.size <= len(data):
+    end = len(data)
+    while off + _NLMSG.size <= end:
+        if off + _FAST.size <= end:
+            length, typ, _alen, atyp, plen, ptyp, pid, slen, styp = _FAST.unpack_from(data, off)
+            b = off + _FAST_STATS - 4 + slen
+            if (atyp & 0x3FFF, plen, ptyp & 0x3FFF) == _FAST_HEAD and styp & 0x3FFF == TASKSTATS_TYPE_STATS \
+                    and typ >= NLMSG_MIN_TYPE and _NLMSG.size <= length and off + length <= end \
+                    and slen >= _NLA.size and b <= off + length:
+                out.append((pid, off + _FAST_STATS, b))
+                off += (length + 3) & ~3
+                continue
         length, typ = _NLMSG.unpack_from(data, off)[:2]
-        if length < _NLMSG.size or off + length > len(data):
+        if length < _NLMSG.size or off + length > end:
             break
         if typ >= NLMSG_MIN_TYPE:
             for t, a, b in _nlas(data, off + _NLMSG.size + _GENL_HDR, off + length):
                 if t != TASKSTATS_TYPE_AGGR_PID:
                     continue
+                pid, stats = -1, None
                 for t2, a2, b2 in _nlas(data, a, b):
-                    if t2 == TASKSTATS_TYPE_STATS:
-                        rec = parse_taskstats(data[a2:b2])
-                        if rec is not None:
-                            out.append(rec)
+                    if t2 == TASKSTATS_TYPE_PID and b2 - a2 >= 4:
+                        pid = struct.unpack_from("=I", data, a2)[0]
+                    elif t2 == TASKSTATS_TYPE_STATS:
+                        stats = (a2, b2)
+                if stats is not None:
+                    out.append((pid, *stats))
         off += (length + 3) & ~3
+    return out
+
+
+def parse_messages(data: bytes) -> list[TaskExit]:
+    """Per-task exit records of one datagram, decoded (see :func:`split_messages`)."""
+    out = []
+    for _pid, a, b in split_messages(data):
+        rec = parse_taskstats(data[a:b])
+        if rec is not None:
+            out.append(rec)
     return out
 
 
@@ -172,6 +213,50 @@ def live_cpu_by_uid(pids: Iterable[int], base: dict[int, tuple[str, int]] | None
     return dict(out)
 
 
+class _IoVec(ct.Structure):
+    _fields_ = [("base", ct.c_void_p), ("len", ct.c_size_t)]
+
+
+class _MsgHdr(ct.Structure):
+    _fields_ = [("name", ct.c_void_p), ("namelen", ct.c_uint32), ("iov", ct.POINTER(_IoVec)),
+                ("iovlen", ct.c_size_t), ("control", ct.c_void_p), ("controllen", ct.c_size_t),
+                ("flags", ct.c_int)]
+
+
+class _MMsgHdr(ct.Structure):
+    _fields_ = [("hdr", _MsgHdr), ("len", ct.c_uint)]
+
+
+class _MmsgReader:
+    """recvmmsg(2) through ctypes: up to ``n`` datagrams per syscall.  Python's socket has no
+    recvmmsg, and one recv per exit record of the whole node was the accounting's largest cost."""
+
+    def __init__(self, fd: int, n: int = 256, size: int = 4096) -> None:
+        libc = ct.CDLL(None, use_errno=True)
+        self._recvmmsg = libc.recvmmsg
+        self._recvmmsg.argtypes = [ct.c_int, ct.c_void_p, ct.c_uint, ct.c_int, ct.c_void_p]
+        self._recvmmsg.restype = ct.c_int
+        self.fd, self.n, self.size = fd, n, size
+        self.buf = ct.create_string_buffer(n * size)
+        self.base = ct.addressof(self.buf)
+        self.iov = (_IoVec * n)()
+        self.msgs = (_MMsgHdr * n)()
+        for i in range(n):
+            self.iov[i].base, self.iov[i].len = self.base + i * size, size
+            self.msgs[i].hdr.iov, self.msgs[i].hdr.iovlen = ct.pointer(self.iov[i]), 1
+
+    def read(self) -> list[bytes]:
+        got = self._recvmmsg(self.fd, self.msgs, self.n, MSG_DONTWAIT, None)
+        if got < 0:
+            err = ct.get_errno()
+            if err in (errno.EAGAIN, errno.EWOULDBLOCK):
+                raise BlockingIOError(err, os.strerror(err))
+            raise OSError(err, os.strerror(err))
+        msgs, base, size = self.msgs, self.base, self.size
+        # A truncated record (larger than a slot) is cut off: split_messages drops what is incomplete.
+        return [ct.string_at(base + i * size, min(msgs[i].len, size)) for i in range(got)]
+
+
 class Accounting:
     """CPU seconds per job and uid.  ``membership`` is the tracer (anything with
     ``job_of_exited(tid) -> job_id | None``, see :meth:`jobcage.agent.tracer.Tracer.job_of_exited`) or
@@ -184,7 +269,12 @@ class Accounting:
             raise TypeError("Accounting needs the tracer or a job_of_exited(tid) function")
         self._pending_s = pending_s
         self._exited: dict[str, dict[int, int]] = collections.defaultdict(lambda: collections.defaultdict(int))
-        self._pending: collections.deque[tuple[float, int, TaskExit]] = collections.deque(maxlen=200_000)
+        # Records no job was known for yet (the record comes a little before the exit tracepoint):
+        # pid -> (first seen, datagram, stats offset, end), oldest first.
+        self._pending: dict[int, tuple[float, bytes, int, int]] = {}
+        self._mmsg: _MmsgReader | None = None
+        # The tracer's batch fetch of remembered exits (BPF), called once per poll before lookups.
+        self._sync: Callable[[], None] | None = getattr(membership, "sync_exited", None)
         # tid -> (job, runtime ns when adopted): a task that ran before it joined the job (the
         # `jobcage run` starter, an adopted shell) brings CPU the job's cgroup never counted
         self._base: dict[int, tuple[str, int]] = {}
@@ -215,6 +305,10 @@ class Accounting:
             self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 16 << 20)
         except OSError:
             pass
+        try:
+            self._mmsg = _MmsgReader(self._sock.fileno())
+        except (OSError, AttributeError) as e:   # no recvmmsg in this libc: one recv per record
+            log.info("recvmmsg unavailable (%s): reading taskstats one record at a time", e)
 
     def fileno(self) -> int:
         if self._sock is None:
@@ -225,16 +319,50 @@ class Accounting:
         """Read the exit records that arrived, attribute them; return how many were read."""
         if self._sock is None:
             raise Unsupported("accounting not started")
-        n = 0
         r, _, _ = select.select([self._sock], [], [], max(timeout_ms, 0) / 1000)
         now = time.monotonic()
-        retry = list(self._pending)
-        self._pending.clear()
-        for t0, tries, rec in retry:
-            self._attribute(rec, t0, now, tries)
-        while r:
+        got = self._read_all() if r else []
+        pending = self._pending
+        if self._sync is not None:
+            # After the reads: the exits of what we just read are known now.  Records that came
+            # before their exit was known are found by the tids the tracer just learned, so a
+            # waiting record of a non-job task costs nothing per poll.
+            for tid in self._sync() if (got or pending) else ():
+                hit = pending.pop(tid, None)
+                if hit is not None:
+                    self._attribute(tid, *hit)
+        else:   # a plain job_of_exited function: ask again for each waiting record
+            for tid in list(pending):
+                if self._attribute(tid, *pending[tid]):
+                    del pending[tid]
+        while pending:   # oldest first (insertion order): give up on records older than pending_s
+            tid = next(iter(pending))
+            if now - pending[tid][0] < self._pending_s and len(pending) <= PENDING_MAX:
+                break
+            del pending[tid]
+            self.unattributed += 1
+        n = 0
+        for data in got:
+            for pid, a, b in split_messages(data):
+                n += 1
+                if not self._attribute(pid, now, data, a, b):
+                    pending.pop(pid, None)   # keep insertion order = arrival order
+                    pending[pid] = (now, data, a, b)
+        self.records += n
+        return n
+
+    def _read_all(self) -> list[bytes]:
+        assert self._sock is not None
+        got: list[bytes] = []
+        while True:
             try:
-                data = self._sock.recv(1 << 16)
+                if self._mmsg is not None:
+                    batch = self._mmsg.read()
+                    got.extend(batch)
+                    if len(batch) < self._mmsg.n:
+                        break
+                else:
+                    got.append(self._sock.recv(1 << 16))
             except BlockingIOError:
                 break
             except OSError as e:
@@ -242,24 +370,21 @@ class Accounting:
                     raise
                 self.records_lost += 1
                 log.warning("taskstats socket overrun: exit records lost")
-                continue
-            for rec in parse_messages(data):
-                n += 1
-                self._attribute(rec, now, now, 0)
-        self.records += n
-        return n
+        return got
 
-    def _attribute(self, rec: TaskExit, first_seen: float, now: float, tries: int) -> None:
-        job = self._job_of_exited(rec.pid)
-        if job is not None:
-            b = self._base.pop(rec.pid, None)
-            self._exited[job][rec.uid] += max(0, rec.cpu_ns - b[1]) if b and b[0] == job else rec.cpu_ns
-        elif tries < MAX_TRIES and now - first_seen < self._pending_s:
-            # Bounded retries: on a busy node most exits are nobody's job, and each try may be
-            # a map lookup in the kernel.
-            self._pending.append((first_seen, tries + 1, rec))
-        else:
-            self.unattributed += 1
+    def _attribute(self, pid: int, _first_seen: float, data: bytes, a: int, b: int) -> bool:
+        """Add the record's CPU to its job; False when no job is known for it (yet)."""
+        job = self._job_of_exited(pid)
+        if job is None:
+            return False
+        if b - a >= _TS.size:   # decoded only for a job's task, and only what is added up
+            st = _CPU15 if _VERSION.unpack_from(data, a)[0] == 15 else _CPU
+            if b - a >= st.size:
+                virt, uid, utime_us, stime_us = st.unpack_from(data, a)
+                ns = virt if virt else (utime_us + stime_us) * 1000
+                base = self._base.pop(pid, None)
+                self._exited[job][uid] += max(0, ns - base[1]) if base and base[0] == job else ns
+        return True
 
     def job_cpu_by_uid(self, job_id: str, live_pids: Iterable[int]) -> dict[int, float]:
         """uid -> CPU seconds of the job: exited tasks plus the live ``live_pids`` (the job's

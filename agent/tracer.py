@@ -68,7 +68,10 @@ UNKNOWN_NS = -1             # record's userns: entered one, but it was gone befo
 NOARG = 0xFFFFFFFF          # (uid_t)-1: "leave unchanged" in set*id arguments
 LINEAGE_CAP = 50_000        # records kept per job before dead uninteresting ones are dropped
 REMOVED_KEEP = 64           # removed jobs whose lineage/counters stay queryable
-EXITED_KEEP = 65_536        # proc backend: exited task -> job, for the accounting
+EXITED_KEEP = 65_536        # exited task -> job, for the accounting
+EXITED_BATCH = 4096         # entries per batch read of the kernel's exited map
+EXITED_MAX_AGE_NS = 30 * 1_000_000_000   # an exit whose taskstats record never came (lost) is dropped
+_EXITED = struct.Struct("=QII")          # struct jc_exited: ts_ns, cookie, uid
 
 
 def _header_define(name: str) -> int:
@@ -336,6 +339,31 @@ def _errname(ret: int) -> str | None:
 
 # ---- BPF backend ------------------------------------------------------------------------------
 
+class _EventLayout:
+    """struct jc_event as one struct.Struct, built from the ctypes class bcc derives from
+    jobcage.h (so a field added to the header needs no second definition here); attributes are
+    the field names' indexes in the unpacked tuple."""
+
+    def __init__(self, cls: type[ct.Structure]) -> None:
+        fmt, pos = "=", 0
+        for i, (name, typ) in enumerate(cls._fields_):
+            off, size = getattr(cls, name).offset, ct.sizeof(typ)
+            if off > pos:
+                fmt += f"{off - pos}x"
+            if issubclass(typ, ct.Array):
+                fmt += f"{size}s"
+            else:
+                fmt += {1: "b", 2: "h", 4: "i", 8: "q"}[size]
+                if typ._type_ in "BHILQ?":   # type: ignore[attr-defined]
+                    fmt = fmt[:-1] + fmt[-1].upper()
+            pos = off + size
+            setattr(self, name, i)
+        if ct.sizeof(cls) > pos:
+            fmt += f"{ct.sizeof(cls) - pos}x"
+        self.struct = struct.Struct(fmt)
+        self.unpack = self.struct.unpack_from
+
+
 class _BpfBackend:
     name = "bpf"
 
@@ -402,34 +430,45 @@ class _BpfBackend:
         self.job_pids = self.b[b"job_pids"] if pid_filter else None
         self.subtree_levels = self.b[b"subtree_levels"]
         self.events = self.b[b"events"]
-        self._batch: list[_Raw] = []
+        self._raw: list[bytes] = []
+        self._ev: _EventLayout | None = None
         self.perf_lost = 0
+        self._xkeys: ct.Array | None = None   # drain_exited's buffers, allocated on first use
+        self._xvals: ct.Array | None = None
         if self.perfbuf:
             self.events.open_perf_buffer(self._on_data, page_cnt=64, lost_cb=self._on_lost)
         else:
             self.events.open_ring_buffer(self._on_ring)
 
-    # bcc callbacks: copy out at once, the buffer is reused after return
+    # bcc callbacks: copy the bytes out at once (the buffer is reused after return); decoded in
+    # one pass per poll with a struct.Struct, not field by field through ctypes.
     def _on_ring(self, ctx: object, data: int, size: int) -> int:
-        self._batch.append(self._decode(self.events.event(data)))
+        self._raw.append(ct.string_at(data, size))
         return 0
 
     def _on_data(self, cpu: int, data: int, size: int) -> None:
-        self._batch.append(self._decode(self.events.event(data)))
+        self._raw.append(ct.string_at(data, size))
 
     def _on_lost(self, count: int) -> None:
         self.perf_lost += count   # kernel side already counted them per job
 
-    @staticmethod
-    def _decode(e: ct.Structure) -> _Raw:
-        return _Raw(kind=KIND_NAMES.get(e.kind, f"unknown{e.kind}"), ts_ns=e.ts_ns, cookie=e.cookie,
-                    pid=e.pid, tid=e.tid, ppid=e.ppid, uid=e.uid, gid=e.gid, old_uid=e.old_uid,
-                    old_gid=e.old_gid, ret=e.ret, sys=SYS_NAMES.get(e.sys, ""),
-                    args=(_sid(e.arg0), _sid(e.arg1), _sid(e.arg2)),
-                    comm=e.comm.decode(errors="replace"),
-                    filename=e.filename.decode(errors="surrogateescape"),
-                    marked=bool(e.marked & MARK_CHANGED),
-                    cgroup_id=e.cgroup_id)
+    def _decode_all(self, raws: list[bytes]) -> list[_Raw]:
+        if self._ev is None:
+            from bcc.table import _get_event_class
+
+            self._ev = _EventLayout(_get_event_class(self.events))
+        ev = self._ev
+        out = []
+        for data in raws:
+            e = ev.unpack(data)
+            out.append(_Raw(KIND_NAMES.get(e[ev.kind], f"unknown{e[ev.kind]}"), e[ev.ts_ns], e[ev.cookie], e[ev.pid],
+                            e[ev.tid], e[ev.ppid], e[ev.uid], e[ev.gid], e[ev.old_uid], e[ev.old_gid],
+                            ret=e[ev.ret], sys=SYS_NAMES.get(e[ev.sys], ""),
+                            args=(_sid(e[ev.arg0]), _sid(e[ev.arg1]), _sid(e[ev.arg2])),
+                            comm=e[ev.comm].split(b"\0", 1)[0].decode(errors="replace"),
+                            filename=e[ev.filename].split(b"\0", 1)[0].decode(errors="surrogateescape"),
+                            marked=bool(e[ev.marked] & MARK_CHANGED), cgroup_id=e[ev.cgroup_id]))
+        return out
 
     def _leaf(self, job: _Job) -> ct.Structure:
         return self.jobs.Leaf(job.slot, job.cookie, job.owner_uid, JOB_SUBTREE if job.level else 0)
@@ -477,8 +516,8 @@ class _BpfBackend:
         else:
             self.b.ring_buffer_poll(timeout_ms)
             self.b.ring_buffer_consume()   # records submitted without a wakeup (exec, exit)
-        batch, self._batch = self._batch, []
-        return batch
+        raws, self._raw = self._raw, []
+        return self._decode_all(raws) if raws else []
 
     def counters(self, job: _Job) -> dict[str, int | None]:
         per_cpu = self.counters_map[job.slot]
@@ -489,13 +528,36 @@ class _BpfBackend:
     def kernel_lineage(self, job: _Job) -> dict[int, tuple[int, int]]:
         return {k.value: (v.ppid, v.ts_ns) for k, v in self.lineage_map.items() if v.cookie == job.cookie}
 
-    def exited(self, tid: int) -> tuple[int, int] | None:
-        key = self.exited_map.Key(tid)
-        v = self.exited_map.get(key)
-        if v is None:
-            return None
-        self.exited_map.pop(key, None)
-        return v.cookie, v.uid
+    def drain_exited(self) -> list[tuple[int, int, int, int]]:
+        """(tid, ts_ns, cookie, uid) of every job task exit the kernel remembered, removed from the
+        map in BPF_MAP_LOOKUP_AND_DELETE_BATCH calls of EXITED_BATCH entries: one syscall per poll
+        instead of a map lookup per taskstats record (most records on a node are nobody's job).
+        Own buffers: bcc's items_lookup_and_delete_batch allocates the whole map each call."""
+        from bcc import lib
+
+        if self._xkeys is None:
+            self._xkeys = (ct.c_uint32 * EXITED_BATCH)()
+            self._xvals = ct.create_string_buffer(_EXITED.size * EXITED_BATCH)
+        fd = self.exited_map.map_fd
+        out: list[tuple[int, int, int, int]] = []
+        in_b, out_b, cnt = ct.c_uint32(0), ct.c_uint32(0), ct.c_uint32(0)
+        first = True
+        while True:
+            cnt.value = EXITED_BATCH
+            res = lib.bpf_lookup_and_delete_batch(fd, None if first else ct.byref(in_b), ct.byref(out_b),
+                                                  self._xkeys, self._xvals, ct.byref(cnt))
+            err = ct.get_errno()
+            n = cnt.value
+            keys = self._xkeys
+            for i, (ts, cookie, uid) in enumerate(_EXITED.iter_unpack(self._xvals.raw[:n * _EXITED.size])):
+                out.append((keys[i], ts, cookie, uid))
+            if res != 0:
+                if err == errno.ENOENT:   # the whole map was walked
+                    break
+                raise OSError(err, f"BPF_MAP_LOOKUP_AND_DELETE_BATCH on exited: {os.strerror(err)}")
+            in_b.value = out_b.value
+            first = False
+        return out
 
     def close(self) -> None:
         if self.perfbuf:   # free the per-CPU readers while the map is open (bcc's __del__ would fail later)
@@ -551,6 +613,7 @@ class _ProcBackend:
         self.forks: collections.Counter[int] = collections.Counter()
         self.overruns = 0
         self._exited: collections.OrderedDict[int, tuple[int, int]] = collections.OrderedDict()
+        self.new_exited: list[int] = []   # tids added to _exited since the last sync_exited
         self._not_member: dict[int, float] = {}
         self._cg_ino: dict[str, int] = {}
         self._out: list[_Raw] = []
@@ -741,6 +804,9 @@ class _ProcBackend:
                 return
             ids = self.ids.get(tgid, (-1, -1, -1, -1))
             self._exited[tid] = (c, ids[0])
+            self.new_exited.append(tid)
+            if len(self.new_exited) > EXITED_KEEP:   # nobody syncs (no accounting): stay bounded
+                del self.new_exited[:-EXITED_KEEP]
             while len(self._exited) > EXITED_KEEP:
                 self._exited.popitem(last=False)
             if tid != tgid:
@@ -841,6 +907,7 @@ class Tracer:
         self._deferred: list[tuple[float, _Job, TraceEvent, int | None, str]] = []  # map events awaiting the map
         self._extra: list[TraceEvent] = []   # events an enrichment adds before its own
         self._ns_changing: set[int] = set()  # pids with an unshare/setns in the batch being enriched
+        self._exited: dict[int, tuple[int, int, int]] = {}   # BPF: tid -> (ts_ns, cookie, uid), oldest first
 
     # -- jobs ----------------------------------------------------------------------------------
     def add_job(self, job_id: str, owner_uid: int, cgroup_id: int | None, pids: Iterable[int] = (),
@@ -1536,16 +1603,51 @@ class Tracer:
                     p = out[p]["ppid"]
         return out
 
+    def sync_exited(self) -> list[int]:
+        """The tids whose exit the tracer learned since the last call, for :meth:`job_of_exited`
+        (BPF: one batch read of the kernel's map).  The accounting calls it once per poll, after
+        reading the taskstats records, so a record of a non-job task costs a dict miss, not a
+        syscall, and a record that came before its exit was known is found by its tid."""
+        if not isinstance(self._be, _BpfBackend):
+            new, self._be.new_exited = self._be.new_exited, []
+            return new
+        cache = self._exited
+        new = []
+        for tid, ts, cookie, uid in self._be.drain_exited():
+            cache.pop(tid, None)   # a reused tid: the newer exit wins
+            cache[tid] = (ts, cookie, uid)
+            new.append(tid)
+        # Exits whose record never came (socket overrun) must not catch a later task of that tid.
+        oldest = time.monotonic_ns() - EXITED_MAX_AGE_NS
+        while cache:
+            tid = next(iter(cache))
+            if len(cache) <= EXITED_KEEP and cache[tid][0] >= oldest:
+                break
+            del cache[tid]
+        return new
+
     def job_of_exited(self, tid: int) -> str | None:
         """The job a task belonged to when it exited (each answer is given once).  Used by the
-        accounting to attribute taskstats exit records."""
-        hit = self._be.exited(tid)
-        if hit is None:
+        accounting to attribute taskstats exit records; BPF: call :meth:`sync_exited` first."""
+        if isinstance(self._be, _BpfBackend):
+            hit = self._exited.pop(tid, None)
+            cookie = hit[1] if hit else None
+        else:
+            ph = self._be.exited(tid)
+            cookie = ph[0] if ph else None
+        if cookie is None:
             return None
-        job = self._by_cookie.get(hit[0])
+        job = self._by_cookie.get(cookie)
         # Only a run still traced: the record of a task of an ended run must not land in a later
         # run of the same batch id (Slurm ids wrap, PBS ids repeat); that run's accounting is final.
         return job.job_id if job is not None and self._jobs.get(job.job_id) is job else None
+
+    def programs(self) -> dict[str, int]:
+        """BPF: program name -> fd of each loaded program (for in-kernel cost figures from
+        /proc/self/fdinfo with kernel.bpf_stats_enabled); empty for the proc backend."""
+        if not isinstance(self._be, _BpfBackend):
+            return {}
+        return {name.decode(): fn.fd for name, fn in self._be.b.funcs.items()}
 
     def close(self) -> None:
         """Detach and free everything; idempotent."""

@@ -18,7 +18,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))   # tracefixtures / jct
 import tracefixtures as tf  # noqa: E402
 from tracefixtures import PYTHON, Helpers, TraceUsers, drive, shell_job  # noqa: E402
 
-from jobcage.agent.accounting import Accounting, live_cpu_by_uid, parse_messages, parse_taskstats  # noqa: E402
+from jobcage.agent.accounting import (  # noqa: E402
+    Accounting,
+    live_cpu_by_uid,
+    parse_messages,
+    parse_taskstats,
+    split_messages,
+)
 
 trace_users, helpers, make_cgroup, make_tracer = tf.trace_users, tf.helpers, tf.make_cgroup, tf.make_tracer
 
@@ -125,3 +131,22 @@ def test_live_cpu_of_this_process() -> None:
         pass
     live = live_cpu_by_uid([os.getpid()])
     assert (live[os.getuid()] - before) / 1e9 >= time.process_time() - t0 - 0.05
+
+
+def test_split_messages_peeks_pid_in_kernel_and_padded_layouts() -> None:
+    """The pid is read without decoding the record: from its fixed place in the kernel's layout, and by the
+    attribute walk when a TASKSTATS_TYPE_NULL pad (64-bit alignment on some architectures) moves it."""
+    def nla(typ: int, payload: bytes) -> bytes:
+        raw = struct.pack("=HH", 4 + len(payload), typ) + payload
+        return raw + b"\0" * (-len(raw) % 4)
+
+    def msg(pid: int, stats: bytes, pad: bool) -> bytes:
+        inner = nla(1, struct.pack("=I", pid)) + (nla(6, b"") if pad else b"") + nla(3, stats)
+        body = b"\x02\x01\0\0" + nla(4, inner)
+        return struct.pack("=IHHII", 16 + len(body), 0x20, 0, 0, 0) + body
+
+    data = msg(10, _stats(16, 5, 10, 1000, 0, 0), False) + msg(11, _stats(16, 6, 11, 2000, 0, 0), True)
+    split = split_messages(data)
+    assert [pid for pid, _a, _b in split] == [10, 11]
+    assert [parse_taskstats(data[a:b]).cpu_ns for _pid, a, b in split] == [1000, 2000]  # type: ignore[union-attr]
+    assert split_messages(data[:40]) == []   # truncated: nothing, no exception
