@@ -22,12 +22,20 @@ setuid calls/s, and the agent's CPU while a job execs 1,000 times a second.
    the agent's store: the trail is too long for one control-socket answer) and `show` gives events_lost.
 3. Agent CPU.  The spawner paced at 1,000 exec/s inside a job for 10 s; the agent's utime+stime from
    /proc/PID/stat over the run (and including the drain of what was still queued at its end), plus idle.
+   The throughput runs also give the agent's CPU per exec, in a job and outside any job.
+4. In-kernel cost (`bpf`).  The tracer's own BPF programs loaded in this process, kernel.bpf_stats_enabled=1
+   for the runs only: run_time_ns / run_cnt of each program from /proc/self/fdinfo, per call and per exec of
+   the spawner, in a job and outside any job (other processes of the node run the programs too).
+5. Real jobs (`real`).  `make -j2` of a generated tree of C files and a shell loop running coreutils (6 execs
+   an iteration), inside a job, without a tracer and under the agent, interleaved rounds; the ratio is
+   untraced time / traced time (>= 0.98 means tracing costs the job under 2%).
 
 Root only.  Everything is private and removed at the end: a config with its own cgroup subtree
 ``jobcage-ovh<hex>``, state dir and socket in a temp dir; the agent, auditd, bpftrace and spawners this
 script started (by pid); the audit rule; the kernel's audit enabled flag and backlog limit are restored.
 
-    .venv/bin/python bench/trace_overhead.py [--rounds 6] [--run-seconds 2] [--only throughput,setuid,cpu] [--json]
+    .venv/bin/python bench/trace_overhead.py [--rounds 6] [--run-seconds 2] [--only throughput,setuid,cpu,bpf,real]
+        [--real-rounds 4] [--loop-iterations 300] [--json]
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -462,6 +471,7 @@ def throughput(b: Bench, rounds: int, secs: float, rng: random.Random, peers: bo
     names = [n for n in CONFIGS if peers or CONFIGS[n][0] in ("none", "agent")]
     rates: dict[str, list[float]] = {n: [] for n in names}
     agent_cpu_per_exec: list[float] = []
+    agent_cpu_outside: list[float] = []   # the node's exits still reach the accounting
     lost_per_run: list[int] = []
     if peers:
         b.auditd_start()
@@ -494,6 +504,9 @@ def throughput(b: Bench, rounds: int, secs: float, rng: random.Random, peers: bo
                             agent_cpu_per_exec.append((b.agent_cpu() - a0) / n)
                             time.sleep(1.5)   # events_lost reaches the store at the agent's reconcile
                             lost_per_run.append(b.show(job)["events_lost"] - lost0)
+                        elif tracer == "agent":
+                            b.settle_agent()
+                            agent_cpu_outside.append((b.agent_cpu() - a0) / n)
                     finally:
                         if tracer == "auditd":
                             b.audit_off()
@@ -514,7 +527,8 @@ def throughput(b: Bench, rounds: int, secs: float, rng: random.Random, peers: bo
                      "max": max(rates[name]), "runs": len(rates[name]), "ratio": median(rates[name]) / base,
                      "paired_ratio": paired, "baseline": BASELINE[name], "rates": [round(x) for x in rates[name]]})
     return {"rows": rows, "run_seconds": secs, "rounds": rounds, "workers": b.workers,
-            "agent_cpu_us_per_exec": 1e6 * median(agent_cpu_per_exec), "events_lost_per_run": lost_per_run}
+            "agent_cpu_us_per_exec": 1e6 * median(agent_cpu_per_exec),
+            "agent_cpu_us_per_exec_outside": 1e6 * median(agent_cpu_outside), "events_lost_per_run": lost_per_run}
 
 
 def setuid_rate(b: Bench, rate: float, secs: float) -> dict:
@@ -568,6 +582,144 @@ def agent_cpu(b: Bench, rate: float, secs: float) -> dict:
             "agent_cpu_pct_idle": 100 * idle, "exec_events_in_trail": execs, "events_lost": lost}
 
 
+BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
+
+
+def _prog_stats(fds: dict[str, int]) -> dict[str, tuple[int, int]]:
+    """program -> (run_time_ns, run_cnt) from /proc/self/fdinfo (counted while bpf_stats_enabled is 1)."""
+    out = {}
+    for name, fd in fds.items():
+        f = dict(ln.split(":", 1) for ln in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines() if ":" in ln)
+        out[name] = (int(f.get("run_time_ns", "0")), int(f.get("run_cnt", "0")))
+    return out
+
+
+def bpf_cost(b: Bench, secs: float) -> dict:
+    """In-kernel cost of each of jobcage's BPF programs, per invocation and per exec of the spawner, in a job
+    and outside any job: the very programs the agent loads, loaded here in-process (the fdinfo counters need
+    the program fds) with kernel.bpf_stats_enabled=1 for the runs only (restored after)."""
+    from jobcage.agent.tracer import Tracer
+
+    job = "bpfcost"
+    b.prologue(job)
+    saved = BPF_STATS.read_text().strip()
+    tr = Tracer(lambda ev: None, backend="bpf")
+    rows: dict[str, dict] = {}
+    try:
+        fds = tr.programs() if hasattr(tr, "programs") else {   # jobcage before programs() (to compare)
+            n.decode(): f.fd for n, f in tr._be.b.funcs.items()}  # type: ignore[union-attr]
+        for where in ("in a job", "outside any job"):
+            in_job = where == "in a job"
+            p = b.start_gated([str(b.spawner), f"{secs}", str(b.workers), "0"], job if in_job else None)
+            if in_job and not tr.jobs():
+                line = next(ln for ln in Path(f"/proc/{p.pid}/cgroup").read_text().splitlines() if ln.startswith("0::"))
+                mount = next(ln.split()[1] for ln in Path("/proc/self/mounts").read_text().splitlines()
+                             if ln.split()[2] == "cgroup2")
+                tr.add_job(job, 0, os.stat(mount + line[3:].rstrip("/")).st_ino, [p.pid])
+            out: dict[str, list[str]] = {}
+            BPF_STATS.write_text("1")
+            s0 = _prog_stats(fds)
+            t = threading.Thread(target=lambda p=p, out=out: out.setdefault("r", b.release(p, secs + 300)))
+            t.start()
+            while t.is_alive():
+                tr.poll(100)   # keep the ring buffer drained, as the agent would
+            s1 = _prog_stats(fds)
+            BPF_STATS.write_text(saved)
+            tr.poll(0)
+            n = int(out["r"][0])
+            progs = {}
+            for name in fds:
+                dt, dc = s1[name][0] - s0[name][0], s1[name][1] - s0[name][1]
+                if dc:
+                    progs[name.replace("tracepoint__", "").replace("__", ":", 1)] = {
+                        "calls": dc, "ns_per_call": dt / dc, "calls_per_exec": dc / n}
+            total = sum(s1[k][0] - s0[k][0] for k in fds)
+            rows[where] = {"execs": n, "ns_per_exec": total / n, "programs": progs}
+    finally:
+        BPF_STATS.write_text(saved)
+        tr.close()
+    return {"seconds": secs, "rows": rows}
+
+
+CTREE_FILES = 96
+COREUTILS_LOOP = ("i=0; while [ $i -lt {n} ]; do basename /a/b/c >/dev/null; dirname /a/b/c >/dev/null; "
+                  "echo x | /usr/bin/wc -c >/dev/null; /usr/bin/seq 3 | /usr/bin/sort -r >/dev/null; "
+                  "/bin/true; i=$((i+1)); done")
+TIMED_SH = """read _
+t0=$(date +%s%N)
+{body}
+t1=$(date +%s%N)
+echo $(( t1 - t0 ))
+"""
+
+
+def make_ctree(d: Path, files: int) -> None:
+    """A small C project: FILES sources of a few functions each, a Makefile with one rule per object."""
+    src = d / "src"
+    src.mkdir(parents=True)
+    for i in range(files):
+        body = "\n".join(f"int f{i}_{k}(int x) {{ int s = 0; for (int j = 0; j < x; j++) s += j * {k + 1} ^ (s >> 3); "
+                         f"return s; }}" for k in range(8))
+        (src / f"m{i}.c").write_text(f"/* generated by bench/trace_overhead.py */\n{body}\n")
+    (src / "main.c").write_text("int main(void) { return 0; }\n")
+    (src / "Makefile").write_text("OBJS := $(patsubst %.c,%.o,$(wildcard *.c))\n"
+                                  "prog: $(OBJS)\n\t$(CC) -o $@ $^\n"
+                                  "%.o: %.c\n\t$(CC) -O1 -c -o $@ $<\n"
+                                  "clean:\n\trm -f prog *.o\n")
+
+
+def real_jobs(b: Bench, rounds: int, loop_n: int, rng: random.Random) -> dict:
+    """Real exec-heavy jobs, with and without tracing, interleaved: `make -j2` of a generated C tree and a shell
+    loop running coreutils.  Wall time measured inside the job (date +%s%N around the workload)."""
+    job = "real"
+    b.prologue(job)
+    tree = b.dir / "ctree"
+    make_ctree(tree, CTREE_FILES)
+    sh = os.path.realpath("/bin/sh")
+    scripts = {"make -j2": f"make -s -j2 -C {tree / 'src'} >/dev/null",
+               "coreutils loop": COREUTILS_LOOP.format(n=loop_n)}
+    for name, body in scripts.items():
+        (b.dir / f"{name.split()[0]}.sh").write_text(TIMED_SH.format(body=body))
+    times: dict[tuple[str, str], list[float]] = {(w, c): [] for w in scripts for c in ("none", "jobcage")}
+    execs: dict[str, list[int]] = {w: [] for w in scripts}
+    agent_us: dict[str, list[float]] = {w: [] for w in scripts}
+    for r in range(rounds):
+        order = ["none", "jobcage"] if r % 2 == 0 else ["jobcage", "none"]
+        for conf in order:
+            if conf == "jobcage":
+                b.agent_start()
+            try:
+                names = list(scripts)
+                rng.shuffle(names)
+                for name in names:
+                    run(["make", "-s", "-C", str(tree / "src"), "clean"])
+                    if conf == "jobcage":
+                        b.settle_agent()
+                        e0, a0 = b.store_count(job, "exec"), b.agent_cpu()
+                    p = b.start_gated([sh, str(b.dir / f"{name.split()[0]}.sh")], job)
+                    ns = int(b.release(p, 600)[0])
+                    times[(name, conf)].append(ns / 1e9)
+                    if conf == "jobcage":
+                        b.settle_agent()
+                        n = b.store_count(job, "exec") - e0
+                        execs[name].append(n)
+                        agent_us[name].append(1e6 * (b.agent_cpu() - a0) / max(n, 1))
+                    log(f"round {r + 1}/{rounds} {name:<15} {conf:<8} {ns / 1e9:7.3f} s")
+            finally:
+                if conf == "jobcage":
+                    b.agent_stop()
+    rows = []
+    for name in scripts:
+        base, traced = times[(name, "none")], times[(name, "jobcage")]
+        # throughput ratio = untraced time / traced time; paired per round as in the throughput table
+        rows.append({"workload": name, "none_s": median(base), "jobcage_s": median(traced),
+                     "ratio": median(base) / median(traced),
+                     "paired_ratio": median([x / y for x, y in zip(base, traced, strict=True)]),
+                     "execs": median(execs[name]), "agent_cpu_us_per_exec": median(agent_us[name]),
+                     "none_runs": [round(x, 3) for x in base], "jobcage_runs": [round(x, 3) for x in traced]})
+    return {"rounds": rounds, "rows": rows, "ctree_files": CTREE_FILES, "loop_iterations": loop_n}
+
+
 def report(res: dict) -> None:
     print(f"\njobcage trace overhead -- kernel {platform.release()}, {os.cpu_count()} CPUs, "
           f"load {res['load_before']} -> {res['load_after']}")
@@ -580,7 +732,8 @@ def report(res: dict) -> None:
             print(f"  {row['config']:<24}{row['median']:9.0f}{row['min']:9.0f}{row['max']:9.0f}"
                   f"{row['ratio']:8.3f}{row['paired_ratio']:8.3f}   {row['baseline']}")
         print("  ratio: median / baseline median; paired: median over rounds of run / same round's baseline run")
-        print(f"  agent CPU per traced exec: {t['agent_cpu_us_per_exec']:.0f} us; "
+        print(f"  agent CPU per traced exec: {t['agent_cpu_us_per_exec']:.1f} us in a job, "
+              f"{t['agent_cpu_us_per_exec_outside']:.1f} us per exec outside any job; "
               f"events lost per jobcage run: {t['events_lost_per_run']}")
     s = res.get("setuid")
     if s:
@@ -588,6 +741,21 @@ def report(res: dict) -> None:
               f"(target {s['target_rate']:g}) for {s['seconds']:.1f} s, {s['failed']} failed: "
               f"{s['setuid_events_in_trail']} setuid events in the trail, events_lost {s['events_lost']}, "
               f"identity recorded: {s['identity_recorded']}, agent CPU {s['agent_cpu_seconds']:.2f} s")
+    bc = res.get("bpf")
+    if bc:
+        print(f"\nin-kernel cost (kernel.bpf_stats_enabled), spawner runs of {bc['seconds']:g} s:")
+        for where, row in bc["rows"].items():
+            print(f"  {where}: {row['ns_per_exec']:.0f} ns of BPF per exec ({row['execs']} execs)")
+            for name, pr in sorted(row["programs"].items(), key=lambda kv: -kv[1]["calls"]):
+                print(f"    {name:<34}{pr['ns_per_call']:8.0f} ns/call {pr['calls_per_exec']:6.2f} calls/exec")
+    rj = res.get("real")
+    if rj:
+        print(f"\nreal jobs, {rj['rounds']} interleaved rounds (make -j2 of {rj['ctree_files']} generated C files; "
+              f"coreutils loop of {rj['loop_iterations']} iterations), medians:")
+        print(f"  {'workload':<16}{'none':>9}{'jobcage':>9}{'ratio':>8}{'paired':>8}{'execs':>8}  agent us/exec")
+        for row in rj["rows"]:
+            print(f"  {row['workload']:<16}{row['none_s']:8.3f}s{row['jobcage_s']:8.3f}s{row['ratio']:8.3f}"
+                  f"{row['paired_ratio']:8.3f}{row['execs']:8.0f}  {row['agent_cpu_us_per_exec']:.1f}")
     c = res.get("cpu")
     if c:
         print(f"\nagent CPU at {c['achieved_rate']:.0f} exec/s (target {c['target_rate']:g}) for {c['seconds']:.1f} s: "
@@ -605,7 +773,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--setuid-seconds", type=float, default=5.0)
     ap.add_argument("--exec-rate", type=float, default=1000.0)
     ap.add_argument("--cpu-seconds", type=float, default=10.0)
-    ap.add_argument("--only", default="throughput,setuid,cpu", help="comma list of throughput, setuid, cpu")
+    ap.add_argument("--only", default="throughput,setuid,cpu,bpf,real",
+                    help="comma list of throughput, setuid, cpu, bpf, real")
+    ap.add_argument("--real-rounds", type=int, default=4, help="interleaved rounds of the real jobs (default 4)")
+    ap.add_argument("--loop-iterations", type=int, default=300, help="coreutils loop iterations (6 execs each)")
     ap.add_argument("--no-peers", action="store_true", help="skip auditd and bpftrace")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -631,6 +802,10 @@ def main(argv: list[str] | None = None) -> int:
             res["setuid"] = setuid_rate(b, args.setuid_rate, args.setuid_seconds)
         if "cpu" in only:
             res["cpu"] = agent_cpu(b, args.exec_rate, args.cpu_seconds)
+        if "bpf" in only:
+            res["bpf"] = bpf_cost(b, args.run_seconds)
+        if "real" in only:
+            res["real"] = real_jobs(b, args.real_rounds, args.loop_iterations, random.Random(seed + 1))
     finally:
         problems = b.cleanup()
     res["load_after"] = os.getloadavg()[0]
