@@ -23,10 +23,12 @@ setuid calls/s, and the agent's CPU while a job execs 1,000 times a second.
 3. Agent CPU.  The spawner paced at 1,000 exec/s inside a job for 10 s; the agent's utime+stime from
    /proc/PID/stat over the run (and including the drain of what was still queued at its end), plus idle.
    The throughput runs also give the agent's CPU per exec, in a job and outside any job.
-4. In-kernel cost (`bpf`).  The tracer's own BPF programs loaded in this process, kernel.bpf_stats_enabled=1
+4. Agent work (`work`).  The tracer, accounting and store the agent uses, in this process: execs of a spawner
+   run wait in the kernel, then one timed pass works them off; CPU time per exec per stage (robust to load).
+5. In-kernel cost (`bpf`).  The tracer's own BPF programs loaded in this process, kernel.bpf_stats_enabled=1
    for the runs only: run_time_ns / run_cnt of each program from /proc/self/fdinfo, per call and per exec of
    the spawner, in a job and outside any job (other processes of the node run the programs too).
-5. Real jobs (`real`).  `make -j2` of a generated tree of C files and a shell loop running coreutils (6 execs
+6. Real jobs (`real`).  `make -j2` of a generated tree of C files and a shell loop running coreutils (6 execs
    an iteration), inside a job, without a tracer and under the agent, interleaved rounds; the ratio is
    untraced time / traced time (>= 0.98 means tracing costs the job under 2%).
 
@@ -34,7 +36,7 @@ Root only.  Everything is private and removed at the end: a config with its own 
 ``jobcage-ovh<hex>``, state dir and socket in a temp dir; the agent, auditd, bpftrace and spawners this
 script started (by pid); the audit rule; the kernel's audit enabled flag and backlog limit are restored.
 
-    .venv/bin/python bench/trace_overhead.py [--rounds 6] [--run-seconds 2] [--only throughput,setuid,cpu,bpf,real]
+    .venv/bin/python bench/trace_overhead.py [--rounds 6] [--run-seconds 2] [--only throughput,setuid,cpu,work,bpf,real]
         [--real-rounds 4] [--loop-iterations 300] [--json]
 """
 
@@ -641,6 +643,64 @@ def bpf_cost(b: Bench, secs: float) -> dict:
     return {"seconds": secs, "rows": rows}
 
 
+def agent_work(b: Bench, secs: float) -> dict:
+    """The agent's own CPU time per traced exec, in-process and load-robust: the tracer, accounting and store
+    the agent uses, fed a batch of execs that waited in the kernel (ring buffer, taskstats socket) while the
+    spawner ran, then worked off in one timed pass per stage, as the agent's loop does (poll the tracer, write
+    the batch in one transaction, read the accounting twice: records whose exit is learned late wait one
+    poll).  A busy node's other exits reach the accounting too; they are counted per record."""
+    from jobcage.agent.accounting import Accounting
+    from jobcage.agent.server import Agent
+    from jobcage.agent.store import Store
+    from jobcage.agent.tracer import Tracer
+
+    job = "work"
+    b.prologue(job)
+    evs: list = []
+    tr = Tracer(evs.append, backend="bpf")
+    acc = Accounting(tr)
+    acc.start()
+    store = Store(str(b.dir / "work.db"))
+    jid = store.add_job(job, 0, 0, job, 256, time.time())
+    shim = argparse.Namespace(store=store, _jids={job: jid}, _owner={job: 0})
+    rows: dict[str, dict] = {}
+    try:
+        for phase, in_job, run_s in (("warm-up", True, 0.5), ("in a job", True, secs), ("outside any job", False, secs)):
+            p = b.start_gated([str(b.spawner), f"{run_s}", str(b.workers), "0"], job if in_job else None)
+            if in_job and not tr.jobs():
+                line = next(ln for ln in Path(f"/proc/{p.pid}/cgroup").read_text().splitlines() if ln.startswith("0::"))
+                mount = next(ln.split()[1] for ln in Path("/proc/self/mounts").read_text().splitlines()
+                             if ln.split()[2] == "cgroup2")
+                tr.add_job(job, 0, os.stat(mount + line[3:].rstrip("/")).st_ino, [p.pid])
+            tr.poll(0)
+            acc.poll(0)
+            evs.clear()
+            r0 = acc.records
+            n = int(b.release(p, run_s + 300)[0])
+            time.sleep(0.1)   # the last exits reach the kernel's maps and the socket
+            c0 = time.process_time()
+            tr.poll(0)
+            c1 = time.process_time()
+            with store.transaction():
+                Agent._write(shim, evs)  # type: ignore[arg-type]
+            c2 = time.process_time()
+            acc.poll(0)
+            acc.poll(0)
+            c3 = time.process_time()
+            recs = acc.records - r0
+            rows[phase] = {"execs": n, "events": len(evs), "taskstats_records": recs,
+                           "tracer_us_per_exec": 1e6 * (c1 - c0) / n, "store_us_per_exec": 1e6 * (c2 - c1) / n,
+                           "accounting_us_per_exec": 1e6 * (c3 - c2) / n,
+                           "accounting_us_per_record": 1e6 * (c3 - c2) / max(recs, 1),
+                           "total_us_per_exec": 1e6 * (c3 - c0) / n}
+    finally:
+        acc.close()
+        tr.close()
+        store.close()
+    rows.pop("warm-up")
+    return {"seconds": secs, "rows": rows}
+
+
 CTREE_FILES = 96
 COREUTILS_LOOP = ("i=0; while [ $i -lt {n} ]; do basename /a/b/c >/dev/null; dirname /a/b/c >/dev/null; "
                   "echo x | /usr/bin/wc -c >/dev/null; /usr/bin/seq 3 | /usr/bin/sort -r >/dev/null; "
@@ -741,6 +801,14 @@ def report(res: dict) -> None:
               f"(target {s['target_rate']:g}) for {s['seconds']:.1f} s, {s['failed']} failed: "
               f"{s['setuid_events_in_trail']} setuid events in the trail, events_lost {s['events_lost']}, "
               f"identity recorded: {s['identity_recorded']}, agent CPU {s['agent_cpu_seconds']:.2f} s")
+    w = res.get("work")
+    if w:
+        print(f"\nagent work per exec, in-process CPU time over {w['seconds']:g} s of spawner execs worked off at once:")
+        print(f"  {'where':<17}{'execs':>7}{'tracer':>9}{'store':>9}{'acct':>9}{'total':>9}  taskstats records, us each")
+        for where, row in w["rows"].items():
+            print(f"  {where:<17}{row['execs']:7d}{row['tracer_us_per_exec']:9.1f}{row['store_us_per_exec']:9.1f}"
+                  f"{row['accounting_us_per_exec']:9.1f}{row['total_us_per_exec']:9.1f}  "
+                  f"{row['taskstats_records']} x {row['accounting_us_per_record']:.1f}")
     bc = res.get("bpf")
     if bc:
         print(f"\nin-kernel cost (kernel.bpf_stats_enabled), spawner runs of {bc['seconds']:g} s:")
@@ -773,8 +841,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--setuid-seconds", type=float, default=5.0)
     ap.add_argument("--exec-rate", type=float, default=1000.0)
     ap.add_argument("--cpu-seconds", type=float, default=10.0)
-    ap.add_argument("--only", default="throughput,setuid,cpu,bpf,real",
-                    help="comma list of throughput, setuid, cpu, bpf, real")
+    ap.add_argument("--only", default="throughput,setuid,cpu,work,bpf,real",
+                    help="comma list of throughput, setuid, cpu, work, bpf, real")
     ap.add_argument("--real-rounds", type=int, default=4, help="interleaved rounds of the real jobs (default 4)")
     ap.add_argument("--loop-iterations", type=int, default=300, help="coreutils loop iterations (6 execs each)")
     ap.add_argument("--no-peers", action="store_true", help="skip auditd and bpftrace")
@@ -802,6 +870,8 @@ def main(argv: list[str] | None = None) -> int:
             res["setuid"] = setuid_rate(b, args.setuid_rate, args.setuid_seconds)
         if "cpu" in only:
             res["cpu"] = agent_cpu(b, args.exec_rate, args.cpu_seconds)
+        if "work" in only:
+            res["work"] = agent_work(b, args.run_seconds)
         if "bpf" in only:
             res["bpf"] = bpf_cost(b, args.run_seconds)
         if "real" in only:
