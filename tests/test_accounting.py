@@ -6,7 +6,9 @@ A pilot job burns CPU under its own uid, then as a pool uid through the setuid-r
 
 from __future__ import annotations
 
+import os
 import struct
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -150,3 +152,44 @@ def test_split_messages_peeks_pid_in_kernel_and_padded_layouts() -> None:
     assert [pid for pid, _a, _b in split] == [10, 11]
     assert [parse_taskstats(data[a:b]).cpu_ns for _pid, a, b in split] == [1000, 2000]  # type: ignore[union-attr]
     assert split_messages(data[:40]) == []   # truncated: nothing, no exception
+
+
+class _LateTracer:
+    """Membership that learns a task's exit only when told (as the tracer does a little after the taskstats record
+    was sent): the record must wait, and land at the poll whose sync_exited names its tid."""
+
+    def __init__(self) -> None:
+        self.known: dict[int, str] = {}
+        self.new: list[int] = []
+
+    def sync_exited(self) -> list[int]:
+        new, self.new = self.new, []
+        return new
+
+    def job_of_exited(self, tid: int) -> str | None:
+        return self.known.pop(tid, None)
+
+
+@pytest.mark.parametrize("membership", ["tracer", "function"])
+def test_record_waits_until_its_exit_is_known(membership: str) -> None:
+    """A real exit record read before its task is known to belong to a job is not lost: it waits (pending_s) and is
+    attributed once the tracer learns the exit -- by the tids sync_exited returns, or (a plain job_of_exited
+    function) by asking again on each poll."""
+    late = _LateTracer()
+    acc = Accounting(late if membership == "tracer" else late.job_of_exited, pending_s=30)
+    acc.start()
+    try:
+        burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass"
+        p = subprocess.Popen([PYTHON, "-c", burn])
+        assert p.wait() == 0
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:   # the record arrives and is read; no job is known for it yet
+            acc.poll(50)
+        assert acc.job_cpu_by_uid("late", []) == {}
+        late.known[p.pid] = "late"
+        late.new.append(p.pid)
+        acc.poll(0)
+        got = acc.job_cpu_by_uid("late", [])
+    finally:
+        acc.close()
+    assert got.get(os.getuid(), 0) >= 0.25, got
