@@ -549,7 +549,7 @@ class _BpfBackend:
             err = ct.get_errno()
             n = cnt.value
             keys = self._xkeys
-            for i, (ts, cookie, uid) in enumerate(_EXITED.iter_unpack(self._xvals.raw[:n * _EXITED.size])):
+            for i, (ts, cookie, uid) in enumerate(_EXITED.iter_unpack(memoryview(self._xvals)[:n * _EXITED.size])):
                 out.append((keys[i], ts, cookie, uid))
             if res != 0:
                 if err == errno.ENOENT:   # the whole map was walked
