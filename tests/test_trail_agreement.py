@@ -30,7 +30,6 @@ import tracefixtures as tf  # noqa: E402
 from jctest import JOBCAGE, AgentProc, JcEnv, wait_for  # noqa: E402
 from test_identity import (  # noqa: E402
     BOTH,
-    BPF,
     PYTHON,
     SUDO,
     Ids,
@@ -239,7 +238,7 @@ def test_identity_cpu_is_a_split_of_the_cgroup(jc_env: JcEnv, agent_proc: AgentP
     assert cpu_sum_ok(summary)[0], summary
 
 
-@pytest.mark.jc_config(BPF)
+@pytest.mark.parametrize("jc_env", BOTH, indirect=True)
 def test_reused_batch_id_starts_from_zero(jc_env: JcEnv, agent_proc: AgentProc, ids: Ids,
                                           helpers: tf.Helpers) -> None:
     """Run 1 of batch id J burns 1 s as the pilot and ends; run 2 of the same id runs /bin/true: its identities
@@ -262,7 +261,7 @@ def test_reused_batch_id_starts_from_zero(jc_env: JcEnv, agent_proc: AgentProc, 
             assert sum(i["cpu_seconds"] for i in summary["identities"]) < 0.5, summary
 
 
-@pytest.mark.jc_config(BPF)
+@pytest.mark.parametrize("jc_env", BOTH, indirect=True)
 def test_epilogue_summary_has_last_window_identities(jc_env: JcEnv, agent_proc: AgentProc, ids: Ids,
                                                      sudoers: Callable[..., Path]) -> None:
     """A switch to the pool uid right before the epilogue (no wait for the agent's poll): the summary lists the
