@@ -97,13 +97,19 @@ def main() -> int:
                                  stderr=open(os.path.join(tmp, "agent.log"), "w"))
         from jobcage.agent.client import call
 
-        for _ in range(100):
+        # The agent answers once its tracer is loaded: compiling the BPF programs takes seconds, many more on
+        # a loaded node.  Wait for it (the job's `jobcage run` as the pilot needs the agent), never go on without.
+        deadline = time.monotonic() + 180
+        while True:
             try:
                 call(f"{tmp}/agent.sock", "ping", timeout=2)
                 break
             except Exception:
                 if agent.poll() is not None:
                     raise SystemExit("demo: the agent did not start:\n" + open(f"{tmp}/agent.log").read()) from None
+                if time.monotonic() > deadline:
+                    raise SystemExit("demo: the agent did not answer within 180 s:\n"
+                                     + open(f"{tmp}/agent.log").read()) from None
                 time.sleep(0.1)
         doc = json.loads(run(JOBCAGE, "doctor", "--json", quiet=True).stdout)
         con.print(f"cgroups: {doc['cgroups']['driver']} (kill via {doc['cgroups']['kill path']}), "
@@ -120,13 +126,17 @@ def main() -> int:
         os.chmod(script, 0o755)
         open(counter, "w").close()
         os.chown(counter, pilot, -1)
-        job = subprocess.Popen(["runuser", "-u", PILOT, "--", JOBCAGE, "run", JOB, "--", "/bin/bash", script],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-        deadline = time.time() + 15
+        job_err = os.path.join(tmp, "job.err")
+        with open(job_err, "w") as err:
+            job = subprocess.Popen(["runuser", "-u", PILOT, "--", JOBCAGE, "run", JOB, "--", "/bin/bash", script],
+                                   stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+        deadline = time.time() + 30
         while time.time() < deadline:
             s = show()
             if s["pids_limit_hits"] and s["pids_current"] >= 60:
                 break
+            if job.poll() is not None:   # `jobcage run` failed: say why, do not go on as if contained
+                raise SystemExit(f"demo: the job exited at once ({job.returncode}): {open(job_err).read().strip()}")
             time.sleep(0.2)
         s = show()
         con.print(f"processes in the job: {s['processes']}   pids {s['pids_current']}/{s['pids_max']}   "
@@ -192,6 +202,9 @@ def main() -> int:
         run(JOBCAGE, "whois", "--uid", str(pool), "--at", switch_ts or "")
         return 0 if not left else 1
     finally:
+        if agent is not None and agent.poll() is not None:   # it died: its log says why
+            con.print(f"[bold red]the agent exited ({agent.returncode}):[/bold red]")
+            con.print("\n".join(open(os.path.join(tmp, "agent.log")).read().splitlines()[-15:]), markup=False)
         step("Cleaning up the demo")
         if agent is not None:
             agent.send_signal(signal.SIGTERM)
