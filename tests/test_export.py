@@ -17,6 +17,7 @@ import sqlite3
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -51,10 +52,12 @@ def exported(paths: list[Path], node: str) -> dict[int, dict]:
     return {r["event_id"]: r for r in read_records(*paths) if r["node"] == node}
 
 
-def wait_all_exported(env: JcEnv, paths: list[Path], node: str, timeout: float = 60.0) -> dict[int, dict]:
+def wait_all_exported(env: JcEnv, paths: list[Path] | Callable[[], list[Path]], node: str,
+                      timeout: float = 60.0) -> dict[int, dict]:
+    """`paths` may be a callable: rotation makes files while we wait, so the listing is taken each time."""
     def done() -> dict[int, dict] | None:
         want = store_ids(env)
-        got = exported(paths, node)
+        got = exported(paths() if callable(paths) else paths, node)
         return got if want and set(want) <= set(got) else None
 
     got = wait_for(done, timeout, f"every store record of {node} in {paths}")
@@ -170,7 +173,7 @@ def test_file_rotation_keeps_every_record(jc_env: JcEnv, tmp_path: Path, make_us
             agent.result("declare", job_id="r1", uid=user.uid, label=f"CN=rotation {i:03d} " + "x" * 60)
         jc_env.jobcage("epilogue", "r1").ok()
         files = lambda: [out] + sorted(out.parent.glob("trail.jsonl.*"))  # noqa: E731
-        wait_all_exported(jc_env, files(), "node-rot")
+        wait_all_exported(jc_env, files, "node-rot")
         fs = files()
         assert len(fs) >= 4, fs
         ids = [r["event_id"] for r in read_records(*fs)]
