@@ -45,6 +45,7 @@ class Config:
     node_name: str = ""                # this node's name in exported records; "" = the hostname
     # [tracer]
     tracer_backend: str = "auto"       # auto | bpf | proc | off
+    tracer_map_opens: bool = False     # BPF: report uid_map/gid_map write-opens (costs every open of the node)
     # exec of these is marked in the trail (basename, or a path suffix when it holds a '/')
     tracer_container_runtimes: list[str] = ["apptainer", "singularity", "apptainer/bin/starter",
                                             "apptainer/bin/starter-suid", "singularity/bin/starter",
@@ -122,7 +123,8 @@ SECTIONS = {
               "max_connections": "max_connections", "max_request_bytes": "max_request_bytes",
               "request_timeout": "request_timeout", "workers": "workers", "root_workers": "root_workers",
               "node": "node_name"},
-    "tracer": {"backend": "tracer_backend", "container_runtimes": "tracer_container_runtimes"},
+    "tracer": {"backend": "tracer_backend", "container_runtimes": "tracer_container_runtimes",
+               "map_opens": "tracer_map_opens"},
     "prune": {"min_uid": "prune_min_uid", "exempt_uids": "prune_exempt_uids",
               "exempt_users": "prune_exempt_users", "exempt_commands": "prune_exempt_commands",
               "exempt_sshd": "prune_exempt_sshd", "interval_minutes": "prune_interval"},

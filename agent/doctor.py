@@ -77,7 +77,9 @@ def report() -> dict:
                     "kernel headers": bpf["kernel_headers"],
                     **{f"tp {k}": v for k, v in bpf["tracepoints"].items()},
                     **{f"tp {k}": v for k, v in bpf["userns tracepoints"].items()},
-                    "user namespaces": ("traced: entry, setns, uid/gid map writes" if backend == "bpf"
+                    "user namespaces": ("traced: entry, setns" + (", uid/gid map write-opens" if cfg.tracer_map_opens
+                                                                  else "; maps read from /proc")
+                                        if backend == "bpf"
                                         and all(bpf["userns tracepoints"].values()) else
                                         PROC_USERNS_BLIND if backend == "proc" else
                                         "partly: tracepoints missing (see tp lines)"),

@@ -161,7 +161,8 @@ class Agent:
         try:
             from .tracer import Tracer
 
-            self.tracer = Tracer(self.on_event, backend=backend, runtimes=self.config.tracer_container_runtimes)
+            self.tracer = Tracer(self.on_event, backend=backend, runtimes=self.config.tracer_container_runtimes,
+                                 map_opens=self.config.tracer_map_opens)
             self.tracer_backend = self.tracer.backend
         except Exception as e:  # containment must not depend on tracing
             log.warning("tracing disabled: %s", e)

@@ -367,7 +367,7 @@ class _EventLayout:
 class _BpfBackend:
     name = "bpf"
 
-    def __init__(self, pid_filter: bool, ringbuf_pages: int, perf_buffer: bool) -> None:
+    def __init__(self, pid_filter: bool, ringbuf_pages: int, perf_buffer: bool, map_opens: bool = False) -> None:
         try:
             from bcc import BPF  # Debian python3-bpfcc, visible through system site packages
         except ImportError as e:
@@ -396,7 +396,9 @@ class _BpfBackend:
             flags.append("-DJC_TP_CLONE_ENTER")
         else:
             self.missing.append("clone entry")
-        for sc in OPEN_SYSCALLS:
+        # every open of the node would pay for it (see bench/userns_overhead.py): off unless asked for;
+        # without it the map is read from /proc and its writer is the job's exec of newuidmap
+        for sc in OPEN_SYSCALLS if map_opens else ():
             if BPF.tracepoint_exists("syscalls", f"sys_enter_{sc}"):
                 flags.append(f"-DJC_TP_{sc.upper()}")
             elif sc == "openat":
@@ -872,7 +874,7 @@ class Tracer:
 
     def __init__(self, on_event: Callable[[TraceEvent], None], backend: str = "auto", *,
                  pid_filter: bool = True, ringbuf_pages: int = 1024, perf_buffer: bool = False,
-                 runtimes: Iterable[str] = DEFAULT_RUNTIMES) -> None:
+                 runtimes: Iterable[str] = DEFAULT_RUNTIMES, map_opens: bool = False) -> None:
         if backend not in BACKENDS:
             raise InvalidArgument(f"unknown tracer backend {backend!r} (use one of {', '.join(BACKENDS)})")
         if ringbuf_pages <= 0 or ringbuf_pages & (ringbuf_pages - 1):
@@ -883,7 +885,7 @@ class Tracer:
         self._be: _BpfBackend | _ProcBackend
         if backend in ("auto", "bpf"):
             try:
-                self._be = _BpfBackend(self.pid_filter, ringbuf_pages, perf_buffer)
+                self._be = _BpfBackend(self.pid_filter, ringbuf_pages, perf_buffer, map_opens)
             except Unsupported as e:
                 if backend == "bpf":
                     raise
@@ -1185,6 +1187,10 @@ class Tracer:
             if not self._complete_map(job, ev, target, which, final=False):
                 self._deferred.append((time.monotonic() + MAP_WAIT_S, job, ev, target, which))
                 return None   # delivered by a later poll, once the map is written
+        if raw.kind == "userns" and detail.get("userns") and detail["userns"].get("inode") \
+                and not self._complete_entry(job, ev, final=False):
+            self._deferred.append((time.monotonic() + MAP_WAIT_S, job, ev, None, "entry"))
+            return None   # the creator writes the map just after: wait for it (or for the process's end)
         return ev
 
     @staticmethod
@@ -1462,6 +1468,24 @@ class Tracer:
                 ev.detail["helper"] = info["helper"]
         return True
 
+    def _complete_entry(self, job: _Job, ev: TraceEvent, final: bool) -> bool:
+        """Fill a namespace entry's uid/gid maps; False while the uid map is still unwritten and
+        a member lives (True when `final`)."""
+        info = self._ns.get(ev.detail["userns"]["inode"])
+        if info is None:
+            return True
+        m, g = self._ns_map(info, "uid_map"), self._ns_map(info, "gid_map")
+        pid = info.get("pid")
+        alive = bool(pid) and userns_inode(pid) == info["inode"]
+        if not m and alive and not final:
+            return False
+        ev.detail.update(uid_map=m, gid_map=g)
+        if m:
+            self._map_helper(job, info, None)
+            if info.get("helper"):
+                ev.detail["helper"] = info["helper"]
+        return True
+
     def _retry_maps(self) -> list[TraceEvent]:
         if not self._deferred:
             return []
@@ -1469,7 +1493,9 @@ class Tracer:
         done, keep = [], []
         for item in self._deferred:
             deadline, job, ev, target, which = item
-            if self._complete_map(job, ev, target, which, final=now >= deadline):
+            final = now >= deadline
+            if self._complete_entry(job, ev, final) if which == "entry" else \
+                    self._complete_map(job, ev, target, which, final):
                 done.append(ev)
             else:
                 keep.append(item)
