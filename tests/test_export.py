@@ -159,12 +159,13 @@ def test_file_export_lifecycle_restart_and_direct_path(jc_env: JcEnv, tmp_path: 
         agent.stop()
 
 
-def test_file_rotation_keeps_every_record(jc_env: JcEnv, tmp_path: Path, make_user) -> None:
+def test_file_rotation_and_a_full_queue_keep_every_record(jc_env: JcEnv, tmp_path: Path, make_user) -> None:
     """Size-based rotation (PATH -> PATH.1 ..): every record in exactly one of the files, none above the
-    limit by more than one batch."""
+    limit.  A memory queue of one record overflows at once: the records it dropped come from the store."""
     out = tmp_path / "rot" / "trail.jsonl"
-    jc_env.write_config({"agent": {"node": "node-rot"},
-                         "export": {"file": str(out), "file_max_bytes": 4096, "file_keep": 100}})
+    port = free_port()
+    jc_env.write_config({"agent": {"node": "node-rot", "metrics_port": port},
+                         "export": {"file": str(out), "file_max_bytes": 4096, "file_keep": 100, "queue_size": 1}})
     user = make_user()
     agent = AgentProc(jc_env, tmp_path).start()
     try:
@@ -178,7 +179,13 @@ def test_file_rotation_keeps_every_record(jc_env: JcEnv, tmp_path: Path, make_us
         assert len(fs) >= 4, fs
         ids = [r["event_id"] for r in read_records(*fs)]
         assert sorted(ids) == sorted(set(ids)), "a record was written twice without a failure"
-        assert all(f.stat().st_size <= 4096 for f in fs[1:]), [f.stat().st_size for f in fs]
+        # (a line longer than the limit, the epilogue's with its 60 declarations, has a file of its own)
+        assert all(f.stat().st_size <= 4096 or f.read_bytes().count(b"\n") == 1 for f in fs), \
+            [f.stat().st_size for f in fs]
+        sink = f"file:{out}"
+        assert metric(port, "jobcage_export_dropped_total", sink) > 0
+        assert metric(port, "jobcage_export_resent_total", sink) > 0
+        assert metric(port, "jobcage_export_failures_total", sink) == 0
     finally:
         agent.stop()
 
