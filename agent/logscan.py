@@ -38,7 +38,9 @@ def _epoch(ts: object) -> float | None:
 
 def files_of(paths: Iterable[str]) -> Iterator[str]:
     for p in paths:
-        if os.path.isdir(p):
+        if p == "-":   # standard input, e.g. journalctl -o cat SYSLOG_IDENTIFIER=jobcage | jobcage whois ...
+            yield p
+        elif os.path.isdir(p):
             def unreadable(e: OSError) -> None:
                 raise InvalidArgument(f"{e.filename}: {e.strerror}", path=e.filename)
 
@@ -95,6 +97,11 @@ def matching_lines(path: str, needles: list[bytes]) -> Iterator[bytes]:
     """Lines of the file that contain any of the needles.  A plain file is searched in place (mmap: no
     copy); a gzip file is inflated by a thread (zlib lets go of the GIL) while this one searches, the
     same two-stage pipeline as `gzip -dc | grep`."""
+    if path == "-":
+        import sys
+
+        yield from _scan_stream(iter(lambda: sys.stdin.buffer.read1(BLOCK), b""), needles)
+        return
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:

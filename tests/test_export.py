@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from jctest import AgentProc, JcEnv, User, proc, read_int, require, wait_for
+from jctest import JOBCAGE, AgentProc, JcEnv, User, proc, read_int, require, wait_for
 
 RECORD_KEYS = ["ts", "node", "event_id", "jid", "job_id", "kind", "pid", "ppid", "uid", "euid", "comm",
                "filename", "detail"]
@@ -353,6 +353,9 @@ def test_journal_native_fields(jc_env: JcEnv, tmp_path: Path, make_user, journal
     rows = jc_env.jobcage("whois", "--uid", str(user.uid), "--at", f"{t_in:.6f}", "--logs", str(dump),
                           "--json").json()
     assert [(r["node"], r["job_id"], r["pilot_uid"]) for r in rows] == [("node-j", "j1", user.uid)], rows
+    piped = jc_env.run([JOBCAGE, "whois", "--uid", str(user.uid), "--at", f"{t_in:.6f}", "--logs", "-", "--json"],
+                       input=text).json()
+    assert piped == rows
 
 
 @pytest.mark.parametrize("bad, says", [({"syslog": "http://relay:514"}, "syslog"),
