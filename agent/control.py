@@ -41,7 +41,7 @@ from .errors import Busy, JobcageError, ProtocolError
 log = logging.getLogger("jobcage.agent")
 
 _CRED = struct.Struct("3i")
-_READ, _WORK, _WRITE, _WAIT = range(4)
+_READ, _WORK, _WRITE, _WAIT, _DONE = range(5)
 ACCEPT_BATCH = 256        # accepts per loop turn: reads and writes progress under a connect storm
 SWITCH_INTERVAL = 0.0005  # seconds (sys.setswitchinterval; Python's default is 0.005)
 REPORT_INTERVAL = 10.0    # seconds between log lines about refusals of one reason
@@ -367,6 +367,8 @@ class ControlServer:
                     self._close(c)
             else:
                 nxt = min(nxt, c.deadline)
+        if self._paused_until:
+            nxt = min(nxt, self._paused_until)
         return max(0.0, nxt - now)
 
     def _accept(self, listener: socket.socket) -> None:
@@ -401,7 +403,7 @@ class ControlServer:
         if u is None:
             u = self._uids[uid] = _Uid()
         if self.held >= self.max_conns:
-            self._refuse(c, "connection_limit", f"agent busy: {self.held} connections of users open; try again")
+            self._refuse(c, "connection_limit", f"agent busy: {self.max_conns} connections of users open; try again")
         elif u.active < self.per_uid and not u.waiting:
             self.held += 1
             self._activate(c)
@@ -591,6 +593,7 @@ class ControlServer:
                 if not u.active and not u.waiting:
                     del self._uids[c.caller.uid]
         c.sock.close()
+        c.state = _DONE   # an event of this turn may still name it
         c.body = None
         c.out = None
         if c.caller.uid != 0 and self._rr:

@@ -254,9 +254,10 @@ def test_busy_job_not_refused(jc_env: JcEnv, agent_proc: AgentProc, make_user: C
     assert "refused" not in log, log
 
 
+@pytest.mark.jc_config({"agent": {"request_timeout": 120.0}})   # the held connections do not expire meanwhile
 def test_refusals_are_one_line(jc_env: JcEnv, agent_proc: AgentProc, make_user: Callable[..., User]) -> None:
-    """A uid over its cap and queue gets one clear line from the CLI; a slow or oversized request gets a
-    ProtocolError answer; other uids and root are served meanwhile."""
+    """A uid over its cap and queue (the defaults) gets one clear line from the CLI; other uids and root
+    are served meanwhile; once its connections are gone, it is served again."""
     user, other = make_user(), make_user()
     cfg = jc_env.config()
     script = jc_env.scratch / "hold.py"
@@ -362,3 +363,32 @@ def test_metrics_port_bounded(jc_env: JcEnv, agent_proc: AgentProc, make_user: C
     holder.kill()
     holder.wait()
     wait_for(scraped, 30, "a scrape to be answered")
+
+
+@pytest.mark.jc_config({"agent": {"max_connections": 3, "request_timeout": 120.0}})
+def test_connection_limit_spares_root(jc_env: JcEnv, agent_proc: AgentProc, make_user: Callable[..., User]) -> None:
+    """Users holding max_connections in all: another user is refused with one line, root is still served
+    (on both listeners), and the count is in the log once, not per refusal."""
+    holder_user, other = make_user(), make_user()
+    script = jc_env.scratch / "hold3.py"
+    script.write_text(
+        "import socket, sys, time\n"
+        "conns = []\n"
+        "for i in range(3):\n"
+        "    s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); conns.append(s)\n"
+        "print('held', flush=True)\n"
+        "time.sleep(300)\n")
+    holder = jc_env.popen([PY, "-I", str(script), jc_env.socket_path], user=holder_user, stdout=subprocess.PIPE,
+                          text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    results = [jc_env.jobcage("list", user=other) for _ in range(5)]
+    for r in results:
+        r.clean_error(1, "agent busy")
+    assert agent_proc.result("list") == []                     # root on the shared listener
+    jc_env.jobcage("prologue", "r1", "--uid", "0").ok()         # root's hooks on root's listener
+    jc_env.jobcage("epilogue", "r1").ok()
+    holder.kill()
+    holder.wait()
+    wait_for(lambda: jc_env.jobcage("list", user=other).rc == 0, 30, "users to be served again")
+    lines = [ln for ln in agent_proc.log(tail=10_000).splitlines() if "(connection_limit)" in ln]
+    assert len(lines) == 1, lines
