@@ -106,7 +106,7 @@ class ExportCollector(Collector):
         yield from fams.values()
 
 
-SCRAPERS = 4          # concurrent metrics connections; more are closed at once
+SCRAPERS = 4          # concurrent metrics connections; more are closed (after 50 ms)
 SCRAPE_TIMEOUT = 10   # seconds of silence before a metrics connection is dropped
 
 
@@ -127,7 +127,7 @@ def serve(agent: Agent, port: int) -> None:
         request_queue_size = 64   # refused connections are closed at once; a short backlog only drops SYNs
 
         def process_request(self, request: object, client_address: object) -> None:
-            if not slots.acquire(blocking=False):
+            if not slots.acquire(timeout=0.05):   # a scraper's previous thread may be just finishing
                 self.shutdown_request(request)
                 return
             try:
