@@ -22,7 +22,9 @@ class Config:
 
     # [cgroups]
     cgroup_mode: str = "auto"          # auto | v1 | hybrid | v2
-    cgroup_subtree: str = "jobcage"    # relative path under each hierarchy root
+    cgroup_subtree: str = "jobcage"    # relative path under each hierarchy root (placement "top")
+    cgroup_placement: str = "auto"     # auto | unit | top (cgroups/placement.py)
+    cgroup_delegated: str = "system.slice/jobcage-jobs.service"  # systemd's delegated cgroup (placement "unit")
     # [jobs]
     default_pids_max: int = 4096
     max_pids_max: int = 0              # cap of a limit the job asks for (--pids-request); 0 = default_pids_max
@@ -96,6 +98,14 @@ class Config:
             setattr(self, name, list(value) if isinstance(value, list) else value)  # no shared lists
         self.path = path
 
+    def placement(self, layout: object = None) -> tuple[str, str, str]:
+        """(placement, subtree, why): where the job cgroups go on this node (cgroups/placement.py)."""
+        from jobcage.cgroups import detect
+        from jobcage.cgroups.placement import resolve
+
+        return resolve(self.cgroup_placement, self.cgroup_subtree, self.cgroup_delegated,
+                       layout or detect())  # type: ignore[arg-type]
+
     @property
     def root_socket(self) -> str:
         if self.root_socket_path:
@@ -114,7 +124,8 @@ class Config:
 
 
 SECTIONS = {
-    "cgroups": {"mode": "cgroup_mode", "subtree": "cgroup_subtree"},
+    "cgroups": {"mode": "cgroup_mode", "subtree": "cgroup_subtree", "placement": "cgroup_placement",
+                "delegated_cgroup": "cgroup_delegated"},
     "jobs": {"default_pids_max": "default_pids_max", "max_pids_max": "max_pids_max", "kill_timeout": "kill_timeout",
              "freeze_timeout": "freeze_timeout"},
     "agent": {"state_dir": "state_dir", "socket": "socket_path", "root_socket": "root_socket_path",

@@ -48,7 +48,9 @@ def report() -> dict:
                 "cgroup2 controllers": " ".join(sorted(layout.v2_controllers)) or "-",
                 "v1 hierarchies": " ".join(f"{k}={v}" for k, v in sorted(layout.v1.items())) or "-"}
     try:
-        d = get_driver(cfg.cgroup_mode, cfg.cgroup_subtree, layout)
+        placement, subtree, why = cfg.placement(layout)
+        cg.update({"placement": placement, "placement reason": why})
+        d = get_driver(cfg.cgroup_mode, subtree, layout)
         if os.geteuid() == 0:
             d.ensure_subtree()  # probes cgroup.kill/freeze in our own subtree
         f = d.features()

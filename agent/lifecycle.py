@@ -148,7 +148,12 @@ class JobManager:
     def __init__(self, config: Config, driver: Driver | None = None, store: Store | None = None,
                  observer: Observer | None = None) -> None:
         self.config = config
-        self.driver = driver or get_driver(config.cgroup_mode, config.cgroup_subtree)
+        if driver is None:
+            from jobcage.cgroups import detect
+
+            layout = detect()   # once: the placement and the driver both read the mounts
+            driver = get_driver(config.cgroup_mode, config.placement(layout)[1], layout)
+        self.driver = driver
         self._store = store
         self.observer = observer
 

@@ -497,7 +497,9 @@ class JcEnv:
         self.socket_path = str(self.base / "agent.sock")
         self.tracked = Tracked()
         self.doc: dict[str, dict[str, Any]] = {
-            "cgroups": {"mode": mode, "subtree": self.subtree},
+            # placement "top": the private subtree at the top, also on a systemd node where auto would pick
+            # the delegated cgroup of jobcage-jobs.service (tests/test_systemd.py tests that one)
+            "cgroups": {"mode": mode, "subtree": self.subtree, "placement": "top"},
             "agent": {"state_dir": str(state_dir), "socket": self.socket_path, "reconcile_interval": 1.0},
             "tracer": {"backend": "off"},
             "cleanup": {"enabled": False},
@@ -583,6 +585,30 @@ class JcEnv:
         keys = {"v1": ("freezer", "pids", "cpuacct"), "hybrid": ("unified", "pids"),
                 "v2": ("unified",)}[self.effective_mode()]
         return {k: h[k] / self.subtree / job_id for k in keys if k in h}
+
+    def pids_dir(self, job_id: str) -> Path:
+        """The directory holding a job's pids.max / pids.current: the v1 pids hierarchy (v1, hybrid), the job's
+        one cgroup2 directory on pure v2."""
+        dirs = self.cgroup_dirs(job_id)
+        return dirs["pids"] if "pids" in dirs else dirs["unified"]
+
+    def make_pids_cap(self, name: str, limit: int) -> Path:
+        """A cgroup (not a job) under this env's subtree with pids.max = limit, in the hierarchy that holds the
+        pids controller; on pure v2 +pids is enabled down to it first (the root's subtree_control has it on a
+        systemd node).  The env's cleanup removes it with the subtree."""
+        cap = self.pids_dir(name)
+        if self.effective_mode() == "v2":
+            chain = [hierarchies()["unified"]]
+            for part in self.subtree.split("/"):
+                chain.append(chain[-1] / part)
+            for d in chain:
+                d.mkdir(exist_ok=True)
+                sc = d / "cgroup.subtree_control"
+                if "pids" not in sc.read_text().split():
+                    sc.write_text("+pids")
+        cap.mkdir(parents=True)
+        (cap / "pids.max").write_text(str(limit))
+        return cap
 
     def effective_mode(self) -> str:
         if self.mode != "auto":

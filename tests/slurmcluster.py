@@ -235,6 +235,7 @@ class SlurmCluster:
         startup_timeout: float = 60.0,
         command_timeout: float = 30.0,
         keep: bool = False,
+        slurmd_unit: str | None = None,
     ) -> None:
         """base_dir: where to create the cluster dir (default: the system temp dir).  It must be traversable
         by other users (pytest's tmp_path is not: /tmp/pytest-of-root is 0700) and short: munge's and
@@ -242,6 +243,8 @@ class SlurmCluster:
         prolog / task_prolog / epilog: absolute paths of hook programs (Prolog runs with PrologFlags=Alloc).
         extra_conf: slurm.conf keys to add or override (e.g. {"KillWait": "10"}).
         keep: leave the cluster dir in place after stop() (for debugging; KEEP_SLURM_CLUSTER=1 does the same).
+        slurmd_unit: run slurmd under systemd as this transient unit (systemd-run, Delegate=yes, KillMode=process
+        like Debian's slurmd.service) instead of as a child; stop() kills what is left in the unit's cgroup.
         """
         base = Path(base_dir) if base_dir is not None else Path(tempfile.gettempdir())
         _check_traversable(base)
@@ -254,6 +257,7 @@ class SlurmCluster:
         self.startup_timeout = startup_timeout
         self.command_timeout = command_timeout
         self.keep = keep or os.environ.get("KEEP_SLURM_CLUSTER") == "1"
+        self.slurmd_unit = slurmd_unit
         self.munge_dir = self.root / "munge"
         self.munge_socket = self.munge_dir / "munge.socket"
         self.conf_path = self.root / "slurm.conf"
@@ -371,12 +375,29 @@ class SlurmCluster:
         # slurmd goes into the cluster's own cgroup before exec: every slurmstepd and job process it spawns
         # inherits it, so stop() can kill exactly those, escaped daemons included.
         argv = [f"{SBIN}/slurmd", "-D", "-f", conf]
+        if self.slurmd_unit is not None:
+            # under systemd, like a site's slurmd.service: its cgroup is the unit's (the kill group of stop())
+            subprocess.run(["systemctl", "reset-failed", self.slurmd_unit], capture_output=True, timeout=60)
+            r = subprocess.run(["systemd-run", f"--unit={self.slurmd_unit}", "--property=Delegate=yes",
+                                "--property=KillMode=process", f"--working-directory={self.root}",
+                                *(f"--setenv={k}={v}" for k, v in {**self.env, "HOME": str(self.root)}.items()),
+                                "--", *argv], capture_output=True, text=True, timeout=120)
+            if r.returncode != 0:
+                raise SlurmClusterError(f"systemd-run slurmd: {r.stderr.strip()}")
+            self.wait_node_state({"idle"}, timeout=self.startup_timeout)
+            return
         if self._killgroup is not None and self._killgroup.path is not None:
             argv = ["/bin/sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(self._killgroup.path)] + argv
         self._spawn("slurmd", argv)
         self.wait_node_state({"idle"}, timeout=self.startup_timeout)
 
     def _stop_slurm(self) -> None:
+        if self.slurmd_unit is not None:
+            # KillMode=process stops slurmd only; then SIGKILL whatever is left in the unit's cgroup
+            for argv in (["systemctl", "stop", self.slurmd_unit],
+                         ["systemctl", "kill", "--signal=SIGKILL", self.slurmd_unit],
+                         ["systemctl", "reset-failed", self.slurmd_unit]):
+                subprocess.run(argv, capture_output=True, timeout=120)
         self._stop_proc("slurmd")
         self._stop_proc("slurmctld")
 
@@ -394,6 +415,12 @@ class SlurmCluster:
         return proc is not None and proc.poll() is None
 
     def _check_alive(self, name: str) -> None:
+        if name == "slurmd" and self.slurmd_unit is not None:
+            r = subprocess.run(["systemctl", "is-active", self.slurmd_unit], capture_output=True, text=True,
+                               timeout=60)
+            if r.stdout.strip() not in ("active", "activating", "reloading"):
+                raise SlurmClusterError(f"{self.slurmd_unit} is {r.stdout.strip()}\n{self.logs()}")
+            return
         proc = self._procs.get(name)
         if proc is not None and proc.poll() is not None:
             raise SlurmClusterError(f"{name} exited with status {proc.returncode}\n{self.logs()}")

@@ -145,7 +145,7 @@ def bomb(env: JcEnv) -> str:
 
 
 def pids_dir(env: JcEnv, job: str) -> Path:
-    return env.cgroup_dirs(job)["pids"]
+    return env.pids_dir(job)
 
 
 def test_fork_bomb_held_and_counted(cgroup_mode: str, jc_env: JcEnv, make_user: Callable[..., User],
@@ -279,9 +279,7 @@ def test_adopting_a_forking_process_loses_no_child(cgroup_mode: str, jc_env: JcE
     """Adopt moves a process into several hierarchies one write at a time; a child forked between the
     writes must still end up a member (killed and frozen with the job), never only in the limits."""
     user = make_user()
-    hold = jc_env.cgroup_dirs("x")["pids"].parent / "_hold"  # not a job: a pids cap for the forker outside
-    hold.mkdir(parents=True)
-    (hold / "pids.max").write_text("64")
+    hold = jc_env.make_pids_cap("_hold", 64)  # not a job: a pids cap for the forker outside
     script = jc_env.scratch / "forker.py"
     script.write_text(FORKER)
     forker = shlex.join(user.argv(["/usr/bin/python3", "-I", str(script)]))
@@ -292,7 +290,7 @@ def test_adopting_a_forking_process_loses_no_child(cgroup_mode: str, jc_env: JcE
         p = jc_env.popen(["sh", "-c", f"echo $$ > {hold}/cgroup.procs && exec {forker}"])
         wait_for(lambda: int((hold / "pids.current").read_text()) >= 64, 30, "the forker to fill its cap")
         jc_env.jobcage("adopt", job, "--pid", str(p.pid)).ok()   # it forks as soon as the job's limit allows
-        half = [pid for pid in map(int, (jc_env.cgroup_dirs(job)["pids"] / "cgroup.procs").read_text().split())
+        half = [pid for pid in map(int, (jc_env.pids_dir(job) / "cgroup.procs").read_text().split())
                 if alive(pid) and not jc_env.in_job(pid, job)]
         assert not half, f"trial {i}: children forked during adopt are outside the job: {[proc(x) for x in half]}"
         members = snapshot(jc_env, job)

@@ -179,13 +179,16 @@ def make_cgroup() -> Iterator[Callable[..., TestCgroup]]:
         name = PREFIX + secrets.token_hex(4)
         path = Path(cgroup2_root()) / name
         pids_path = None
-        if pids_max is not None:
-            v1 = Path("/sys/fs/cgroup/pids")
-            require((v1 / "cgroup.procs").exists(), "no v1 pids hierarchy at /sys/fs/cgroup/pids")
+        v1 = Path("/sys/fs/cgroup/pids")
+        if pids_max is not None and (v1 / "cgroup.procs").exists():   # v1 / hybrid: a v1 pids twin
             pids_path = v1 / name
             pids_path.mkdir()
             (pids_path / "pids.max").write_text(str(pids_max))   # the limit is in place BEFORE any task
         path.mkdir()
+        if pids_max is not None and pids_path is None:   # pure v2: the limit in the cgroup itself
+            ctrl = (path.parent / "cgroup.subtree_control").read_text().split()
+            require("pids" in ctrl, f"neither a v1 pids hierarchy nor +pids in {path.parent}/cgroup.subtree_control")
+            (path / "pids.max").write_text(str(pids_max))
         cg = TestCgroup(path, pids_path)
         made.append(cg)
         return cg

@@ -12,6 +12,12 @@ family=${ID_LIKE:-$ID}
 DEB_PKGS=(python3 python3-venv python3-dev python3-bpfcc bpfcc-tools bpftrace linux-headers-amd64
           sudo util-linux uidmap procps gcc make libc6-dev sqlite3 tmux
           munge slurmctld slurmd slurm-client auditd openssh-server rsyslog)
+# The test host also builds and boots the pure-v2 guest (vagrant/v2guest, `make test-v2`); the guest itself
+# gets DEB_PKGS only (build-image.sh reads them with --print-node-packages).
+DEB_HOST_PKGS=(qemu-system-x86 mmdebstrap e2fsprogs git)
+if [ "${1:-}" = --print-node-packages ]; then printf '%s\n' "${DEB_PKGS[@]}"; exit 0; fi
+# ... and inside that guest (no network, boots no guest itself) only the node packages are checked.
+[ -e /etc/jobcage-v2guest ] && DEB_HOST_PKGS=()
 # EL9: /usr/bin/python3 is 3.9, jobcage needs 3.11 (bootstrap-venv.sh picks python3.11 and lends it the
 # distribution's bcc); Slurm and munge come from EPEL (which needs CRB); kernel-devel is installed apart,
 # as the exact running kernel's package may be gone from the mirrors.
@@ -22,7 +28,7 @@ RPM_PKGS=(python3 python3-devel python3.11 python3.11-devel python3-bcc bcc-tool
 case "$family" in
   *debian*)
     missing=()
-    for p in "${DEB_PKGS[@]}"; do
+    for p in "${DEB_PKGS[@]}" "${DEB_HOST_PKGS[@]}"; do
       dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
     done
     if ((${#missing[@]})); then
