@@ -100,7 +100,7 @@ class Config:
 
     def placement(self, layout: object = None) -> tuple[str, str, str]:
         """(placement, subtree, why): where the job cgroups go on this node (cgroups/placement.py)."""
-        from jobcage.cgroups import detect
+        from jobcage.cgroups.detect import detect
         from jobcage.cgroups.placement import resolve
 
         return resolve(self.cgroup_placement, self.cgroup_subtree, self.cgroup_delegated,

@@ -149,7 +149,7 @@ class JobManager:
                  observer: Observer | None = None) -> None:
         self.config = config
         if driver is None:
-            from jobcage.cgroups import detect
+            from jobcage.cgroups.detect import detect
 
             layout = detect()   # once: the placement and the driver both read the mounts
             driver = get_driver(config.cgroup_mode, config.placement(layout)[1], layout)
