@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -97,7 +98,8 @@ def members(job: str) -> list[int]:
 
 
 def start_payload(job: str, user: User, tmp: Path) -> dict[int, int]:
-    """`jobcage run JOB` as the job's user: a shell with a setsid daemon and a sleeper; {pid: starttime}."""
+    """`jobcage run JOB` as the job's user: a shell with a setsid daemon and a sleeper; {pid: starttime}.
+    tmp must be readable by the user."""
     script = tmp / "payload.sh"
     script.write_text("setsid sleep 3001 </dev/null >/dev/null 2>&1 &\nexec sleep 3002\n")
     script.chmod(0o755)
@@ -117,7 +119,8 @@ def start_payload(job: str, user: User, tmp: Path) -> dict[int, int]:
 def assert_intact(job: str, procs: dict[int, int], when: str) -> None:
     dead = [pid for pid, st in procs.items() if not alive(pid, st)]
     assert not dead, f"{when}: job processes died: {dead}"
-    moved = {pid: proc_cgroups(pid).get("") for pid in procs if proc_cgroups(pid).get("") != f"/{JOBS.relative_to(CG)}/{job}"}
+    want = f"/{JOBS.relative_to(CG)}/{job}"
+    moved = {pid: proc_cgroups(pid).get("") for pid in procs if proc_cgroups(pid).get("") != want}
     assert not moved, f"{when}: job processes left the job cgroup: {moved}"
     assert (JOBS / job / "pids.max").read_text().strip() == "64", f"{when}: pids.max of the job changed"
     for d in (DELEGATED, JOBS):
@@ -125,8 +128,17 @@ def assert_intact(job: str, procs: dict[int, int], when: str) -> None:
     assert json.loads(ok("show", job, "--json"))["state"] == "running", when
 
 
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A scratch dir the test users can read (pytest's tmp_path is 0700 root)."""
+    d = Path(tempfile.mkdtemp(prefix="jct-sd-"))
+    d.chmod(0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
 def test_unit_placement_and_jobs_survive_the_agents_unit(systemd_jobcage: None,
-                                                         make_user: Callable[..., User], tmp_path: Path) -> None:
+                                                         make_user: Callable[..., User], shared_dir: Path) -> None:
     doc = json.loads(ok("doctor", "--json"))
     assert doc["cgroups"]["placement"] == "unit", doc["cgroups"]
     assert doc["cgroups"]["subtree"] == str(JOBS), doc["cgroups"]
@@ -140,7 +152,7 @@ def test_unit_placement_and_jobs_survive_the_agents_unit(systemd_jobcage: None,
     user = make_user()
     job = "sd1"
     ok("prologue", job, "--uid", str(user.uid), "--pids-max", "64")
-    procs = start_payload(job, user, tmp_path)
+    procs = start_payload(job, user, shared_dir)
     assert_intact(job, procs, "at start")
 
     sh("systemctl", "restart", "jobcage.service")
