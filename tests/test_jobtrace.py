@@ -467,9 +467,11 @@ def test_processes_exiting_mid_read(jc_env: JcEnv, make_user: Callable[..., User
         r = jobtrace(jc_env, *args, "--interval", str(0.05 * (i % 3)))
         assert r.rc == 0 and "Traceback" not in r.err, r
     # the reader itself: gone pids give None, never an exception
-    p = subprocess.Popen(["sleep", "0.2"])
-    rec = load_proc(p.pid, False)
-    assert rec is not None and rec.comm == "sleep"
+    p = subprocess.Popen(["sleep", "60"])
+    # until the child has exec'd, /proc shows the forked python (a slow node shows it for a while)
+    rec = wait_for(lambda: (r := load_proc(p.pid, False)) is not None and r.comm == "sleep" and r, 30,
+                   "the child to exec sleep")
+    p.kill()
     p.wait()
     assert refresh_proc(rec, False, uids=True, cmd=True) is None
     assert load_proc(p.pid, True) is None
