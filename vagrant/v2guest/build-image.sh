@@ -15,6 +15,9 @@
 # dependencies installed from wheels downloaded on the host (`pip download`; the guest has no network), built
 # here on the host in the chroot because everything in the guest runs ~10-20x slower.
 set -euo pipefail
+# One brace group: bash reads all of it before running any, so editing (or `git pull`ing) this file
+# while it runs cannot make bash execute a shifted part of the new text.
+{
 here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/../.." && pwd)
 cache=${JOBCAGE_V2_CACHE:-/var/cache/jobcage/v2-guest}
@@ -132,3 +135,5 @@ trap - EXIT
 ls -1dt "$cache"/*/ 2>/dev/null | grep -v "/build\\." | tail -n +3 | xargs -r rm -rf
 log "built $img in $(( $(date +%s) - t0 )) s"
 echo "$img"
+exit
+}

@@ -4,6 +4,9 @@
 # venv are already there: only the links, the hook tree and the Slurm plugin are done here), then the selected
 # tests with CI=true.  Results go to /mnt/jcresults: rc, summary.txt, pytest.log, junit.xml, timings.
 set -u
+# One brace group: bash reads all of it before running any, so editing (or `git pull`ing) this file
+# while it runs cannot make bash execute a shifted part of the new text.
+{
 src=/mnt/jcsrc res=/mnt/jcresults
 exec > >(tee -a "$res/guest.log") 2>&1
 t0=$(date +%s)
@@ -37,3 +40,5 @@ echo "suite_s=$((t2 - t1))" >> "$res/timings"
 grep -E '^=+ .*(passed|failed|error|skipped|no tests ran).* =+$' "$res/pytest.log" | tail -1 \
   | sed 's/^=* //; s/ =*$//' > "$res/summary.txt"
 finish "$rc"
+exit
+}

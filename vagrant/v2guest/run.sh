@@ -12,6 +12,9 @@
 #    (default build/v2guest/ in the checkout); this script exits non-zero when the guest suite failed or the
 #    guest did not answer within JOBCAGE_V2_TIMEOUT seconds (default 2400: boot + suite).
 set -uo pipefail
+# One brace group: bash reads all of it before running any, so editing (or `git pull`ing) this file
+# while it runs cannot make bash execute a shifted part of the new text.
+{
 here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/../.." && pwd)
 results=${JOBCAGE_V2_RESULTS:-$top/build/v2guest}
@@ -67,3 +70,5 @@ if [ "$rc" != 0 ]; then
   exit 1
 fi
 exit 0
+exit
+}
