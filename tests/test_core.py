@@ -289,7 +289,7 @@ def test_adopting_a_forking_process_loses_no_child(cgroup_mode: str, jc_env: JcE
         jc_env.jobcage("prologue", job, "--uid", str(user.uid), "--pids-max", "128").ok()
         # capped from its first instruction: the shell joins the cap, then becomes the forker
         p = jc_env.popen(["sh", "-c", f"echo $$ > {hold}/cgroup.procs && exec {forker}"])
-        wait_for(lambda: int((hold / "pids.current").read_text()) >= 64, 30, "the forker to fill its cap")
+        wait_for(lambda: int((hold / "pids.current").read_text()) >= 64, 300, "the forker to fill its cap")
         jc_env.jobcage("adopt", job, "--pid", str(p.pid)).ok()   # it forks as soon as the job's limit allows
         half = [pid for pid in map(int, (jc_env.pids_dir(job) / "cgroup.procs").read_text().split())
                 if alive(pid) and not jc_env.in_job(pid, job)]
@@ -304,4 +304,4 @@ def test_adopting_a_forking_process_loses_no_child(cgroup_mode: str, jc_env: JcE
         for pid in map(int, (hold / "cgroup.procs").read_text().split()):  # the children forked before adopt
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        wait_for(lambda: not pids_of_uid(user.uid), 30, "the forker's old children to die")
+        wait_for(lambda: not pids_of_uid(user.uid), 120, "the forker's old children to die")
