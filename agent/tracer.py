@@ -1469,15 +1469,15 @@ class Tracer:
         return True
 
     def _complete_entry(self, job: _Job, ev: TraceEvent, final: bool) -> bool:
-        """Fill a namespace entry's uid/gid maps; False while the uid map is still unwritten and
-        a member lives (True when `final`)."""
+        """Fill a namespace entry's uid/gid maps; False while one is still unwritten and a member
+        lives (True when `final`: what there is then)."""
         info = self._ns.get(ev.detail["userns"]["inode"])
         if info is None:
             return True
         m, g = self._ns_map(info, "uid_map"), self._ns_map(info, "gid_map")
         pid = info.get("pid")
         alive = bool(pid) and userns_inode(pid) == info["inode"]
-        if not m and alive and not final:
+        if not (m and g) and alive and not final:   # newuidmap and newgidmap write one each
             return False
         ev.detail.update(uid_map=m, gid_map=g)
         if m:
