@@ -27,7 +27,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from jctest import JcEnv, User  # noqa: E402
+from jctest import JcEnv, User, wait_for  # noqa: E402
 from slurmcluster import SlurmCluster  # noqa: E402
 from test_slurm_jobcage import PIDS_MAX, _epilog_done, plugin_so, slurm, users, workdir  # noqa: E402
 
@@ -102,7 +102,8 @@ def test_per_job_pids_limit_from_the_comment(
     for comment, want in (("jobcage:pids=40", 40), ("site note, jobcage:pids=5000", 100), (None, PIDS_MAX)):
         args = [f"--comment={comment}"] if comment else []
         job = slurm.sbatch("#!/bin/sh\nsleep 300\n", pilot.name, *args)
-        slurm.wait_state(job, "RUNNING")
+        slurm.wait_state(job, "RUNNING")   # with PrologFlags=Alloc: RUNNING while the Prolog may still run
+        wait_for(lambda j=job: jc_env.jobcage("show", str(j), "--json").rc == 0, 60, f"the Prolog to register {job}")
         s = jc_env.jobcage("show", str(job), "--json").json()
         dirs = jc_env.cgroup_dirs(str(job))
         kernel = int(((dirs.get("pids") or dirs["unified"]) / "pids.max").read_text())
