@@ -138,11 +138,12 @@ def _already_adopted(cfg: object, pid: int, uid: int) -> str | None:
 
 def _decide(cfg: object, params: dict) -> tuple[dict, str]:
     """(answer, path): the agent when it answers in time, else the same method directly as root."""
-    from .client import call
+    from .client import call, socket_for
     from .errors import AgentUnavailable
 
     try:
-        return call(cfg.socket_path, "sshd_adopt", timeout=cfg.pam_agent_timeout, **params), "agent"  # type: ignore
+        # root's own listener: a user flooding the shared socket must not slow a login decision
+        return call(socket_for(cfg), "sshd_adopt", timeout=cfg.pam_agent_timeout, **params), "agent"  # type: ignore
     except AgentUnavailable:
         pass
     from .api import Api, Caller
