@@ -745,7 +745,12 @@ class JobManager:
         if self.observer and (live or (job["state"] != "ended" and job.get("mode") == "attach")):
             live_cpu = self.observer.job_cpu_by_uid(job_id, pids)
             if live_cpu is not None and cpu is not None:
-                live_cpu = split_cpu(live_cpu, cpu, job["owner_uid"])
+                if live:
+                    live_cpu = split_cpu(live_cpu, cpu, job["owner_uid"])
+                else:
+                    # the cgroup is gone: its last cpu.stat read (reconcile's) may predate the last exits,
+                    # which the exit records still have -- never scale them down to a stale total
+                    cpu = max(cpu, sum(live_cpu.values()))
             if live_cpu:
                 self.store.set_identity_cpu(job["jid"], live_cpu, time.time())
                 if cpu is None:
