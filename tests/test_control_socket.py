@@ -35,11 +35,17 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-PORT = _free_port()
+def with_metrics(jc_env: JcEnv, agent_proc: AgentProc) -> int:
+    """Turn the agent's metrics port on, on a port picked now (one free when the module was collected may be
+    someone's client port by the time a long suite gets here)."""
+    port = _free_port()
+    jc_env.write_config({"agent": {"metrics_port": port}})
+    agent_proc.restart()
+    return port
 
 
-def scrape() -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{PORT}/metrics", timeout=20).read().decode()
+def scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=20).read().decode()
     out = {}
     for line in text.splitlines():
         if line.startswith("jobcage_control"):
@@ -116,8 +122,8 @@ def flood_users(make_user: Callable[..., User]) -> Iterator[list[User]]:
     yield [make_user() for _ in range(6)]
 
 
-@pytest.mark.jc_config({"agent": {"metrics_port": PORT}})
 def test_flood_root_served_agent_bounded(jc_env: JcEnv, agent_proc: AgentProc, flood_users: list[User]) -> None:
+    port = with_metrics(jc_env, agent_proc)
     assert agent_proc.proc is not None
     apid = agent_proc.proc.pid
     cfg = jc_env.config()
@@ -149,9 +155,9 @@ def test_flood_root_served_agent_bounded(jc_env: JcEnv, agent_proc: AgentProc, f
             procs.append(flooder(jc_env, idle_users[k % 4], "idle", 1000, f"idle{k}")[0])
         procs.append(flooder(jc_env, slow_user, "slow", 300, "slow")[0])
         per_uid = cfg.uid_connections + cfg.uid_queue
-        wait_for(lambda: scrape().get('jobcage_control_connections{lane="user",state="waiting"}', 0)
+        wait_for(lambda: scrape(port).get('jobcage_control_connections{lane="user",state="waiting"}', 0)
                  >= 5 * cfg.uid_queue, 120, "the flooders to fill their uids' queues")
-        wait_for(lambda: refused(scrape(), "uid_limit") > 1000, 60, "refusals of the idle flood")
+        wait_for(lambda: refused(scrape(port), "uid_limit") > 1000, 60, "refusals of the idle flood")
         # a flooding user's own extra call is refused with one line
         busy = jc_env.jobcage("list", user=idle_users[0])
         busy.clean_error(1, "agent busy")
@@ -169,7 +175,7 @@ def test_flood_root_served_agent_bounded(jc_env: JcEnv, agent_proc: AgentProc, f
             if i % 4 == 0:
                 shared.append(root_round(sock, f"shared{i}", jc_env.popen(["sleep", "300"]))["prologue"])
             during_garbage += garbage_running
-        held = scrape()
+        held = scrape(port)
         wait_for(lambda: status(junk_status).get("done"), 600, "10,000 malformed frames to be answered")
         flood_rss, flood_threads = max(sampler.rss), max(sampler.threads)
         for p in procs:
@@ -195,7 +201,7 @@ def test_flood_root_served_agent_bounded(jc_env: JcEnv, agent_proc: AgentProc, f
     assert len(list(Path(f"/proc/{apid}/fd").iterdir())) < 6 * per_uid + 200
     js = status(junk_status)
     assert js["sent"] == 10_000, js
-    m = scrape()
+    m = scrape(port)
     for reason in ("uid_limit", "too_large", "malformed", "timeout"):
         assert refused(m, reason) > 0, (reason, m)
     assert refused(m, "malformed") >= 4000, m    # nested, not-JSON and unknown-method frames
@@ -203,8 +209,8 @@ def test_flood_root_served_agent_bounded(jc_env: JcEnv, agent_proc: AgentProc, f
     # afterwards: everything answered normally, nothing held
     for u in flood_users:
         wait_for(lambda u=u: not pids_of_uid(u.uid), 30, f"flooders of {u.name} to exit")
-    wait_for(lambda: scrape()['jobcage_control_connections{lane="user",state="active"}'] == 0
-             and scrape()['jobcage_control_connections{lane="user",state="waiting"}'] == 0, 30,
+    wait_for(lambda: scrape(port)['jobcage_control_connections{lane="user",state="active"}'] == 0
+             and scrape(port)['jobcage_control_connections{lane="user",state="waiting"}'] == 0, 30,
              "the agent to let go of the flood's connections")
     root_round(rsock, "after", jc_env.popen(["sleep", "300"]))
     root_round(sock, "after2", jc_env.popen(["sleep", "300"]))
@@ -328,20 +334,17 @@ def test_caps_deadline_and_size_limit(jc_env: JcEnv, agent_proc: AgentProc, make
     assert resp["error"]["type"] == "InvalidArgument", resp
 
 
-PORT2 = _free_port()
-
-
-@pytest.mark.jc_config({"agent": {"metrics_port": PORT2}})
 def test_metrics_port_bounded(jc_env: JcEnv, agent_proc: AgentProc, make_user: Callable[..., User]) -> None:
     """The metrics port is on 127.0.0.1, which every local user reaches: 200 idle connections of a user
     cost the agent no thread each; once they are gone, scrapes are answered."""
+    port = with_metrics(jc_env, agent_proc)
     assert agent_proc.proc is not None
     apid = agent_proc.proc.pid
     user = make_user()
     def scraped() -> bool:
         try:
             return b"jobcage_control_refused_total" in urllib.request.urlopen(
-                f"http://127.0.0.1:{PORT2}/metrics", timeout=20).read()
+                f"http://127.0.0.1:{port}/metrics", timeout=20).read()
         except OSError:
             return False
 
@@ -355,7 +358,7 @@ def test_metrics_port_bounded(jc_env: JcEnv, agent_proc: AgentProc, make_user: C
         "    s = socket.create_connection(('127.0.0.1', int(sys.argv[1]))); conns.append(s)\n"
         "print('held', flush=True)\n"
         "time.sleep(300)\n")
-    holder = jc_env.popen([PY, "-I", str(script), str(PORT2)], user=user, stdout=subprocess.PIPE, text=True)
+    holder = jc_env.popen([PY, "-I", str(script), str(port)], user=user, stdout=subprocess.PIPE, text=True)
     assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
     time.sleep(1.0)   # let the agent accept what it will
     _rss, threads = proc_status(apid)

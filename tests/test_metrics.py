@@ -5,7 +5,6 @@ from __future__ import annotations
 import socket
 import urllib.request
 
-import pytest
 from jctest import AgentProc, JcEnv
 
 
@@ -15,11 +14,8 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-PORT = _free_port()
-
-
-def _scrape() -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{PORT}/metrics", timeout=10).read().decode()
+def _scrape(port: int) -> dict[str, float]:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     out = {}
     for line in text.splitlines():
         if line.startswith("jobcage_"):
@@ -28,15 +24,19 @@ def _scrape() -> dict[str, float]:
     return out
 
 
-@pytest.mark.jc_config({"agent": {"metrics_port": PORT}})
 def test_metrics_follow_the_job(jc_env: JcEnv, agent_proc: AgentProc) -> None:
+    # the port is picked now, not when the module is collected: by the time a long suite gets here, a port
+    # free at collection may long be someone's client port
+    port = _free_port()
+    jc_env.write_config({"agent": {"metrics_port": port}})
+    agent_proc.restart()
     jc_env.jobcage("prologue", "m1", "--uid", "0", "--pids-max", "77").ok()
-    before = _scrape()
+    before = _scrape(port)
     labels = '{job_id="m1",owner="0"}'
     assert before["jobcage_jobs"] == 1
     assert before[f"jobcage_job_pids_max{labels}"] == 77
     assert before[f"jobcage_job_processes{labels}"] == 0
     jc_env.jobcage("suspend", "m1").ok()
-    assert _scrape()[f"jobcage_job_suspended{labels}"] == 1
+    assert _scrape(port)[f"jobcage_job_suspended{labels}"] == 1
     jc_env.jobcage("epilogue", "m1").ok()
-    assert _scrape()["jobcage_jobs"] == 0
+    assert _scrape(port)["jobcage_jobs"] == 0
