@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -383,7 +384,12 @@ def test_hooks_call_jobcage_with_the_contract(hooked_cluster: SlurmCluster, stub
     assert calls[0].endswith(f"argv=[prologue][{job}][--uid][{user.uid}][--gid][{user.gid}]")
     assert calls[1].startswith(f"uid={user.uid} ")
     assert calls[1].endswith(f"argv=[adopt][{job}][--pid][{script_pid}]")
-    assert calls[2].startswith("uid=0 ") and calls[2].endswith(f"argv=[epilogue][{job}][--missing-ok]")
+    # the epilogue keeps the job's own stdout/stderr (--keep PATH, each path once; docs/batch-systems.md)
+    assert calls[2].startswith("uid=0 "), calls[2]
+    head, _, keeps = calls[2].partition(f"argv=[epilogue][{job}][--missing-ok]")
+    assert head and re.fullmatch(r"(\[--keep\]\[/[^\]]+\])*", keeps), calls[2]
+    kept = re.findall(r"\[--keep\]\[(/[^\]]+)\]", keeps)
+    assert len(kept) == len(set(kept)) and any(k.endswith(f"slurm-{job}.out") for k in kept), kept
     assert "jobcage" not in hooked_cluster.job_output(job)  # nothing leaks into the job's output
 
 
@@ -408,4 +414,5 @@ def test_task_prolog_hook_failure_is_reported(hooked_cluster: SlurmCluster, stub
     assert len(argvs) == 3, argvs
     assert argvs[0] == f"[prologue][{job}][--uid][{user.uid}][--gid][{user.gid}]"
     assert argvs[1].startswith(f"[adopt][{job}][--pid][")
-    assert argvs[2] == f"[epilogue][{job}][--missing-ok]"  # the Epilog runs even though the task never did
+    # the Epilog runs even though the task never did (and keeps the job's output file)
+    assert argvs[2] == f"[epilogue][{job}][--missing-ok][--keep][{hooked_cluster.jobs_dir}/slurm-{job}.out]", argvs
