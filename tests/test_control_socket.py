@@ -177,6 +177,9 @@ def test_flood_root_served_agent_bounded(jc_env: JcEnv, agent_proc: AgentProc, f
             during_garbage += garbage_running
         held = scrape(port)
         wait_for(lambda: status(junk_status).get("done"), 600, "10,000 malformed frames to be answered")
+        # the slow senders' requests expire at the whole-request deadline, however fast the rest went
+        wait_for(lambda: refused(scrape(port), "timeout") > 0, cfg.request_timeout + 60,
+                 "a slow sender's request to reach its deadline")
         flood_rss, flood_threads = max(sampler.rss), max(sampler.threads)
         for p in procs:
             p.kill()
