@@ -65,6 +65,14 @@ def wait_for(pred: Callable[[], T], timeout: float, what: str, interval: float =
         time.sleep(interval)
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free right now (the kernel picks it).  Call it when the server is about
+    to start, not at collection: by then a port free at import may be some client's."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 # --- /proc ---------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-from jctest import Proc, proc
+from jctest import Proc, free_port, proc
 
 T = TypeVar("T")
 
@@ -65,13 +65,6 @@ def missing_prerequisites() -> list[str]:
     except KeyError:
         missing.append("user 'munge' does not exist (install the munge package)")
     return missing
-
-
-def free_port() -> int:
-    """A TCP port that is free right now (the kernel picks it; the race until the daemon binds is tiny)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from jctest import JOBCAGE, JcEnv, User, require, wait_for
+from jctest import JOBCAGE, JcEnv, User, free_port, require, wait_for
 
 SSHD = "/usr/sbin/sshd"
 PAM_EXEC = ("/usr/lib/x86_64-linux-gnu/security/pam_exec.so", "/lib/x86_64-linux-gnu/security/pam_exec.so",
@@ -44,12 +44,6 @@ def pam_lines(config_path: str) -> tuple[str, str]:
     cmd = f"{PAM_JOBCAGE} pam --config {config_path}"
     return (f"account    required     pam_exec.so quiet stdout {cmd}",
             f"session    required     pam_exec.so quiet stdout {cmd}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -158,7 +152,7 @@ def make_sshd(env: JcEnv, sshd_options: Mapping[str, str] | None = None,
     (base / "keys").mkdir(mode=0o755)
     for name in ("host_key", "client_key"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(base / name)], check=True)
-    port = _free_port()
+    port = free_port()
     options = {"Port": str(port), "ListenAddress": "127.0.0.1", "HostKey": str(base / "host_key"),
                "PidFile": str(base / "sshd.pid"), "AuthorizedKeysFile": f"{base}/keys/%u",
                "StrictModes": "no",  # the keys live under /tmp (world-writable parent)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import threading
@@ -19,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from jctest import JOBCAGE, AgentProc, JcEnv, User, pids_of_uid, wait_for
+from jctest import JOBCAGE, AgentProc, JcEnv, User, free_port, pids_of_uid, wait_for
 
 from jobcage.agent.client import call
 
@@ -29,16 +28,10 @@ FLOODER = Path(__file__).with_name("flooder.py")
 PY = "/usr/bin/python3"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def with_metrics(jc_env: JcEnv, agent_proc: AgentProc) -> int:
     """Turn the agent's metrics port on, on a port picked now (one free when the module was collected may be
     someone's client port by the time a long suite gets here)."""
-    port = _free_port()
+    port = free_port()
     jc_env.write_config({"agent": {"metrics_port": port}})
     agent_proc.restart()
     return port

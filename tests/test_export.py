@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from jctest import JOBCAGE, AgentProc, JcEnv, User, proc, read_int, require, wait_for
+from jctest import JOBCAGE, AgentProc, JcEnv, User, free_port, proc, read_int, require, wait_for
 
 RECORD_KEYS = ["ts", "node", "event_id", "jid", "job_id", "kind", "pid", "ppid", "uid", "euid", "comm",
                "filename", "detail"]
@@ -222,14 +222,6 @@ def metric(port: int, name: str, sink: str) -> float:
         if line.startswith(f'{name}{{sink="{sink}"}}'):
             return float(line.rsplit(" ", 1)[1])
     raise AssertionError(f"{name} for {sink} not in metrics:\n{text}")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def test_full_disk_never_stalls_hooks_and_loses_nothing(jc_env: JcEnv, tmp_path: Path, make_user,

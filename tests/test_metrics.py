@@ -2,16 +2,9 @@
 
 from __future__ import annotations
 
-import socket
 import urllib.request
 
-from jctest import AgentProc, JcEnv
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from jctest import AgentProc, JcEnv, free_port
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -27,7 +20,7 @@ def _scrape(port: int) -> dict[str, float]:
 def test_metrics_follow_the_job(jc_env: JcEnv, agent_proc: AgentProc) -> None:
     # the port is picked now, not when the module is collected: by the time a long suite gets here, a port
     # free at collection may long be someone's client port
-    port = _free_port()
+    port = free_port()
     jc_env.write_config({"agent": {"metrics_port": port}})
     agent_proc.restart()
     jc_env.jobcage("prologue", "m1", "--uid", "0", "--pids-max", "77").ok()
