@@ -97,6 +97,27 @@ def describe_pids(pids: list[int]) -> str:
     return ", ".join(parts) + more
 
 
+def signal_frozen(sig: int, pids: Callable[[], list[int]], frozen: Callable[[], bool] | None = None,
+                  freeze: Callable[[], object] | None = None, thaw: Callable[[], object] | None = None) -> int:
+    """sig to every pid at one frozen instant (freezer given): nobody forks or exits between the list and the
+    kills.  Freezes only what was not frozen, and thaws only what it froze.  Returns how many got it."""
+    froze = frozen is not None and freeze is not None and not frozen()
+    if froze:
+        freeze()
+    n = 0
+    try:
+        for pid in pids():
+            try:
+                os.kill(pid, sig)
+                n += 1
+            except ProcessLookupError:
+                pass
+    finally:
+        if froze and thaw is not None:
+            thaw()
+    return n
+
+
 class Driver:
     """The interface.  Names are leaf cgroup names under the subtree."""
 
@@ -276,21 +297,10 @@ class Driver:
 
     def signal(self, name: str, sig: int) -> int:
         """Deliver sig to every process at one frozen instant; returns how many got it."""
-        frozen_before = self.has_freeze and self.frozen(name)
-        if self.has_freeze and not frozen_before:
-            self.freeze(name)
-        n = 0
-        try:
-            for pid in self.pids(name):
-                try:
-                    os.kill(pid, sig)
-                    n += 1
-                except ProcessLookupError:
-                    pass
-        finally:
-            if self.has_freeze and not frozen_before:
-                self.thaw(name)
-        return n
+        if not self.has_freeze:
+            return signal_frozen(sig, lambda: self.pids(name))
+        return signal_frozen(sig, lambda: self.pids(name), lambda: self.frozen(name), lambda: self.freeze(name),
+                             lambda: self.exists(name) and self.thaw(name))
 
     def kill(self, name: str, timeout: float = 10.0) -> None:
         """SIGKILL everything in the cgroup; return only when it is empty.

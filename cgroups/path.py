@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterable
 
 from .detect import Layout
-from .driver import Driver, describe_pids, read, read_keyed, write
+from .driver import Driver, describe_pids, read, read_keyed, signal_frozen, write
 from .errors import InvalidArgument, NoSuchCgroup, NoSuchProcess, Timeout, Unsupported
 
 MEMBERSHIP_KINDS = ("cgroup2", "freezer")   # hierarchies whose cgroups can hold a job (freeze, kill)
@@ -253,21 +253,9 @@ class CgroupAt:
     # -- signals ------------------------------------------------------------------------------
     def signal(self, sig: int) -> int:
         """sig to every process of the subtree at one frozen instant; how many got it."""
-        was = self.has_freeze and self.frozen()
-        if self.has_freeze and not was:
-            self.freeze()
-        n = 0
-        try:
-            for pid in self.pids():
-                try:
-                    os.kill(pid, sig)
-                    n += 1
-                except ProcessLookupError:
-                    pass
-        finally:
-            if self.has_freeze and not was and self.exists():
-                self.thaw()
-        return n
+        if not self.has_freeze:
+            return signal_frozen(sig, self.pids)
+        return signal_frozen(sig, self.pids, self.frozen, self.freeze, lambda: self.exists() and self.thaw())
 
     def kill(self, timeout: float = 10.0) -> None:
         """SIGKILL the whole subtree; return when it is empty.  cgroup.kill where the kernel has
