@@ -75,6 +75,10 @@ class Config:
     pam_agent_timeout: float = 0.5     # seconds to wait for the agent before the direct root path
     pam_on_failure: str = "allow"      # allow | deny: when no decision could be made in time
     pam_log_file: str = ""             # one JSON line per decision ("" = syslog only)
+    # an attached job (the batch system owns its cgroup): "batch" = the batch system's own PAM module
+    # (pam_slurm_adopt) puts the session in; "leaf" = jobcage makes its own leaf cgroup in the job's cgroup
+    pam_attached: str = "batch"
+    pam_leaf: str = "jobcage-sshd"     # the leaf's name ("leaf" mode)
     # [export] (agent/export.py): the trail and lifecycle records to the site's log pipeline
     export_file: str = ""              # JSON-lines file; "" = off
     export_file_max_bytes: int = 104857600   # rotate at this size (PATH.1 .. PATH.<keep>)
@@ -143,7 +147,8 @@ SECTIONS = {
                 "owner_files": "cleanup_owner_files"},
     "pam": {"mode": "pam_mode", "pick": "pam_pick", "hint_env": "pam_hint_env", "exempt_users": "pam_exempt_users",
             "exempt_groups": "pam_exempt_groups", "message": "pam_message", "timeout": "pam_timeout",
-            "agent_timeout": "pam_agent_timeout", "on_failure": "pam_on_failure", "log_file": "pam_log_file"},
+            "agent_timeout": "pam_agent_timeout", "on_failure": "pam_on_failure", "log_file": "pam_log_file",
+            "attached": "pam_attached", "leaf": "pam_leaf"},
     "export": {"file": "export_file", "file_max_bytes": "export_file_max_bytes", "file_keep": "export_file_keep",
                "syslog": "export_syslog", "syslog_facility": "export_syslog_facility",
                "journal": "export_journal", "journal_socket": "export_journal_socket",
@@ -151,7 +156,7 @@ SECTIONS = {
     "attach": {"job_patterns": "attach_job_patterns", "pids_limit": "attach_pids_limit"},
 }
 CHOICES = {"pam_mode": ("deny", "allow-unadopted", "log-only"), "pam_pick": ("newest", "oldest"),
-           "pam_on_failure": ("allow", "deny")}
+           "pam_on_failure": ("allow", "deny"), "pam_attached": ("batch", "leaf")}
 
 
 def _check_trusted(path: str, st: os.stat_result) -> None:
@@ -204,4 +209,9 @@ def load(path: str | None = None) -> Config:
                 raise InvalidArgument(f"{path}: {section}.{key} must be one of {', '.join(CHOICES[attr])}",
                                       path=path)
             setattr(cfg, attr, float(value) if want == "float" else value)
+    leaf = cfg.pam_leaf  # a directory name in a batch system's cgroup (cgroups/path.py LEAF_NAME)
+    if not (0 < len(leaf) <= 64 and leaf[0].isascii() and leaf[0].isalnum()
+            and all(c.isascii() and (c.isalnum() or c in "_.-") for c in leaf)):
+        raise InvalidArgument(f"{path}: pam.leaf must be a plain cgroup name ([A-Za-z0-9][A-Za-z0-9_.-]*)",
+                              path=path)
     return cfg

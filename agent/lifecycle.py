@@ -9,6 +9,7 @@ history.  ``reconcile()`` makes the two agree.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pwd
@@ -436,15 +437,23 @@ class JobManager:
         if uid == 0:
             raise InvalidArgument("root's sessions are never adopted")
         self.reconcile()  # the kernel's jobs, also ones the store missed while it was unavailable
-        # attached jobs are no candidates: jobcage moves nothing into a batch system's cgroup (there the
-        # batch system's own module, e.g. pam_slurm_adopt, adopts sessions)
-        mine = [j for j in self.store.jobs("active") if j["owner_uid"] == uid and j.get("mode") != "attach"]
+        jobs = [j for j in self.store.jobs("active") if j["owner_uid"] == uid]
+        # An attached job (the batch system owns the cgroup) takes sessions only where the site said how:
+        # "batch" -- the batch system's own module (pam_slurm_adopt) moves them in before us; "leaf" --
+        # jobcage moves them into a leaf cgroup of its own inside the job's cgroup.
+        leaf = self.config.pam_attached == "leaf"
+        mine = [j for j in jobs if j.get("mode") != "attach" or leaf]
         current = self.holder_of(pid)
         out: dict = {"uid": uid, "pid": pid, "candidates": [j["job_id"] for j in mine], "job_id": None,
-                     "adopted": False}
+                     "adopted": False, "attached": [j["job_id"] for j in jobs if j not in mine]}
         if current is not None:
-            if current not in out["candidates"]:
+            job = next((j for j in jobs if j["job_id"] == current), None)
+            if job is None:
                 raise AccessDenied(f"process {pid} already belongs to job {current}", pid=pid)
+            if job.get("mode") == "attach" and not dry_run and not self._sshd_adopted(job, pid):
+                # put there by the batch system's module: the trail still says who came in, from where
+                self._record_adopt(job, pid, uid, dict(info or {}, via="sshd", by="batch system",
+                                                       candidates=out["candidates"]))
             return dict(out, job_id=current, adopted=True, already=True)  # e.g. account, then session phase
         running = [j for j in mine if not self.is_suspended(j)]
         out["suspended"] = sorted(set(out["candidates"]) - {j["job_id"] for j in running})
@@ -458,10 +467,32 @@ class JobManager:
         out.update(job_id=pick["job_id"], pick=how)
         if dry_run:
             return out
-        self.adopt(pick["job_id"], pid, 0, record=False)
-        self._record_adopt(pick, pid, uid, dict(info or {}, via="sshd", pick=how, candidates=out["candidates"]))
+        detail = dict(info or {}, via="sshd", pick=how, candidates=out["candidates"])
+        if pick.get("mode") == "attach":
+            detail["leaf"] = self._into_leaf(pick, pid)
+        else:
+            self.adopt(pick["job_id"], pid, 0, record=False)
+        self._record_adopt(pick, pid, uid, detail)
         out["adopted"] = True
         return out
+
+    def _sshd_adopted(self, job: dict, pid: int) -> bool:
+        return any(e["pid"] == pid and e["detail"].get("via") == "sshd"
+                   for e in self.store.events_of_kind(job["jid"], "adopt"))
+
+    def _into_leaf(self, job: dict, pid: int) -> str:
+        """Move pid into jobcage's leaf cgroup inside an attached job's cgroup ([pam] attached = "leaf"),
+        made on first use: the batch system's limits, freezer and kill still hold it; the epilogue removes
+        the leaf.  Returns the leaf's path."""
+        cg = self.held(job)
+        assert isinstance(cg, CgroupAt)
+        if self.attached_holder(pid) is not None or self.driver.cgroup_of(pid) is not None:
+            raise AccessDenied(f"process {pid} already belongs to a job", pid=pid)
+        target = cg.make_leaf(self.config.pam_leaf)
+        target.move(pid)
+        if self.observer:
+            self.observer.job_adopted(job["job_id"], pid)
+        return target.path
 
     def sshd_rehome(self, job_id: str, pid: int, caller_uid: int, source: str | None = None) -> dict:
         """The batch system's hint, applied after login (`jobcage ssh-hint`, run inside the session as its
@@ -496,8 +527,20 @@ class JobManager:
             p = st[0]
         if monitor is None:
             raise AccessDenied(f"process {pid} is not in an sshd session adopted into job {current}", pid=pid)
+        if src.get("mode") == "attach" and "leaf" not in adopted[monitor]["detail"]:
+            raise AccessDenied(f"the batch system put this session into job {current}: jobcage moves it nowhere",
+                               pid=pid)
         if self.is_suspended(target):
             raise AccessDenied(f"job {job_id} is suspended", job_id=job_id)
+        move, extra = (lambda q: self.driver.attach(job_id, q)), {}  # noqa: E731
+        if target.get("mode") == "attach":
+            if self.config.pam_attached != "leaf":
+                raise AccessDenied(f"job {job_id} is attached: its sessions come through the batch system "
+                                   f"([pam] attached = \"batch\")", job_id=job_id)
+            cg = self.held(target)
+            assert isinstance(cg, CgroupAt)
+            leaf = cg.make_leaf(self.config.pam_leaf)
+            move, extra = leaf.move, {"leaf": leaf.path}
         moved: list[int] = []
         for _ in range(20):  # until no process of the session is left in the old job (forks meanwhile)
             left = [q for q in _subtree(monitor) if self.holder_of(q) == current]
@@ -505,7 +548,7 @@ class JobManager:
                 break
             for q in left:
                 try:
-                    self.driver.attach(job_id, q)
+                    move(q)
                 except NoSuchProcess:
                     continue
                 moved.append(q)
@@ -513,7 +556,7 @@ class JobManager:
                     self.observer.job_adopted(job_id, q)
         info = {k: v for k, v in adopted[monitor]["detail"].items() if k in ("user", "rhost", "rport", "service")}
         self._record_adopt(target, monitor, owner, dict(info, via="sshd", phase="hint", hint=source or "",
-                                                        from_job=current, moved=len(moved)))
+                                                        from_job=current, moved=len(moved), **extra))
         return {"job_id": job_id, "from_job": current, "moved": len(moved)}
 
     def _record_adopt(self, job: dict, pid: int, uid: int, detail: dict) -> None:
@@ -626,6 +669,15 @@ class JobManager:
                 cg.set_pids_max(orig)
             except CgroupError:
                 pass
+        if isinstance(cg, CgroupAt) and cg.exists():
+            # sessions' leaves ([pam] attached = "leaf"): the batch system may rmdir its own cgroup only
+            # once they are gone.  rmdir removes nothing but an empty cgroup.
+            leaves = {self.config.pam_leaf} | {os.path.basename(e["detail"]["leaf"])
+                                               for e in self.store.events_of_kind(job["jid"], "adopt")
+                                               if isinstance(e["detail"].get("leaf"), str)}
+            for name in sorted(leaves):
+                with contextlib.suppress(CgroupError):
+                    cg.remove_leaf(name)
         if self.driver.exists(job["job_id"]):
             self.driver.remove(job["job_id"], timeout=1.0)
 

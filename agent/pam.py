@@ -231,6 +231,10 @@ def main(argv: list[str]) -> int:
             rec.update(decision="unadopted", allow=True, reason="no running job")
         else:
             rec.update(decision="denied", allow=False, reason="no running job")
+        if ans.get("attached") and not ans.get("adopted"):
+            # the user's jobs here are the batch system's and its own module did not put the session in
+            rec.update(reason="only attached jobs, session not in one ([pam] attached = batch)",
+                       attached=ans["attached"])
         if ans.get("suspended"):
             rec["suspended"] = ans["suspended"]
         return _finish(cfg, rec, 0 if rec["allow"] else 1)

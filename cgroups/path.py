@@ -26,6 +26,7 @@ from .errors import InvalidArgument, NoSuchCgroup, NoSuchProcess, Timeout, Unsup
 
 MEMBERSHIP_KINDS = ("cgroup2", "freezer")   # hierarchies whose cgroups can hold a job (freeze, kill)
 COMPANIONS = ("pids", "cpuacct")           # v1 hierarchies read at the same relative path when present
+LEAF_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 def _mounts(layout: Layout) -> list[tuple[str, str]]:
@@ -342,6 +343,55 @@ class CgroupAt:
         if isinstance(value, int) and value < 0:
             raise InvalidArgument(f"invalid pids limit: {value}")
         write(os.path.join(d, "pids.max"), "max" if value is None else str(value))
+
+    # -- a leaf of the caller's own inside it ---------------------------------------------------
+    # Only for a caller the site allowed to write in someone else's tree (sshd sessions into an attached
+    # job, `[pam] attached = "leaf"`): one child directory, no limit of its own, removed when empty.
+    def _leaf_dirs(self, name: object) -> list[str]:
+        """The child `name` in the membership hierarchy first, then in each v1 companion the parent has."""
+        if not isinstance(name, str) or not LEAF_NAME.fullmatch(name) or name in (".", ".."):
+            raise InvalidArgument(f"invalid leaf cgroup name: {str(name)[:80]!r}")
+        out = [os.path.join(self.path, name)]
+        out += [os.path.join(d, name) for c in COMPANIONS if (d := self._companion(c)) is not None]
+        return out
+
+    def make_leaf(self, name: str) -> CgroupAt:
+        """Create (or reuse) the child cgroup `name` wherever this cgroup is; return it."""
+        self._check()
+        dirs = self._leaf_dirs(name)
+        for d in dirs:
+            try:
+                os.mkdir(d)
+            except FileExistsError:
+                pass
+            except FileNotFoundError:
+                raise NoSuchCgroup(f"cgroup {self.path} is gone", path=self.path) from None
+            except OSError as e:
+                raise Unsupported(f"cannot create {d}: {e.strerror}", path=d) from None
+        return CgroupAt(self.layout, dirs[0], os.stat(dirs[0]).st_ino)
+
+    def move(self, pid: int) -> None:
+        """Move the whole process pid here: the membership hierarchy first (a child forked meanwhile is then
+        frozen and killed with the rest), then the v1 companions at the same path."""
+        if not isinstance(pid, int) or pid <= 0:
+            raise InvalidArgument(f"invalid pid: {pid!r}")
+        self._check()
+        dirs = [self.path] + [d for c in COMPANIONS if (d := self._companion(c)) is not None]
+        for d in dirs:
+            write(os.path.join(d, "cgroup.procs"), str(pid), pid=pid)
+
+    def remove_leaf(self, name: str) -> bool:
+        """rmdir the child `name` everywhere (companions first); True when none is left.  The kernel refuses
+        a cgroup that still holds a process or a child, so this can only ever remove an empty leaf."""
+        gone = True
+        for d in reversed(self._leaf_dirs(name)):
+            try:
+                os.rmdir(d)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                gone = False
+        return gone
 
 
 class Named:

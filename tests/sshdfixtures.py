@@ -139,8 +139,10 @@ class Sshd:
 
 
 def make_sshd(env: JcEnv, sshd_options: Mapping[str, str] | None = None,
-              pam_overrides: Mapping[str, object] | None = None, with_jobcage: bool = True) -> Sshd:
-    """with_jobcage=False: the distribution's stack alone (the baseline of bench/ssh_login.py)."""
+              pam_overrides: Mapping[str, object] | None = None, with_jobcage: bool = True,
+              account_before: Sequence[str] = ()) -> Sshd:
+    """with_jobcage=False: the distribution's stack alone (the baseline of bench/ssh_login.py).
+    account_before: PAM account lines right before jobcage's (e.g. the batch system's own adoption module)."""
     require(os.access(SSHD, os.X_OK), f"{SSHD} missing: apt-get install openssh-server (vagrant/provision.sh)")
     require(SYSTEM_PAM.is_file(), f"{SYSTEM_PAM} missing (openssh-server)")
     require(any(os.path.exists(p) for p in PAM_EXEC), "pam_exec.so missing (libpam-modules)")
@@ -174,7 +176,7 @@ def make_sshd(env: JcEnv, sshd_options: Mapping[str, str] | None = None,
         if not with_jobcage:
             continue
         if words[:2] == ["@include", "common-account"] or words[:3] == ["account", "include", "password-auth"]:
-            out.append(account)
+            out.extend([*account_before, account])
         elif words[:2] == ["@include", "common-session"] or words[:3] == ["session", "include", "password-auth"]:
             out.append(session)
     assert not with_jobcage or (account in out and session in out), \
