@@ -25,7 +25,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from jctest import AgentProc, JcEnv, User, alive, proc_cgroups, require, wait_for  # noqa: E402
-from sshdfixtures import PAM_EXEC, Sshd, make_sshd, remove_sshd, wait_dead  # noqa: E402
+from sshdfixtures import PAM_EXEC, make_sshd, remove_sshd, wait_dead  # noqa: E402
 from test_attach import FakeBatch, job_no  # noqa: E402
 
 pytestmark = [pytest.mark.root]
