@@ -4,7 +4,7 @@ Holds, by layer (calls go downwards only; docs/architecture.md has the picture):
   front     cli.py, jobtrace.py (click/rich commands), hook.py (the fast hook path), main.py
   transport client.py, protocol.py (length-prefixed JSON), server.py (the daemon), metrics.py
   methods   api.py (one method table for the socket and the direct root path)
-  core      lifecycle.py (the one door that changes a job), store.py (SQLite WAL), tracer.py +
+  core      lifecycle.py (the one door that changes a job), store.py (SQLite WAL), tracer/ +
             accounting.py (identity tracing and per-identity CPU), prune.py, cleanup.py, tmpdir.py
   bottom    errors.py, events.py, config.py
 

@@ -13,7 +13,7 @@ KINDS = ("fork", "exec", "exit", "setuid", "setgid", "setsid", "fork_failed", "d
          "state", "prune", "adopt",
          # lifecycle records (agent/lifecycle.py): in the trail, so the export carries them too
          "prologue", "suspend", "resume", "kill", "epilogue",
-         "userns")   # entering a user namespace, its uid/gid maps (agent/tracer.py)
+         "userns")   # entering a user namespace, its uid/gid maps (agent/tracer/)
 
 
 @dataclass

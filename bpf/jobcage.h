@@ -1,4 +1,5 @@
-/* jobcage.h - the one header shared by the BPF programs and (by name) agent/tracer.py.
+/* jobcage.h - the one header shared by the BPF programs and (by name) agent/tracer/ (abi.py reads
+ * its #defines and enums from this text).
  *
  * Fixed-width bcc types only (u32/u64/s32/char): bcc's Python side derives the ctypes
  * layout of `struct jc_event` from this definition (b["events"].event(data)), and only
@@ -43,7 +44,7 @@ enum jc_sys {
 	JC_SYS_CLONE = 10,      /* arg0 = flags, ret = child pid (in the parent) or -errno */
 	JC_SYS_CLONE3 = 11,
 	JC_SYS_SETNS = 12,      /* arg0 = fd, arg1 = nstype (0 = any: user space checks what changed) */
-	JC_SYS_NSMAP = 13,      /* open for writing of a .../uid_map or gid_map: arg0 = dirfd, arg1 = open
+	JC_SYS_MAP = 13,        /* open for writing of a .../uid_map or gid_map: arg0 = dirfd, arg1 = open
 	                         * flags, filename = the path as passed (maybe relative to dirfd) */
 };
 

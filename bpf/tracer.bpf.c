@@ -32,6 +32,10 @@
 #include <uapi/linux/ptrace.h>
 #include "jobcage.h"
 
+#if defined(JC_ABI_EXPECTED) && JC_ABI != JC_ABI_EXPECTED
+#error "bpf/jobcage.h is of another JC_ABI than the agent that loads it"
+#endif
+
 #ifndef JC_RINGBUF_PAGES
 #define JC_RINGBUF_PAGES 1024   /* 4 MiB: ~11,000 events of burst */
 #endif
@@ -526,7 +530,7 @@ static __always_inline int nsmap_open(void *ctx, int dfd, const char *filename, 
 	if (!e)
 		return 0;
 	ev_common(e, JC_EV_USERNS, &j);
-	e->sys = JC_SYS_NSMAP;
+	e->sys = JC_SYS_MAP;
 	e->arg0 = (u32)dfd;
 	e->arg1 = (u32)flags;
 	__builtin_memcpy(e->filename, path, JC_NSPATH_LEN);

@@ -1,0 +1,232 @@
+"""The BPF backend: bcc loads bpf/tracer.bpf.c, jobs filtered in the kernel, records decoded per batch."""
+
+from __future__ import annotations
+
+import collections
+import ctypes as ct
+import errno
+import logging
+import os
+from collections.abc import Iterable
+
+from jobcage import bpf as bpf_files
+
+from ..errors import Unsupported
+from . import abi
+from .abi import _EXITED, JOB_SUBTREE, KIND_NAMES, MARK_CHANGED, MARK_SEEN, SYS_NAMES, EventLayout
+from .procfs import _read, tracefs
+from .records import _Job, _Raw, _sid
+
+log = logging.getLogger("jobcage.tracer")
+
+SET_SYSCALLS = ("setuid", "setreuid", "setresuid", "setgid", "setregid", "setresgid", "setgroups", "setsid")
+FORK_SYSCALLS = ("clone", "clone3", "fork", "vfork")
+NS_SYSCALLS = ("unshare", "setns")       # user namespaces: enter + exit
+OPEN_SYSCALLS = ("openat", "open")       # uid_map/gid_map opens: enter only
+EXITED_BATCH = 4096         # entries per batch read of the kernel's exited map
+
+
+class _BpfBackend:
+    name = "bpf"
+
+    def __init__(self, pid_filter: bool, ringbuf_pages: int, perf_buffer: bool, map_opens: bool = False) -> None:
+        try:
+            from bcc import BPF  # Debian python3-bpfcc, visible through system site packages
+        except ImportError as e:
+            raise Unsupported(f"bcc is not importable: {e}") from e
+        if not tracefs():
+            raise Unsupported("tracefs is not mounted (/sys/kernel/tracing)")
+        for ev in ("sched_process_fork", "sched_process_exec", "sched_process_exit"):
+            if not BPF.tracepoint_exists("sched", ev):
+                raise Unsupported(f"tracepoint sched:{ev} is missing")
+        abi.check()
+        self.pid_filter = pid_filter
+        # JC_ABI_EXPECTED: the compiler refuses a header of another ABI (tracer.bpf.c checks it)
+        flags = [f"-I{bpf_files.DIR}", f"-DJC_RINGBUF_PAGES={ringbuf_pages}", f"-DJC_ABI_EXPECTED={abi.ABI}"]
+        self.missing: list[str] = []
+        for sc in SET_SYSCALLS + FORK_SYSCALLS:
+            # setsid and the fork family only need the exit side
+            need = ("exit",) if sc in FORK_SYSCALLS or sc == "setsid" else ("enter", "exit")
+            if all(BPF.tracepoint_exists("syscalls", f"sys_{w}_{sc}") for w in need):
+                flags.append(f"-DJC_TP_{sc.upper()}")
+            else:
+                self.missing.append(sc)
+        for sc in NS_SYSCALLS:
+            if all(BPF.tracepoint_exists("syscalls", f"sys_{w}_{sc}") for w in ("enter", "exit")):
+                flags.append(f"-DJC_TP_{sc.upper()}")
+            else:
+                self.missing.append(sc)
+        if all(BPF.tracepoint_exists("syscalls", f"sys_enter_{sc}") for sc in ("clone", "clone3")):
+            flags.append("-DJC_TP_CLONE_ENTER")
+        else:
+            self.missing.append("clone entry")
+        # every open of the node would pay for it (see bench/userns_overhead.py): off unless asked for;
+        # without it the map is read from /proc and its writer is the job's exec of newuidmap
+        for sc in OPEN_SYSCALLS if map_opens else ():
+            if BPF.tracepoint_exists("syscalls", f"sys_enter_{sc}"):
+                flags.append(f"-DJC_TP_{sc.upper()}")
+            elif sc == "openat":
+                self.missing.append(sc)
+        fmt = _read(f"{tracefs()}/events/sched/sched_process_exit/format") or ""
+        if "group_dead" in fmt:
+            flags.append("-DJC_HAVE_GROUP_DEAD")
+        if pid_filter:
+            flags.append("-DJC_PID_FILTER")
+        flags.append("-DJC_SUBTREE")
+        self._levels: collections.Counter[int] = collections.Counter()   # depth -> subtree jobs there
+        self.perfbuf = perf_buffer
+        src = str(bpf_files.SOURCE).encode()
+        try:
+            self.b = BPF(src_file=src, cflags=flags + (["-DJC_PERFBUF"] if perf_buffer else []))
+        except Exception as first:  # bcc raises bare Exception
+            if perf_buffer:
+                raise Unsupported(f"cannot load {bpf_files.SOURCE}: {first}") from first
+            # kernels before 5.8 have no ring buffer: the same program with a perf buffer
+            log.info("ring buffer program failed (%s), trying a perf buffer", first)
+            try:
+                self.b = BPF(src_file=src, cflags=flags + ["-DJC_PERFBUF"])
+                self.perfbuf = True
+            except Exception as e:
+                raise Unsupported(f"cannot load {bpf_files.SOURCE}: {e}") from e
+        self.jobs = self.b[b"jobs"]
+        self.counters_map = self.b[b"counters"]
+        self.lineage_map = self.b[b"lineage"]
+        self.exited_map = self.b[b"exited"]
+        self.marked_map = self.b[b"marked"]
+        self.job_pids = self.b[b"job_pids"] if pid_filter else None
+        self.subtree_levels = self.b[b"subtree_levels"]
+        self.events = self.b[b"events"]
+        self._raw: list[bytes] = []
+        self._ev: EventLayout | None = None
+        self.perf_lost = 0
+        self._xkeys: ct.Array | None = None   # drain_exited's buffers, allocated on first use
+        self._xvals: ct.Array | None = None
+        if self.perfbuf:
+            self.events.open_perf_buffer(self._on_data, page_cnt=64, lost_cb=self._on_lost)
+        else:
+            self.events.open_ring_buffer(self._on_ring)
+
+    # bcc callbacks: copy the bytes out at once (the buffer is reused after return); decoded in
+    # one pass per poll with a struct.Struct, not field by field through ctypes.
+    def _on_ring(self, ctx: object, data: int, size: int) -> int:
+        self._raw.append(ct.string_at(data, size))
+        return 0
+
+    def _on_data(self, cpu: int, data: int, size: int) -> None:
+        self._raw.append(ct.string_at(data, size))
+
+    def _on_lost(self, count: int) -> None:
+        self.perf_lost += count   # kernel side already counted them per job
+
+    def _decode_all(self, raws: list[bytes]) -> list[_Raw]:
+        if self._ev is None:
+            from bcc.table import _get_event_class
+
+            self._ev = EventLayout(_get_event_class(self.events))
+        ev = self._ev
+        out = []
+        for data in raws:
+            e = ev.unpack(data)
+            out.append(_Raw(KIND_NAMES.get(e[ev.kind], f"unknown{e[ev.kind]}"), e[ev.ts_ns], e[ev.cookie], e[ev.pid],
+                            e[ev.tid], e[ev.ppid], e[ev.uid], e[ev.gid], e[ev.old_uid], e[ev.old_gid],
+                            ret=e[ev.ret], sys=SYS_NAMES.get(e[ev.sys], ""),
+                            args=(_sid(e[ev.arg0]), _sid(e[ev.arg1]), _sid(e[ev.arg2])),
+                            comm=e[ev.comm].split(b"\0", 1)[0].decode(errors="replace"),
+                            filename=e[ev.filename].split(b"\0", 1)[0].decode(errors="surrogateescape"),
+                            marked=bool(e[ev.marked] & MARK_CHANGED), cgroup_id=e[ev.cgroup_id]))
+        return out
+
+    def _leaf(self, job: _Job) -> ct.Structure:
+        return self.jobs.Leaf(job.slot, job.cookie, job.owner_uid, JOB_SUBTREE if job.level else 0)
+
+    def _set_levels(self) -> None:
+        mask = 0
+        for lvl, n in self._levels.items():
+            if n > 0:
+                mask |= 1 << lvl
+        self.subtree_levels[self.subtree_levels.Key(0)] = self.subtree_levels.Leaf(mask)
+
+    def add_job(self, job: _Job) -> None:
+        self.counters_map.clearitem(job.slot)
+        for cg in job.cgroup_ids:
+            self.add_cgroup(job, cg)
+        if job.level:
+            self._levels[job.level] += 1
+            self._set_levels()
+
+    def add_cgroup(self, job: _Job, cgroup_id: int) -> None:
+        self.jobs[self.jobs.Key(cgroup_id)] = self._leaf(job)
+
+    def add_pids(self, job: _Job, pids: Iterable[int]) -> None:
+        if self.job_pids is None or job.cgroup_ids:
+            return   # a job with a cgroup2 is that cgroup: a pid that leaves it leaves the job
+        for pid in pids:
+            self.job_pids[self.job_pids.Key(pid)] = self._leaf(job)
+
+    def remove_job(self, job: _Job) -> None:
+        for cg in job.cgroup_ids:
+            self.jobs.pop(self.jobs.Key(cg), None)
+        if job.level:
+            self._levels[job.level] -= 1
+            self._set_levels()
+        if self.job_pids is not None:
+            for k in [k for k, v in self.job_pids.items() if v.cookie == job.cookie]:
+                self.job_pids.pop(k, None)
+
+    def set_marked(self, pid: int) -> None:
+        self.marked_map[self.marked_map.Key(pid)] = self.marked_map.Leaf(MARK_CHANGED | MARK_SEEN)
+
+    def poll(self, timeout_ms: int) -> list[_Raw]:
+        if self.perfbuf:
+            self.b.perf_buffer_poll(timeout_ms)
+        else:
+            self.b.ring_buffer_poll(timeout_ms)
+            self.b.ring_buffer_consume()   # records submitted without a wakeup (exec, exit)
+        raws, self._raw = self._raw, []
+        return self._decode_all(raws) if raws else []
+
+    def counters(self, job: _Job) -> dict[str, int | None]:
+        per_cpu = self.counters_map[job.slot]
+        return {"forks": sum(c.forks for c in per_cpu),
+                "fork_failed": sum(c.fork_failed for c in per_cpu),
+                "events_lost": sum(c.events_lost for c in per_cpu)}
+
+    def kernel_lineage(self, job: _Job) -> dict[int, tuple[int, int]]:
+        return {k.value: (v.ppid, v.ts_ns) for k, v in self.lineage_map.items() if v.cookie == job.cookie}
+
+    def drain_exited(self) -> list[tuple[int, int, int, int]]:
+        """(tid, ts_ns, cookie, uid) of every job task exit the kernel remembered, removed from the
+        map in BPF_MAP_LOOKUP_AND_DELETE_BATCH calls of EXITED_BATCH entries: one syscall per poll
+        instead of a map lookup per taskstats record (most records on a node are nobody's job).
+        Own buffers: bcc's items_lookup_and_delete_batch allocates the whole map each call."""
+        from bcc import lib
+
+        if self._xkeys is None:
+            self._xkeys = (ct.c_uint32 * EXITED_BATCH)()
+            self._xvals = ct.create_string_buffer(_EXITED.size * EXITED_BATCH)
+        fd = self.exited_map.map_fd
+        out: list[tuple[int, int, int, int]] = []
+        in_b, out_b, cnt = ct.c_uint32(0), ct.c_uint32(0), ct.c_uint32(0)
+        first = True
+        while True:
+            cnt.value = EXITED_BATCH
+            res = lib.bpf_lookup_and_delete_batch(fd, None if first else ct.byref(in_b), ct.byref(out_b),
+                                                  self._xkeys, self._xvals, ct.byref(cnt))
+            err = ct.get_errno()
+            n = cnt.value
+            keys = self._xkeys
+            for i, (ts, cookie, uid) in enumerate(_EXITED.iter_unpack(memoryview(self._xvals)[:n * _EXITED.size])):
+                out.append((keys[i], ts, cookie, uid))
+            if res != 0:
+                if err == errno.ENOENT:   # the whole map was walked
+                    break
+                raise OSError(err, f"BPF_MAP_LOOKUP_AND_DELETE_BATCH on exited: {os.strerror(err)}")
+            in_b.value = out_b.value
+            first = False
+        return out
+
+    def close(self) -> None:
+        if self.perfbuf:   # free the per-CPU readers while the map is open (bcc's __del__ would fail later)
+            for key in list(getattr(self.events, "_open_key_fds", {})):
+                del self.events[key]
+        self.b.cleanup()
