@@ -167,6 +167,26 @@ def mount_points() -> frozenset[str]:
     return frozenset(points)
 
 
+# Filesystems where a directory's st_nlink is 2 + its subdirectories (ext4 says 1 past 65,000 of them; btrfs
+# always 1): there a directory with st_nlink 2 has none.  Others (overlay, NFS, FUSE...) are walked in full.
+NLINK_COUNTS_SUBDIRS = frozenset({"ext2", "ext3", "ext4", "xfs", "tmpfs"})
+
+
+def _counts_subdirs(top: str) -> bool:
+    """Whether the filesystem mounted at or above ``top`` (a real path) is one of NLINK_COUNTS_SUBDIRS."""
+    best, fstype = "", ""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                fields, _, tail = line.partition(" - ")
+                point = _unescape_mountinfo(fields.split(" ")[4]) if fields.count(" ") >= 4 else ""
+                if (top == point or top.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+                    best, fstype = point, tail.split(" ", 1)[0]   # the last of equal mounts is the visible one
+    except OSError:
+        return False
+    return fstype in NLINK_COUNTS_SUBDIRS
+
+
 def _unescape_mountinfo(s: str) -> str:
     # The kernel escapes space, tab, newline and backslash as \ooo.
     if "\\" not in s:
@@ -188,8 +208,9 @@ class _Walker:
     def __init__(self, report: CleanupReport, owner_check: OwnerCheck, *, top_dev: int,
                  protect: AbstractSet[tuple[int, int]], mounts: AbstractSet[str], max_depth: int,
                  dry_run: bool, before_descend: Callable[[str], None] | None,
-                 since: float | None = None) -> None:
+                 since: float | None = None, leaf_skip: bool = False) -> None:
         self.since = since
+        self.leaf_skip = leaf_skip   # the filesystem counts subdirectories in st_nlink (see _counts_subdirs)
         self.report = report
         self.owner_check = owner_check
         self.top_dev = top_dev
@@ -271,6 +292,13 @@ class _Walker:
     def _dir(self, dfd: int, path: str, name: str, st: os.stat_result, depth: int) -> bool:
         if depth + 1 > self.max_depth:
             self.report.note_skipped(path, TOO_DEEP, f"deeper than {self.max_depth} levels")
+            return False
+        if self.leaf_skip and st.st_nlink == 2 and self.since is not None and st.st_ctime < self.since:
+            # Untouched since the job started (no entry made in it since) and, by its link count, without
+            # subdirectories: nothing in it can be the job's, so it is not even opened -- on a /tmp of many
+            # such directories this is most of the walk.  Its own verdict is the one the walk would give.
+            why = self.owner_check(st)   # never None: it is older than the job
+            self.report.note_skipped(path, why or BEFORE_JOB, f"uid {st.st_uid}")
             return False
         if self.before_descend is not None:
             self.before_descend(path)  # test hook: lets a test swap the entry exactly here
@@ -369,16 +397,19 @@ class _Walker:
 def walk_remove(dfd: int, path: str, owner_check: OwnerCheck, report: CleanupReport, *,
                 protect: AbstractSet[tuple[int, int]] = frozenset(), mounts: AbstractSet[str] | None = None,
                 max_depth: int = DEFAULT_MAX_DEPTH, dry_run: bool = False,
-                before_descend: Callable[[str], None] | None = None, since: float | None = None) -> bool:
+                before_descend: Callable[[str], None] | None = None, since: float | None = None,
+                leaf_skip: bool = False) -> bool:
     """Remove what ``owner_check`` allows below the open directory ``dfd`` (shown as ``path``); never ``dfd`` itself.
 
     The filesystem boundary is ``dfd``'s own ``st_dev``.  Returns True when the directory is now empty (in a dry
-    run: would be).  Building block for :func:`cleanup` and :mod:`jobcage.agent.tmpdir`.
+    run: would be).  Building block for :func:`cleanup` and :mod:`jobcage.agent.tmpdir`.  ``leaf_skip`` (with
+    ``since``, on a filesystem whose directory link count is 2 + its subdirectories): a directory older than
+    ``since`` without subdirectories is judged on its lstat alone, not opened.
     """
     top_dev = os.fstat(dfd).st_dev
     walker = _Walker(report, owner_check, top_dev=top_dev, protect=protect,
                      mounts=mount_points() if mounts is None else mounts, max_depth=max_depth,
-                     dry_run=dry_run, before_descend=before_descend, since=since)
+                     dry_run=dry_run, before_descend=before_descend, since=since, leaf_skip=leaf_skip)
     return walker.walk(dfd, path, 0)
 
 
@@ -476,7 +507,8 @@ def cleanup(dirs: Sequence[str] | None, uids: AbstractSet[int], *, min_uid: int 
                 report.note_skipped(top, PROTECTED)
                 continue
             walk_remove(dfd, top, owner_check, report, protect=protected, mounts=mounts,
-                        max_depth=max_depth, dry_run=dry_run, before_descend=before_descend, since=since)
+                        max_depth=max_depth, dry_run=dry_run, before_descend=before_descend, since=since,
+                        leaf_skip=since is not None and _counts_subdirs(top))
         finally:
             os.close(dfd)
     return report

@@ -171,6 +171,92 @@ def _check_trusted(path: str, st: os.stat_result) -> None:
                               path=path)
 
 
+_BARE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+_DIGITS = frozenset("0123456789")
+
+
+def _scalar(s: str) -> tuple[object, str] | None:
+    """The plain TOML value at the start of s (a string without escapes, a decimal int or float, a
+    boolean) and the rest of s; None for anything else."""
+    if s[:1] in ('"', "'"):
+        q = s[0]
+        end = s.find(q, 1)
+        if end < 0 or (q == '"' and "\\" in s[1:end]) or s[end + 1:end + 2] == q:
+            return None   # escapes and multi-line strings: tomllib's
+        return s[1:end], s[end + 1:]
+    n = 0
+    while n < len(s) and s[n] not in " \t,]#":
+        n += 1
+    word, rest = s[:n], s[n:]
+    if word in ("true", "false"):
+        return word == "true", rest
+    num = word[1:] if word[:1] == "-" else word
+    whole, dot, frac = num.partition(".")
+    if not whole or not set(whole) <= _DIGITS or (len(whole) > 1 and whole[0] == "0"):
+        return None
+    if not dot:
+        return int(word), rest
+    if not frac or not set(frac) <= _DIGITS:
+        return None
+    return float(word), rest
+
+
+def _end(rest: str) -> bool:
+    rest = rest.lstrip(" \t")
+    return not rest or rest[0] == "#"
+
+
+def simple_toml(text: str) -> dict | None:
+    """Parse the plain subset of TOML a jobcage config is written in -- [section] headers and
+    `key = value` lines whose value is a string without escapes, a decimal number, a boolean or a
+    one-line array of those -- without importing tomllib (~10 ms with its re, datetime and typing,
+    on every hook call).  None when the text holds anything else (or a duplicate): then tomllib
+    parses it, so a config means what TOML says whichever parser read it."""
+    for c in text:
+        if c < " " and c not in "\t\n" or c == "\x7f":
+            return None   # control characters, CR: tomllib's to accept or refuse
+    doc: dict = {}
+    table = doc
+    for line in text.split("\n"):
+        line = line.lstrip(" \t")
+        if not line or line[0] == "#":
+            continue
+        if line[0] == "[":
+            close = line.find("]")
+            name = line[1:close].strip(" \t")
+            if close < 0 or not name or not set(name) <= _BARE or not _end(line[close + 1:]) or name in doc:
+                return None
+            table = doc[name] = {}
+            continue
+        key, eq, value = line.partition("=")
+        key = key.rstrip(" \t")
+        if not eq or not key or not set(key) <= _BARE or key in table:
+            return None
+        value = value.lstrip(" \t")
+        if value[:1] == "[":
+            items: list = []
+            rest = value[1:].lstrip(" \t")
+            while rest[:1] != "]":
+                got = _scalar(rest)
+                if got is None:
+                    return None
+                items.append(got[0])
+                rest = got[1].lstrip(" \t")
+                if rest[:1] == ",":
+                    rest = rest[1:].lstrip(" \t")
+                elif rest[:1] != "]":
+                    return None
+            if not _end(rest[1:]):
+                return None
+            table[key] = items
+            continue
+        got = _scalar(value)
+        if got is None or not _end(got[1]):
+            return None
+        table[key] = got[0]
+    return doc
+
+
 def load(path: str | None = None) -> Config:
     path = path or os.environ.get("JOBCAGE_CONFIG") or DEFAULT_PATH
     cfg = Config(path=path)
@@ -184,12 +270,18 @@ def load(path: str | None = None) -> Config:
         return cfg
     except OSError as e:
         raise InvalidArgument(f"cannot read config {path}: {e.strerror}", path=path) from None
-    import tomllib  # only when there is a file: keeps the hook path lean
-
     try:
-        doc = tomllib.loads(data.decode())
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        text = data.decode()
+    except UnicodeDecodeError as e:
         raise InvalidArgument(f"{path}: {e}", path=path) from None
+    doc = simple_toml(text)
+    if doc is None:   # anything beyond the plain subset: the real parser decides, and words its errors
+        import tomllib
+
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise InvalidArgument(f"{path}: {e}", path=path) from None
     types = Config.__annotations__
     for section, values in doc.items():
         keys = SECTIONS.get(section)
