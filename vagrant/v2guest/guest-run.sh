@@ -37,7 +37,8 @@ CI=true JOBCAGE_V2_GUEST=1 .venv/bin/python -m pytest -p no:cacheprovider -q --d
 rc=${PIPESTATUS[0]}
 t2=$(date +%s)
 echo "suite_s=$((t2 - t1))" >> "$res/timings"
-grep -E '^=+ .*(passed|failed|error|skipped|no tests ran).* =+$' "$res/pytest.log" | tail -1 \
+# pytest's last line: "25 passed in 925.34s (0:15:25)" (-q prints it bare; without -q inside '=' rules)
+grep -E '^(=+ )?([0-9]+ [a-z]+(, )?)+ in [0-9.]+s|no tests ran' "$res/pytest.log" | tail -1 \
   | sed 's/^=* //; s/ =*$//' > "$res/summary.txt"
 finish "$rc"
 exit
