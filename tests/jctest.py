@@ -600,21 +600,28 @@ class JcEnv:
         dirs = self.cgroup_dirs(job_id)
         return dirs["pids"] if "pids" in dirs else dirs["unified"]
 
+    @property
+    def caps_subtree(self) -> str:
+        """A test subtree beside jobcage's (``<subtree>-caps``) for cgroups that are not jobs."""
+        return f"{self.subtree}-caps"
+
     def make_pids_cap(self, name: str, limit: int) -> Path:
-        """A cgroup (not a job) under this env's subtree with pids.max = limit, in the hierarchy that holds the
-        pids controller; on pure v2 +pids is enabled down to it first (the root's subtree_control has it on a
-        systemd node).  The env's cleanup removes it with the subtree."""
-        cap = self.pids_dir(name)
+        """A cgroup that is not a job, with pids.max = limit, in the hierarchy that holds the pids controller.
+        It sits beside this env's subtree, never in it: on pure v2 the pids cgroup is also the membership one,
+        and jobcage takes every cgroup in its subtree for a job (adopt refuses "already belongs to job ...").
+        On pure v2 the root's subtree_control needs +pids (a systemd node has it).  Cleanup removes it."""
+        h = hierarchies()
+        root = h["unified"] if self.effective_mode() == "v2" else h["pids"]
+        top = root / self.caps_subtree
         if self.effective_mode() == "v2":
-            chain = [hierarchies()["unified"]]
-            for part in self.subtree.split("/"):
-                chain.append(chain[-1] / part)
-            for d in chain:
+            for d in (root, top):
                 d.mkdir(exist_ok=True)
                 sc = d / "cgroup.subtree_control"
                 if "pids" not in sc.read_text().split():
                     sc.write_text("+pids")
-        cap.mkdir(parents=True)
+        top.mkdir(exist_ok=True)
+        cap = top / name
+        cap.mkdir()
         (cap / "pids.max").write_text(str(limit))
         return cap
 
@@ -645,7 +652,7 @@ class JcEnv:
 
     def cleanup(self) -> list[str]:
         self.tracked.kill_all()
-        problems = purge_subtree(self.subtree)
+        problems = purge_subtree(self.subtree) + purge_subtree(self.caps_subtree)
         shutil.rmtree(self.base, ignore_errors=True)
         return problems
 

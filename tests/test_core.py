@@ -230,7 +230,9 @@ def test_suspend_freezes_every_process(cgroup_mode: str, jc_env: JcEnv, make_use
     jc_env.jobcage("epilogue", job).ok()
 
 
-TRIALS = 20
+# 20 on the host; the pure-v2 guest (everything 10-20x slower, one trial ~35 s) runs 8 to fit its time
+# budget: half of them at the pids limit, like here
+TRIALS = 8 if os.environ.get("JOBCAGE_V2_GUEST") == "1" else 20
 
 
 def test_kill_under_fork_storm_leaves_nothing(cgroup_mode: str, jc_env: JcEnv,
@@ -250,7 +252,8 @@ def test_kill_under_fork_storm_leaves_nothing(cgroup_mode: str, jc_env: JcEnv,
             wait_for(lambda ev=events: int(ev.read_text().split()[1]) > 0, 300, f"trial {i}: the storm to hit pids.max")
         members = snapshot(jc_env, job)
         sizes.append(len(members))
-        r = jc_env.jobcage("kill", job, timeout=60)
+        # the CLI competes for the CPUs with up to 128 bomb processes: on a slow node it takes its time
+        r = jc_env.jobcage("kill", job, timeout=600)
         assert r.rc == 0, f"trial {i}: kill failed: {r.err}"
         assert_job_emptied(jc_env, job, members, [user.uid])
         jc_env.jobcage("epilogue", job).ok()
