@@ -47,8 +47,9 @@ int main(int argc, char **argv) {
 """
 
 FORKBOMB_C = r"""
-/* forkbomb SECONDS: waits for one byte on stdin, then forks as fast as it can; odd-pid children
- * exit at once (churn), the others join in.  Every process stops by itself after SECONDS. */
+/* forkbomb SECONDS [STOPFILE]: waits for one byte on stdin, then forks as fast as it can; odd-pid
+ * children exit at once (churn), the others join in.  Every process stops by itself after SECONDS, or
+ * once STOPFILE exists (a test waits on a condition, then stops it: a slow node forks slowly). */
 #include <stdlib.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -57,7 +58,8 @@ int main(int argc, char **argv) {
     char c;
     if (argc < 2 || read(0, &c, 1) != 1) return 2;
     time_t end = time(NULL) + atoi(argv[1]);
-    while (time(NULL) < end) {
+    const char *stop = argc > 2 ? argv[2] : NULL;
+    while (time(NULL) < end && !(stop && access(stop, F_OK) == 0)) {
         pid_t p = fork();
         if (p == 0) {
             if (getpid() & 1) _exit(0);
