@@ -269,12 +269,17 @@ class Accounting:
             raise TypeError("Accounting needs the tracer or a job_of_exited(tid) function")
         self._pending_s = pending_s
         self._exited: dict[str, dict[int, int]] = collections.defaultdict(lambda: collections.defaultdict(int))
-        # Records no job was known for yet (the record comes a little before the exit tracepoint):
-        # pid -> (first seen, datagram, stats offset, end), oldest first.
-        self._pending: dict[int, tuple[float, bytes, int, int]] = {}
+        # Records no job was known for yet (the record comes a little before the exit tracepoint), one
+        # chunk per poll, oldest first: (arrival, {pid: (datagram, stats offset, end)}).  Per poll, not
+        # per record: nearly every record of a node is nobody's and waits only to be dropped whole.
+        self._waiting: collections.deque[tuple[float, dict[int, tuple[bytes, int, int]]]] = collections.deque()
+        self._n_waiting = 0
         self._mmsg: _MmsgReader | None = None
-        # The tracer's batch fetch of remembered exits (BPF), called once per poll before lookups.
-        self._sync: Callable[[], None] | None = getattr(membership, "sync_exited", None)
+        # The tracer's batch fetch of remembered exits (BPF), called once per poll before lookups, and
+        # the tids it knows now (a dict lookup per record instead of a call).
+        self._sync: Callable[[], list[int]] | None = getattr(membership, "sync_exited", None)
+        known = getattr(membership, "known_exits", None)
+        self._known: Callable[[], Any] | None = known if callable(known) else None
         # tid -> (job, runtime ns when adopted): a task that ran before it joined the job (the
         # `jobcage run` starter, an adopted shell) brings CPU the job's cgroup never counted
         self._base: dict[int, tuple[str, int]] = {}
@@ -322,32 +327,46 @@ class Accounting:
         r, _, _ = select.select([self._sock], [], [], max(timeout_ms, 0) / 1000)
         now = time.monotonic()
         got = self._read_all() if r else []
-        pending = self._pending
-        if self._sync is not None:
-            # After the reads: the exits of what we just read are known now.  Records that came
-            # before their exit was known are found by the tids the tracer just learned, so a
-            # waiting record of a non-job task costs nothing per poll.
-            for tid in self._sync() if (got or pending) else ():
-                hit = pending.pop(tid, None)
-                if hit is not None:
-                    self._attribute(tid, *hit)
-        else:   # a plain job_of_exited function: ask again for each waiting record
-            for tid in list(pending):
-                if self._attribute(tid, *pending[tid]):
-                    del pending[tid]
-        while pending:   # oldest first (insertion order): give up on records older than pending_s
-            tid = next(iter(pending))
-            if now - pending[tid][0] < self._pending_s and len(pending) <= PENDING_MAX:
-                break
-            del pending[tid]
-            self.unattributed += 1
+        waiting = self._waiting
+        # After the reads: the exits of what we just read are known now (BPF: one batch fetch).
+        new = self._sync() if self._sync is not None and (got or waiting) else None
+        known = self._known() if self._known is not None else None
         n = 0
+        misses: dict[int, tuple[bytes, int, int]] = {}
+        attribute = self._attribute
         for data in got:
             for pid, a, b in split_messages(data):
                 n += 1
-                if not self._attribute(pid, now, data, a, b):
-                    pending.pop(pid, None)   # keep insertion order = arrival order
-                    pending[pid] = (now, data, a, b)
+                # the common case, a task of no job: one dict lookup, no call
+                if (known is not None and pid not in known) or not attribute(pid, data, a, b):
+                    misses[pid] = (data, a, b)
+        if waiting:
+            if new is not None:
+                # Records that came before their exit was known are found by the tids the tracer just
+                # learned and no record of this poll claimed: a waiting record of a non-job task costs
+                # nothing per poll.
+                for tid in new:
+                    if known is not None and tid not in known:
+                        continue
+                    for _t, chunk in waiting:
+                        hit = chunk.pop(tid, None)
+                        if hit is not None:
+                            self._n_waiting -= 1
+                            attribute(tid, *hit)
+                            break
+            elif self._sync is None:   # a plain job_of_exited function: ask again for each waiting record
+                for _t, chunk in waiting:
+                    for tid in [t for t, hit in chunk.items() if attribute(t, *hit)]:
+                        del chunk[tid]
+                        self._n_waiting -= 1
+            # give up on records older than pending_s (and on the oldest beyond PENDING_MAX), a poll's at a time
+            while waiting and (now - waiting[0][0] >= self._pending_s or self._n_waiting > PENDING_MAX):
+                dropped = len(waiting.popleft()[1])
+                self._n_waiting -= dropped
+                self.unattributed += dropped
+        if misses:
+            waiting.append((now, misses))
+            self._n_waiting += len(misses)
         self.records += n
         return n
 
@@ -372,7 +391,7 @@ class Accounting:
                 log.warning("taskstats socket overrun: exit records lost")
         return got
 
-    def _attribute(self, pid: int, _first_seen: float, data: bytes, a: int, b: int) -> bool:
+    def _attribute(self, pid: int, data: bytes, a: int, b: int) -> bool:
         """Add the record's CPU to its job; False when no job is known for it (yet)."""
         job = self._job_of_exited(pid)
         if job is None:

@@ -31,12 +31,15 @@ setuid calls/s, and the agent's CPU while a job execs 1,000 times a second.
 6. Real jobs (`real`).  `make -j2` of a generated tree of C files and a shell loop running coreutils (6 execs
    an iteration), inside a job, without a tracer and under the agent, interleaved rounds; the ratio is
    untraced time / traced time (>= 0.98 means tracing costs the job under 2%).
+7. Outside-job floor (`floor`, not in the default set).  The spawner in no job with nothing, with the tracer's BPF
+   programs only, with a taskstats exit listener only (the agent's Accounting), and with both: what each part
+   costs the node (paired ratios), and the consumer's CPU per exec.
 
 Root only.  Everything is private and removed at the end: a config with its own cgroup subtree
 ``jobcage-ovh<hex>``, state dir and socket in a temp dir; the agent, auditd, bpftrace and spawners this
 script started (by pid); the audit rule; the kernel's audit enabled flag and backlog limit are restored.
 
-    .venv/bin/python bench/trace_overhead.py [--rounds 6] [--run-seconds 2] [--only throughput,setuid,cpu,work,bpf,real]
+    .venv/bin/python bench/trace_overhead.py [--rounds 6] [--run-seconds 2] [--only throughput,setuid,cpu,work,bpf,real,floor]
         [--real-rounds 4] [--loop-iterations 300] [--json]
 """
 
@@ -643,6 +646,68 @@ def bpf_cost(b: Bench, secs: float) -> dict:
     return {"seconds": secs, "rows": rows}
 
 
+FLOOR_CONFIGS = ("none", "bpf programs", "taskstats listener", "both")
+
+
+def floor_parts(b: Bench, rounds: int, secs: float, rng: random.Random) -> dict:
+    """What the node pays outside any job, part by part: the spawner (in no job) with nothing, with only the
+    tracer's BPF programs attached (loaded in this process, its ring buffer polled every 50 ms in a thread, as the
+    agent's loop does; one job registered elsewhere so the maps are live), with only a taskstats exit listener
+    (the agent's Accounting, drained every 200 ms), and with both; interleaved rounds, paired ratios.  The BPF part
+    is the in-kernel filter plus the syscall tracepoints' slow path for every syscall of the node; the taskstats
+    part is the kernel building and sending a record per exit plus the Python that reads and drops it."""
+    from jobcage.agent.accounting import Accounting
+    from jobcage.agent.tracer import Tracer
+
+    rates: dict[str, list[float]] = {c: [] for c in FLOOR_CONFIGS}
+    cpu: dict[str, list[float]] = {c: [] for c in FLOOR_CONFIGS}
+    for r in range(rounds):
+        order = list(FLOOR_CONFIGS)
+        rng.shuffle(order)
+        for conf in order:
+            tr = Tracer(lambda ev: None, backend="bpf") if conf in ("bpf programs", "both") else None
+            if tr is not None:
+                tr.add_job("floor-elsewhere", 0, 1)   # a cgroup id no task has: the maps hold one job
+            acc = Accounting(tr.job_of_exited if tr is not None else (lambda tid: None)) \
+                if conf in ("taskstats listener", "both") else None
+            if acc is not None:
+                acc.start()
+            stop = threading.Event()
+
+            def loop(tr: Any = tr, acc: Any = acc, stop: threading.Event = stop) -> None:
+                next_acc = 0.0
+                while not stop.is_set():
+                    if tr is not None:
+                        tr.poll(0)
+                    if acc is not None and time.monotonic() >= next_acc:
+                        next_acc = time.monotonic() + 0.2
+                        acc.poll(0)
+                    stop.wait(0.05)
+
+            t = threading.Thread(target=loop, daemon=True)
+            c0 = time.process_time()
+            t.start()
+            try:
+                n, el = b.spawn(secs, 0, None)
+            finally:
+                stop.set()
+                t.join()
+                c1 = time.process_time()
+                if acc is not None:
+                    acc.close()
+                if tr is not None:
+                    tr.close()
+            rates[conf].append(n / el)
+            cpu[conf].append(1e6 * (c1 - c0) / n)
+            log(f"round {r + 1}/{rounds} floor {conf:<20} {n / el:8.0f} exec/s")
+    rows = []
+    for conf in FLOOR_CONFIGS:
+        rows.append({"config": conf, "median": median(rates[conf]),
+                     "paired_ratio": median([x / y for x, y in zip(rates[conf], rates["none"], strict=True)]),
+                     "consumer_cpu_us_per_exec": median(cpu[conf]), "rates": [round(x) for x in rates[conf]]})
+    return {"rounds": rounds, "run_seconds": secs, "rows": rows}
+
+
 def agent_work(b: Bench, secs: float) -> dict:
     """The agent's own CPU time per traced exec, in-process and load-robust: the tracer, accounting and store
     the agent uses, fed a batch of execs that waited in the kernel (ring buffer, taskstats socket) while the
@@ -816,6 +881,13 @@ def report(res: dict) -> None:
             print(f"  {where}: {row['ns_per_exec']:.0f} ns of BPF per exec ({row['execs']} execs)")
             for name, pr in sorted(row["programs"].items(), key=lambda kv: -kv[1]["calls"]):
                 print(f"    {name:<34}{pr['ns_per_call']:8.0f} ns/call {pr['calls_per_exec']:6.2f} calls/exec")
+    fl = res.get("floor")
+    if fl:
+        print(f"\noutside any job, part by part: {fl['rounds']} interleaved runs of {fl['run_seconds']:g} s, medians")
+        print(f"  {'configuration':<22}{'exec/s':>9}{'paired':>8}  consumer CPU us/exec")
+        for row in fl["rows"]:
+            print(f"  {row['config']:<22}{row['median']:9.0f}{row['paired_ratio']:8.3f}  "
+                  f"{row['consumer_cpu_us_per_exec']:.1f}")
     rj = res.get("real")
     if rj:
         print(f"\nreal jobs, {rj['rounds']} interleaved rounds (make -j2 of {rj['ctree_files']} generated C files; "
@@ -842,7 +914,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--exec-rate", type=float, default=1000.0)
     ap.add_argument("--cpu-seconds", type=float, default=10.0)
     ap.add_argument("--only", default="throughput,setuid,cpu,work,bpf,real",
-                    help="comma list of throughput, setuid, cpu, work, bpf, real")
+                    help="comma list of throughput, setuid, cpu, work, bpf, real, floor (not in the default)")
     ap.add_argument("--real-rounds", type=int, default=4, help="interleaved rounds of the real jobs (default 4)")
     ap.add_argument("--loop-iterations", type=int, default=300, help="coreutils loop iterations (6 execs each)")
     ap.add_argument("--no-peers", action="store_true", help="skip auditd and bpftrace")
@@ -874,6 +946,8 @@ def main(argv: list[str] | None = None) -> int:
             res["work"] = agent_work(b, args.run_seconds)
         if "bpf" in only:
             res["bpf"] = bpf_cost(b, args.run_seconds)
+        if "floor" in only:
+            res["floor"] = floor_parts(b, args.rounds, args.run_seconds, random.Random(seed + 2))
         if "real" in only:
             res["real"] = real_jobs(b, args.real_rounds, args.loop_iterations, random.Random(seed + 1))
     finally:

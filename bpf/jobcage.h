@@ -9,7 +9,7 @@
 #ifndef JOBCAGE_H
 #define JOBCAGE_H
 
-#define JC_ABI 1
+#define JC_ABI 2   /* 2: every event carries the process's mark bits; JC_MARK_USERNS; struct jc_filter */
 
 #define JC_MAX_JOBS 1024          /* counter slots; a node runs far fewer jobs */
 #define JC_COMM_LEN 16
@@ -57,6 +57,10 @@ enum jc_sys {
  * per child; with it, quiet children stay counts. */
 #define JC_MARK_CHANGED 1   /* identity changed in the job; inherited by children */
 #define JC_MARK_SEEN 2      /* an exec / identity / setsid event was sent; not inherited */
+#define JC_MARK_USERNS 4    /* entered a user namespace (or was in one when user space seeded it); inherited.
+                             * Without it, user space knows without reading /proc that the process runs
+                             * in the namespace its job's processes were seeded in (the initial one). */
+#define JC_MARK_INHERITED (JC_MARK_CHANGED | JC_MARK_USERNS)
 
 #define JC_MAX_LEVEL 16       /* cgroup2 depths searched for a job that holds a whole subtree */
 #define JC_JOB_SUBTREE 1      /* jc_job.flags: the job is this cgroup and every cgroup below it */
@@ -67,6 +71,13 @@ struct jc_job {
 	u32 cookie;     /* never reused while the tracer runs: late events still map to the right job */
 	u32 owner_uid;  /* exits of processes with another real uid are reported */
 	u32 flags;      /* JC_JOB_SUBTREE */
+};
+
+/* What the filter of tasks in no job's cgroup must still look at (array of one, set by user space):
+ * a task outside every job cgroup pays one lookup of this and nothing more when both are 0. */
+struct jc_filter {
+	u32 subtree_levels;  /* bit L: some JC_JOB_SUBTREE job's cgroup is at depth L */
+	u32 pid_jobs;        /* jobs followed by the tgid map (no cgroup2 id) */
 };
 
 /* Per job, per CPU.  User space sums the CPUs. */
@@ -123,7 +134,7 @@ struct jc_event {
 	u32 arg0;        /* syscall arguments: the ids asked for ((u32)-1 = unchanged) */
 	u32 arg1;
 	u32 arg2;
-	u32 marked;      /* exit: the JC_MARK_* bits of the process */
+	u32 marked;      /* the JC_MARK_* bits of the process (identity/userns events: this one's included) */
 	u32 pad;
 	char comm[JC_COMM_LEN];
 	char filename[JC_FILENAME_LEN];  /* exec only */

@@ -14,7 +14,7 @@
  *   JC_TP_CLONE_ENTER    sys_enter_clone/clone3 exist (CLONE_NEWUSER is seen at entry)
  *   JC_SUBTREE           jobs that hold a whole cgroup subtree (attach mode: a batch system's
  *                        job cgroup with its steps below it) are matched through
- *                        bpf_get_current_ancestor_cgroup_id() at the depths in `subtree_levels`
+ *                        bpf_get_current_ancestor_cgroup_id() at the depths in `filter`
  *
  * What reaches user space: exec, identity changes (with return code), setsid, exit of
  * processes whose real uid differs from the job owner's or that changed identity (if an
@@ -41,9 +41,8 @@
 #endif
 
 BPF_HASH(jobs, u64, struct jc_job, JC_MAX_JOBS);                 /* cgroup2 id -> job */
-#ifdef JC_SUBTREE
-BPF_ARRAY(subtree_levels, u32, 1);   /* bit L: some JC_JOB_SUBTREE job's cgroup is at depth L */
-#endif
+BPF_ARRAY(filter, struct jc_filter, 1);   /* what a task in no job cgroup must still look at */
+BPF_ARRAY(ns_inflight, u64, 1);   /* clone/clone3 with CLONE_NEWUSER entered and not yet exited (about) */
 #ifdef JC_PID_FILTER
 BPF_HASH(job_pids, u32, struct jc_job, JC_LINEAGE_ENTRIES);      /* tgid -> job */
 #endif
@@ -64,14 +63,10 @@ BPF_RINGBUF_OUTPUT(events, JC_RINGBUF_PAGES);
 /* The subtree job whose cgroup is an ancestor of the current task's: one helper call and one
  * lookup per depth in use (usually one: Slurm's job_N sits at the same depth for every job),
  * nothing when no such job exists.  The task's own cgroup was looked up already. */
-static __always_inline struct jc_job *subtree_job(void)
+static __always_inline struct jc_job *subtree_job(u32 mask)
 {
-	u32 zero = 0;
-	u32 *levels = subtree_levels.lookup(&zero);
-
-	if (!levels || !*levels)
+	if (!mask)
 		return 0;
-	u32 mask = *levels;
 #pragma unroll
 	for (int lvl = 1; lvl < JC_MAX_LEVEL; lvl++) {
 		if (!(mask & (1u << lvl)))
@@ -92,18 +87,25 @@ static __always_inline int current_job(u32 tgid, struct jc_job *out, int *by_pid
 	struct jc_job *j = jobs.lookup(&cg);
 
 	*by_pid = 0;
+	if (!j) {
+		/* In no job's own cgroup (nearly every task of the node): one array lookup says whether an
+		 * ancestor cgroup or the tgid map could still make it a job's; usually neither. */
+		u32 zero = 0;
+		struct jc_filter *f = filter.lookup(&zero);
+		if (!f)
+			return 0;
 #ifdef JC_SUBTREE
-	if (!j)
-		j = subtree_job();
+		j = subtree_job(f->subtree_levels);
 #endif
 #ifdef JC_PID_FILTER
-	if (!j) {
-		j = job_pids.lookup(&tgid);
-		*by_pid = 1;
-	}
+		if (!j && f->pid_jobs) {
+			j = job_pids.lookup(&tgid);
+			*by_pid = 1;
+		}
 #endif
-	if (!j)
-		return 0;
+		if (!j)
+			return 0;
+	}
 	__builtin_memcpy(out, j, sizeof(*out));
 	return 1;
 }
@@ -171,7 +173,8 @@ static __always_inline void ev_common(struct jc_event *e, u32 kind, const struct
 	e->ret = 0;
 	e->sys = JC_SYS_NONE;
 	e->arg0 = e->arg1 = e->arg2 = (u32)-1;
-	e->marked = 0;
+	u32 *m = marked.lookup(&tgid);
+	e->marked = m ? *m : 0;
 	e->pad = 0;
 	bpf_get_current_comm(&e->comm, sizeof(e->comm));
 	e->filename[0] = 0;
@@ -209,12 +212,20 @@ TRACEPOINT_PROBE(sched, sched_process_fork)
 	l.cookie = j.cookie;
 	lineage.update(&child, &l);
 
-	/* Children of an identity-changed process inherit CHANGED (not SEEN). */
+	/* Children inherit CHANGED and USERNS (not SEEN).  The child of a clone(CLONE_NEWUSER) in flight
+	 * (its sys_enter left a pending record of this thread) starts in the new namespace. */
 	u32 *m = marked.lookup(&tgid);
-	if (m && (*m & JC_MARK_CHANGED)) {
-		u32 changed = JC_MARK_CHANGED;
-		marked.update(&child, &changed);
+	u32 inh = m ? (*m & JC_MARK_INHERITED) : 0;
+	u32 zero = 0;
+	u64 *nsf = ns_inflight.lookup(&zero);
+	if (nsf && *nsf) {
+		u32 tid = (u32)bpf_get_current_pid_tgid();
+		struct jc_pending *pp = pending.lookup(&tid);
+		if (pp && (pp->sys == JC_SYS_CLONE || pp->sys == JC_SYS_CLONE3))
+			inh |= JC_MARK_INHERITED;
 	}
+	if (inh)
+		marked.update(&child, &inh);
 #ifdef JC_PID_FILTER
 	if (by_pid)
 		job_pids.update(&child, &j);
@@ -315,6 +326,12 @@ static __always_inline int id_enter(u32 sys, u32 a0, u32 a1, u32 a2)
 	p.arg1 = a1;
 	p.arg2 = a2;
 	pending.update(&tid, &p);
+	if (sys == JC_SYS_CLONE || sys == JC_SYS_CLONE3) {
+		u32 zero = 0;
+		u64 *nsf = ns_inflight.lookup(&zero);
+		if (nsf)
+			__sync_fetch_and_add(nsf, 1);
+	}
 	return 0;
 }
 
@@ -334,8 +351,18 @@ static __always_inline int id_exit(void *ctx, long ret)
 	struct jc_job j = {};
 	j.slot = p.slot;
 	j.cookie = p.cookie;
-	/* A process that entered a user namespace counts as changed: its ids mean something else now. */
-	mark(tgid, ret == 0 ? (JC_MARK_CHANGED | JC_MARK_SEEN) : JC_MARK_SEEN);
+	/* A process that entered a user namespace counts as changed: its ids mean something else now.
+	 * (setns with nstype 0 may have joined another kind: USERNS only sends user space to look.) */
+	u32 bits = JC_MARK_SEEN;
+	if (ret == 0)
+		bits |= JC_MARK_CHANGED | (p.sys == JC_SYS_UNSHARE || p.sys == JC_SYS_SETNS ? JC_MARK_USERNS : 0);
+	if (p.sys == JC_SYS_CLONE || p.sys == JC_SYS_CLONE3) {
+		u32 zero = 0;
+		u64 *nsf = ns_inflight.lookup(&zero);
+		if (nsf && *nsf)
+			__sync_fetch_and_sub(nsf, 1);
+	}
+	mark(tgid, bits);
 	struct jc_event *e = ev_reserve(&j);
 	if (!e)
 		return 0;
@@ -437,16 +464,26 @@ static __always_inline int fork_exit(void *ctx, long ret)
 }
 
 /* clone/clone3 with CLONE_NEWUSER also end a pending userns record (see user namespaces below). */
+/* Runs twice per fork of the node (child and parent return): the child (ret 0) has nothing to say, the parent
+ * looks for a pending record only while some userns clone is in flight (ns_inflight; a task killed inside the
+ * syscall leaves it high, which only costs the lookup). */
+static __always_inline int clone_exit(void *ctx, long ret)
+{
+	if (ret == 0)
+		return 0;
 #ifdef JC_TP_CLONE_ENTER
-#define JC_NS_CLONE_EXIT(ctx, ret) id_exit(ctx, ret)
-#else
-#define JC_NS_CLONE_EXIT(ctx, ret) 0
+	u32 zero = 0;
+	u64 *nsf = ns_inflight.lookup(&zero);
+	if (nsf && *nsf)
+		id_exit(ctx, ret);
 #endif
+	return fork_exit(ctx, ret);
+}
 #ifdef JC_TP_CLONE
-TRACEPOINT_PROBE(syscalls, sys_exit_clone) { JC_NS_CLONE_EXIT(args, args->ret); return fork_exit(args, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_clone) { return clone_exit(args, args->ret); }
 #endif
 #ifdef JC_TP_CLONE3
-TRACEPOINT_PROBE(syscalls, sys_exit_clone3) { JC_NS_CLONE_EXIT(args, args->ret); return fork_exit(args, args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_exit_clone3) { return clone_exit(args, args->ret); }
 #endif
 #ifdef JC_TP_FORK
 TRACEPOINT_PROBE(syscalls, sys_exit_fork) { return fork_exit(args, args->ret); }

@@ -297,3 +297,30 @@ def test_auto_backend_prefers_bpf(make_tracer) -> None:
     except ImportError:
         require(False, "bcc is not importable")
     assert tracer.backend == "bpf" and tracer.fallback_reason is None
+
+
+def test_kinds_and_abi_come_from_the_header(monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture) -> None:
+    """The kinds and syscall names the tracer decodes are read from bpf/jobcage.h and are the trail's; JC_ABI is
+    checked at load on both sides: a Python side of another ABI refuses the header (Unsupported, so `auto` falls
+    back), and the compiler refuses a header of another ABI than the loader asks for (-DJC_ABI_EXPECTED)."""
+    from jobcage import bpf as bpf_files
+    from jobcage.agent.events import KINDS
+    from jobcage.agent.tracer import abi
+
+    assert set(abi.KIND_NAMES.values()) <= set(KINDS)
+    assert abi.KIND_NAMES[1] == "exec" and abi.SYS_NAMES[13] == "map" and 0 not in abi.SYS_NAMES
+    assert abi.HEADER_ABI == abi.ABI
+    abi.check()
+    monkeypatch.setattr(abi, "ABI", abi.ABI + 1)
+    with pytest.raises(Unsupported, match="JC_ABI"):
+        abi.check()
+    monkeypatch.undo()
+    try:
+        from bcc import BPF
+    except ImportError:
+        require(False, "bcc is not importable")
+    capfd.readouterr()
+    with pytest.raises(Exception, match="compile"):   # bcc raises a bare Exception
+        BPF(src_file=str(bpf_files.SOURCE).encode(),
+            cflags=[f"-I{bpf_files.DIR}", f"-DJC_ABI_EXPECTED={abi.ABI + 1}", "-DJC_SUBTREE"])
+    assert "another JC_ABI" in capfd.readouterr().err   # the #error of tracer.bpf.c

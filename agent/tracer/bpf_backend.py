@@ -13,7 +13,16 @@ from jobcage import bpf as bpf_files
 
 from ..errors import Unsupported
 from . import abi
-from .abi import _EXITED, JOB_SUBTREE, KIND_NAMES, MARK_CHANGED, MARK_SEEN, SYS_NAMES, EventLayout
+from .abi import (
+    _EXITED,
+    JOB_SUBTREE,
+    KIND_NAMES,
+    MARK_CHANGED,
+    MARK_SEEN,
+    MARK_USERNS,
+    SYS_NAMES,
+    EventLayout,
+)
 from .procfs import _read, tracefs
 from .records import _Job, _Raw, _sid
 
@@ -94,7 +103,8 @@ class _BpfBackend:
         self.exited_map = self.b[b"exited"]
         self.marked_map = self.b[b"marked"]
         self.job_pids = self.b[b"job_pids"] if pid_filter else None
-        self.subtree_levels = self.b[b"subtree_levels"]
+        self.filter = self.b[b"filter"]
+        self._pid_jobs: set[int] = set()   # cookies of jobs with entries in job_pids
         self.events = self.b[b"events"]
         self._raw: list[bytes] = []
         self._ev: EventLayout | None = None
@@ -124,27 +134,33 @@ class _BpfBackend:
 
             self._ev = EventLayout(_get_event_class(self.events))
         ev = self._ev
+        unpack, kinds, sysn = ev.unpack, KIND_NAMES, SYS_NAMES
+        i_kind, i_ts, i_cookie, i_pid, i_tid, i_ppid = ev.kind, ev.ts_ns, ev.cookie, ev.pid, ev.tid, ev.ppid
+        i_uid, i_gid, i_ouid, i_ogid, i_ret, i_sys = ev.uid, ev.gid, ev.old_uid, ev.old_gid, ev.ret, ev.sys
+        i_a0, i_a1, i_a2, i_comm, i_fn, i_mk, i_cg = ev.arg0, ev.arg1, ev.arg2, ev.comm, ev.filename, ev.marked, \
+            ev.cgroup_id
         out = []
-        for data in raws:
-            e = ev.unpack(data)
-            out.append(_Raw(KIND_NAMES.get(e[ev.kind], f"unknown{e[ev.kind]}"), e[ev.ts_ns], e[ev.cookie], e[ev.pid],
-                            e[ev.tid], e[ev.ppid], e[ev.uid], e[ev.gid], e[ev.old_uid], e[ev.old_gid],
-                            ret=e[ev.ret], sys=SYS_NAMES.get(e[ev.sys], ""),
-                            args=(_sid(e[ev.arg0]), _sid(e[ev.arg1]), _sid(e[ev.arg2])),
-                            comm=e[ev.comm].split(b"\0", 1)[0].decode(errors="replace"),
-                            filename=e[ev.filename].split(b"\0", 1)[0].decode(errors="surrogateescape"),
-                            marked=bool(e[ev.marked] & MARK_CHANGED), cgroup_id=e[ev.cgroup_id]))
+        for data in raws:   # positional: this loop runs once per event
+            e = unpack(data)
+            k, mk = e[i_kind], e[i_mk]
+            out.append(_Raw(kinds.get(k) or f"unknown{k}", e[i_ts], e[i_cookie], e[i_pid], e[i_tid], e[i_ppid],
+                            e[i_uid], e[i_gid], e[i_ouid], e[i_ogid], -1, -1, e[i_ret], sysn.get(e[i_sys], ""),
+                            (_sid(e[i_a0]), _sid(e[i_a1]), _sid(e[i_a2])),
+                            e[i_comm].partition(b"\0")[0].decode(errors="replace"),
+                            e[i_fn].partition(b"\0")[0].decode(errors="surrogateescape"),
+                            bool(mk & MARK_CHANGED), e[i_cg], bool(mk & MARK_USERNS)))
         return out
 
     def _leaf(self, job: _Job) -> ct.Structure:
         return self.jobs.Leaf(job.slot, job.cookie, job.owner_uid, JOB_SUBTREE if job.level else 0)
 
-    def _set_levels(self) -> None:
+    def _set_filter(self) -> None:
+        """struct jc_filter: the subtree depths in use and whether any job is followed by pid."""
         mask = 0
         for lvl, n in self._levels.items():
             if n > 0:
                 mask |= 1 << lvl
-        self.subtree_levels[self.subtree_levels.Key(0)] = self.subtree_levels.Leaf(mask)
+        self.filter[self.filter.Key(0)] = self.filter.Leaf(mask, len(self._pid_jobs))
 
     def add_job(self, job: _Job) -> None:
         self.counters_map.clearitem(job.slot)
@@ -152,7 +168,7 @@ class _BpfBackend:
             self.add_cgroup(job, cg)
         if job.level:
             self._levels[job.level] += 1
-            self._set_levels()
+            self._set_filter()
 
     def add_cgroup(self, job: _Job, cgroup_id: int) -> None:
         self.jobs[self.jobs.Key(cgroup_id)] = self._leaf(job)
@@ -160,6 +176,9 @@ class _BpfBackend:
     def add_pids(self, job: _Job, pids: Iterable[int]) -> None:
         if self.job_pids is None or job.cgroup_ids:
             return   # a job with a cgroup2 is that cgroup: a pid that leaves it leaves the job
+        if job.cookie not in self._pid_jobs:
+            self._pid_jobs.add(job.cookie)
+            self._set_filter()
         for pid in pids:
             self.job_pids[self.job_pids.Key(pid)] = self._leaf(job)
 
@@ -168,13 +187,22 @@ class _BpfBackend:
             self.jobs.pop(self.jobs.Key(cg), None)
         if job.level:
             self._levels[job.level] -= 1
-            self._set_levels()
-        if self.job_pids is not None:
+            self._set_filter()
+        if self.job_pids is not None and job.cookie in self._pid_jobs:
             for k in [k for k, v in self.job_pids.items() if v.cookie == job.cookie]:
                 self.job_pids.pop(k, None)
+            self._pid_jobs.discard(job.cookie)
+            self._set_filter()
 
-    def set_marked(self, pid: int) -> None:
-        self.marked_map[self.marked_map.Key(pid)] = self.marked_map.Leaf(MARK_CHANGED | MARK_SEEN)
+    def set_marked(self, pid: int, userns: bool = False) -> None:
+        """Report pid's exit (CHANGED, SEEN); ``userns``: it runs in a user namespace (USERNS, inherited)."""
+        key = self.marked_map.Key(pid)
+        try:
+            bits = self.marked_map[key].value
+        except KeyError:
+            bits = 0
+        bits |= MARK_CHANGED | MARK_SEEN | (MARK_USERNS if userns else 0)
+        self.marked_map[key] = self.marked_map.Leaf(bits)
 
     def poll(self, timeout_ms: int) -> list[_Raw]:
         if self.perfbuf:

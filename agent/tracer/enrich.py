@@ -21,6 +21,7 @@ LINEAGE_CAP = 50_000        # records kept per job before dead uninteresting one
 
 
 class EnrichMixin:
+    _runtime_match: tuple | None = None
     """Tracer methods that turn a :class:`_Raw` into a :class:`TraceEvent` (mixed into :class:`Tracer`)."""
 
     def _rec(self, job: _Job, pid: int, ts: float) -> dict:
@@ -35,9 +36,9 @@ class EnrichMixin:
 
     def _prune(self, job: _Job) -> None:
         """Drop records of exited (or vanished) processes that say nothing about identity."""
+        live = {int(p) for p in os.listdir("/proc") if p.isdigit()}   # one readdir, not a stat per record
         for pid in [p for p, r in job.procs.items()
-                    if r["uid"] == job.owner_uid and not r["via"]
-                    and (r["exited"] or not os.path.exists(f"/proc/{p}"))]:
+                    if r["uid"] == job.owner_uid and not r["via"] and (r["exited"] or p not in live)]:
             del job.procs[pid]
 
     def _image(self, job: _Job, pid: int) -> str:
@@ -270,12 +271,18 @@ class EnrichMixin:
                 detail["image"] = image
 
     def _runtime(self, path: str) -> str | None:
-        """The configured container-runtime entry the exec'd file matches, if any."""
-        base = os.path.basename(path)
-        for r in self.runtimes:
-            if ("/" in r and path.endswith("/" + r.lstrip("/"))) or r == base:
-                return r
-        return None
+        """The configured container-runtime entry the exec'd file matches, if any (once per exec: a set
+        lookup for the basenames, one endswith for the path suffixes)."""
+        rt = self._runtime_match
+        if rt is None or rt[0] is not self.runtimes:
+            names = {r: r for r in self.runtimes if "/" not in r}
+            suffixes = tuple("/" + r.lstrip("/") for r in self.runtimes if "/" in r)
+            rt = self._runtime_match = (self.runtimes, names, suffixes,
+                                        {"/" + r.lstrip("/"): r for r in self.runtimes if "/" in r})
+        hit = rt[1].get(path.rpartition("/")[2])
+        if hit is None and rt[2] and path.endswith(rt[2]):
+            hit = next(r for s, r in rt[3].items() if path.endswith(s))
+        return hit
 
     @staticmethod
     def _runtime_image(pid: int) -> str | None:

@@ -11,7 +11,7 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 
 from ..errors import Unsupported
 from .procfs import _read, cgroup2_mount, proc_comm, proc_exe, proc_status
@@ -165,7 +165,7 @@ class _ProcBackend:
         self.marked.discard(tgid)
         self.seen.discard(tgid)
 
-    def set_marked(self, pid: int) -> None:
+    def set_marked(self, pid: int, userns: bool = False) -> None:
         self.marked.add(pid)
         self.seen.add(pid)
 
@@ -292,6 +292,9 @@ class _ProcBackend:
 
     def kernel_lineage(self, job: _Job) -> dict[int, tuple[int, int]]:
         return {p: v for p, v in self.parents.items() if self.members.get(p) == job.cookie}
+
+    def known_exits(self) -> Container[int]:
+        return self._exited
 
     def exited(self, tid: int) -> tuple[int, int] | None:
         return self._exited.pop(tid, None)

@@ -32,6 +32,9 @@ class _Raw:
     filename: str = ""
     marked: bool = False
     cgroup_id: int = 0
+    # BPF: whether the kernel saw it (or an ancestor since it was seeded) enter a user namespace
+    # (JC_MARK_USERNS); None = unknown (proc connector): read /proc
+    ns_entered: bool | None = None
 
 
 @dataclass

@@ -175,6 +175,10 @@ class UsernsMixin:
             # the connector reports no namespace entry: look again at each event while it lives
             ino = userns_inode(pid) or ino
             rec["userns"] = ino
+        if ino is None and raw is not None and raw.ns_entered is False:
+            # BPF: neither it nor an ancestor entered a namespace since its job's processes were seeded
+            # (in the initial one: seed_from_proc marks those in another): no /proc read per event
+            ino = INIT_USERNS
         if ino is None:
             if pid in self._ns_changing:   # it unshares/setns-es later in this batch: not there yet
                 ino = self._parent_ns(job, rec)
@@ -195,7 +199,8 @@ class UsernsMixin:
             self._map_helper(job, info, None)
         if not rec.get("ns_marked"):
             rec["ns_marked"] = True
-            self._be.set_marked(pid)   # its exit completes the story, whatever its host uid
+            self._be.set_marked(pid, userns=True)   # its exit completes the story, whatever its host uid;
+            # and its children's events say they are in a namespace (JC_MARK_USERNS)
         if ino not in job.userns:
             job.userns[ino] = pid
             self._extra.append(self._observed(job, rec, pid, ts, info, raw))

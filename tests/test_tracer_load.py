@@ -1,0 +1,162 @@
+"""Nothing dropped or sampled under load (issue 13), through the real agent, BPF tracer and CLIs, in jobs whose
+pids.max is set at prologue:
+
+- 5,000 set*uid calls a second for 4 s by root in a job, with children that burn CPU as the pool uid: every
+  call is a setuid event in the trail, ``events_lost`` stays 0, and the identities' CPU is a split of the
+  cgroup's (the pool uid's share is the children's CPU);
+- the spawner at its maximum rate (fork + exec /bin/true as fast as it goes): every exec is in the trail and
+  ``events_lost`` stays 0.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from jctest import JOBCAGE, AgentProc, JcEnv, require, wait_for  # noqa: E402
+from test_identity import BPF, Ids, execloop, idents, ids, pick, prologue, show, trail  # noqa: E402
+from test_trail_agreement import cpu_sum_ok  # noqa: E402
+
+__all__ = ["execloop", "ids"]   # fixtures used by name
+
+pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.jc_config(BPF)]
+
+IDLOOP_C = r"""
+/* idloop UID RATE SECONDS EVERY SPIN_US: as root, after one byte on stdin, alternate setresuid(UID, UID, 0) and
+ * setresuid(0, 0, 0) at RATE calls/s for SECONDS; every EVERY-th switch to UID forks a child (real uid UID) that
+ * burns SPIN_US of CPU and exits.  Children are reaped without waiting (the loop keeps its pace).
+ * Prints "CALLS FAILED CHILDREN FORK_FAILED ELAPSED". */
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+static double clk(clockid_t c) { struct timespec t; clock_gettime(c, &t); return t.tv_sec + t.tv_nsec / 1e9; }
+int main(int argc, char **argv) {
+    if (argc < 6) return 2;
+    uid_t uid = (uid_t)atol(argv[1]);
+    double rate = atof(argv[2]), secs = atof(argv[3]), spin = atof(argv[5]) / 1e6;
+    long every = atol(argv[4]), calls = 0, failed = 0, children = 0, fork_failed = 0;
+    char c;
+    if (read(0, &c, 1) != 1) return 2;
+    double t0 = clk(CLOCK_MONOTONIC);
+    for (;;) {
+        while (waitpid(-1, NULL, WNOHANG) > 0) ;
+        double t = clk(CLOCK_MONOTONIC) - t0;
+        if (t >= secs && !(calls & 1)) break;
+        if (calls >= (long)(t * rate) && t < secs) { struct timespec ts = {0, 50000}; nanosleep(&ts, NULL); continue; }
+        if ((calls & 1) ? setresuid(0, 0, 0) : setresuid(uid, uid, 0)) failed++;
+        if (!(calls & 1) && (calls / 2) % every == 0) {
+            pid_t p = fork();
+            if (p == 0) { double s = clk(CLOCK_THREAD_CPUTIME_ID); while (clk(CLOCK_THREAD_CPUTIME_ID) - s < spin) ; _exit(0); }
+            if (p > 0) children++; else fork_failed++;
+        }
+        calls++;
+    }
+    while (wait(NULL) > 0) ;
+    printf("%ld %ld %ld %ld %.6f\n", calls, failed, children, fork_failed, clk(CLOCK_MONOTONIC) - t0);
+    return 0;
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def idloop(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    require(shutil.which("gcc") is not None, "gcc is missing")
+    d = tmp_path_factory.mktemp("idloop")
+    (d / "idloop.c").write_text(IDLOOP_C)
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(d / "idloop"), str(d / "idloop.c")], check=True)
+    os.chmod(d, 0o755)
+    return d / "idloop"
+
+
+def heartbeat(env: JcEnv) -> float:
+    """The agent's last periodic pass (it stores the tracer's events_lost there), read-only from its store."""
+    db = sqlite3.connect(f"file:{env.state_dir / 'jobcage.db'}?mode=ro", uri=True, timeout=30)
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key='heartbeat'").fetchone()
+        return float(row[0]) if row else 0.0
+    finally:
+        db.close()
+
+
+def after_periodic(env: JcEnv) -> None:
+    """Return once a periodic pass began after now (so show's events_lost is the kernel's count now)."""
+    t = time.time()
+    wait_for(lambda: heartbeat(env) > t, 60, "the agent's periodic pass")
+
+
+def at_least(evs: list[dict], n: float) -> list[dict] | None:
+    return evs if len(evs) >= n else None
+
+
+def run_in_job(env: JcEnv, job: str, argv: list[str], timeout: float) -> str:
+    """argv (waiting for one byte on stdin) started as root inside the job through `jobcage run`, released once it
+    runs there; its stdout."""
+    p = env.popen([JOBCAGE, "run", job, "--", *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    wait_for(lambda: os.path.realpath(f"/proc/{p.pid}/exe") == argv[0] or p.poll() is not None, 60,
+             f"{argv[0]} in the job")
+    assert p.stdin is not None and p.stdout is not None
+    p.stdin.write(b"x")
+    p.stdin.close()
+    out = p.stdout.read().decode()
+    assert p.wait(timeout=timeout) == 0, out
+    return out
+
+
+def test_5000_setuid_calls_per_second_nothing_lost(jc_env: JcEnv, agent_proc: AgentProc, ids: Ids,
+                                                   idloop: Path) -> None:
+    pilot, pool = ids.pilot, ids.pool
+    job = f"suid-{secrets.token_hex(2)}"
+    prologue(jc_env, job, pilot, "--pids-max", "64")
+    out = run_in_job(jc_env, job, [str(idloop), str(pool.uid), "5000", "4", "50", "2000"], timeout=300)
+    calls, failed, children, fork_failed, elapsed = (float(x) for x in out.split())
+    rate = calls / elapsed
+    print(f"\n{calls:.0f} setresuid calls in {elapsed:.2f} s ({rate:.0f}/s), {failed:.0f} failed, "
+          f"{children:.0f} children ({fork_failed:.0f} forks refused)")
+    assert failed == 0 and rate >= 4500, "the loop did not reach ~5,000 calls/s"
+
+    def setuid_events() -> list[dict]:
+        return pick(trail(jc_env, job), kind="setuid")
+
+    evs = wait_for(lambda: at_least(setuid_events(), calls), 120, "every setuid event")
+    assert len(evs) == calls, f"{len(evs)} setuid events for {calls:.0f} calls"
+    assert sum(1 for e in evs if e["uid"] == pool.uid) == calls / 2
+    after_periodic(jc_env)
+    s = show(jc_env, job)
+    assert s["events_lost"] == 0, s
+    ok, why = cpu_sum_ok(s)
+    got = {u: i["cpu_seconds"] for u, i in idents(s).items()}
+    print(f"per identity {got}, cgroup {s['cpu_seconds']} s: {why}")
+    assert ok, why
+    # the children burnt 2 ms each as the pool uid; root's loop mostly slept
+    assert got.get(pool.uid, 0) >= 0.8 * children * 0.002, got
+    assert set(got) <= {0, pool.uid, pilot.uid} and not got.get(pilot.uid), got   # the owner is listed, ran nothing
+
+
+def test_max_spawn_rate_every_exec_in_trail(jc_env: JcEnv, agent_proc: AgentProc, execloop: Path) -> None:
+    job = f"spawn-{secrets.token_hex(2)}"
+    jc_env.jobcage("prologue", job, "--uid", "0", "--pids-max", "64").ok()
+    n = 8000
+    t0 = time.monotonic()
+    run_in_job(jc_env, job, [str(execloop), str(n)], timeout=600)
+    rate = n / (time.monotonic() - t0)
+
+    def execs() -> list[dict]:
+        return [e for e in pick(trail(jc_env, job), kind="exec") if e["filename"] == "/bin/true"]
+
+    evs = wait_for(lambda: at_least(execs(), n), 120, "every exec event")
+    print(f"\n{n} execs at ~{rate:.0f}/s (fork + exec as fast as it goes): {len(evs)} in the trail")
+    assert len(evs) == n
+    after_periodic(jc_env)
+    assert show(jc_env, job)["events_lost"] == 0
