@@ -108,6 +108,21 @@ def _verify_joined(job_id: str, pid: int, result: object) -> str | None:
     return f"the kernel does not show process {pid} in job {job_id}'s cgroup ({cgroup or 'unknown'}): not contained"
 
 
+def exit_now(rc: int) -> None:
+    """Exit without the interpreter's teardown (freeing every module and object: ~3 ms of a hook that
+    takes ~20).  Nothing on the hook path needs it: the socket is closed, files are closed by their
+    with-blocks, no atexit handler.  What was printed is flushed first."""
+    try:
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        rc = rc or 120   # the interpreter's own status when stdout cannot be flushed at exit
+    try:
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    os._exit(rc)
+
+
 def main(argv: list[str]) -> int:
     cmd, args = argv[0], argv[1:]
     if "-h" in args or "--help" in args[: args.index("--") if "--" in args else len(args)]:

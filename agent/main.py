@@ -19,9 +19,10 @@ def main() -> None:
 
         sys.exit(hint_main(argv))
     if argv and argv[0] in HOOKS:
+        from .hook import exit_now
         from .hook import main as hook_main
 
-        sys.exit(hook_main(argv))
+        exit_now(hook_main(argv))
     from .cli import cli
 
     cli(prog_name="jobcage")

@@ -48,8 +48,8 @@ import sys
 sys.path[:0] = ["$venv/src"]
 sys.path.append("$site_dir")
 if len(sys.argv) > 1 and sys.argv[1] in ("prologue", "adopt", "run", "epilogue"):
-    from jobcage.agent.hook import main as hook_main
-    sys.exit(hook_main(sys.argv[1:]))
+    from jobcage.agent.hook import exit_now, main as hook_main
+    exit_now(hook_main(sys.argv[1:]))   # no interpreter teardown: ~3 ms per hook
 if len(sys.argv) > 1 and sys.argv[1] in ("pam", "ssh-hint"):  # sshd: once per login
     from jobcage.agent.main import main
     main()

@@ -249,3 +249,16 @@ def test_leaf_skip_removes_what_the_full_walk_removes() -> None:
         assert skipped_leaves == {str(top / f"old{d}") for d in (2, 3, 4, 5)} | {str(top / "old-owned-dir")}
     finally:
         shutil.rmtree(top, ignore_errors=True)
+
+
+def test_fast_exit_flushes_what_the_hook_printed(tmp_path: Path) -> None:
+    """The hooks leave without interpreter teardown (os._exit): what they printed still arrives, through
+    a pipe (block-buffered) as well, and the exit status is the hook's."""
+    env = {"PATH": "/usr/bin:/bin", "JOBCAGE_CONFIG": str(tmp_path / "missing.toml")}
+    for argv in ([str(LAUNCHER)], [str(LAUNCHER.with_name("jobcage"))]):   # the launcher, pip's wrapper (main.py)
+        r = subprocess.run([*argv, "epilogue", "--help"], capture_output=True, text=True, env=env, timeout=60)
+        assert (r.returncode, r.stdout.startswith("usage: jobcage epilogue")) == (0, True), r
+        r = subprocess.run([*argv, "adopt", "j", "--pid", "x"], capture_output=True, text=True, env=env, timeout=60)
+        assert r.returncode == 2 and "--pid takes a number" in r.stderr and not r.stdout, r
+        r = subprocess.run([*argv, "epilogue", "j"], capture_output=True, text=True, env=env, timeout=60)
+        assert r.returncode == 1 and "config file not found" in r.stderr, r
