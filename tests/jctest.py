@@ -666,7 +666,7 @@ class AgentProc:
         self.proc: subprocess.Popen | None = None
         self.starts = 0
 
-    def start(self, timeout: float = 60.0) -> AgentProc:
+    def start(self, timeout: float = 300.0) -> AgentProc:   # generous: bcc compiles ~30 s on an emulated node
         assert self.proc is None or self.proc.poll() is not None, "agent already running"
         self.starts += 1
         log = open(self.log_path, "a")  # noqa: SIM115 - the child keeps it; closed with the process

@@ -17,6 +17,10 @@ finish() {  # finish RC
   systemctl --no-block poweroff
   exit 0
 }
+# No network in the guest (-nic none): lo's 127.0.0.1 alone, which glibc's AI_ADDRCONFIG does not count, so
+# getaddrinfo(AF_INET) fails for every name and address -- slurmctld: 'Unable to resolve "127.0.0.1"', exit 1.
+# A node has a network address; a documentation one (TEST-NET-1) on lo stands in for it.
+ip addr add 192.0.2.1/32 dev lo 2>/dev/null || true
 find /jobcage -mindepth 1 -maxdepth 1 ! -name .venv -exec rm -rf {} +
 tar -C "$src" --exclude=./.venv --exclude=./.git --exclude=./build --exclude='*.egg-info' \
     --exclude=__pycache__ --exclude=.pytest_cache --exclude=.ruff_cache -cf - . | tar -C /jobcage -xf - \
