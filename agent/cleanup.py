@@ -86,7 +86,9 @@ class Skipped:
 class CleanupReport:
     """What a cleanup removed (or would remove, in a dry run) and what it left, with a reason per entry.
 
-    Counts are exact; the path lists are bounded (``max_paths`` removed paths, ``max_paths`` skipped entries per
+    Counts are exact for what the walk looked at (the files of a directory judged on its lstat alone --
+    untouched since the job started, no subdirectories -- are not counted, only the directory); the path
+    lists are bounded (``max_paths`` removed paths, ``max_paths`` skipped entries per
     reason) and ``removed_unlisted`` / ``skipped_unlisted`` say how many were left out of them.
     (A plain class, not a dataclass: this module is on the prologue/epilogue hook path, where importing
     ``dataclasses`` -> ``inspect`` costs milliseconds.)
