@@ -28,6 +28,7 @@ import errno
 import os
 import pwd
 import stat
+import time
 from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 
@@ -204,6 +205,17 @@ def _unescape_mountinfo(s: str) -> str:
     return "".join(out)
 
 
+# What walks of this process found in directories untouched since their job began, by (st_dev, st_ino):
+# ((ctime_ns, mtime_ns, nlink), subdirectory names, other entries).  The agent runs an epilogue per job,
+# and most of a /tmp never changes between two: a directory whose ctime is the same has the same entries
+# (every create, unlink and rename in it moves the ctime), so it is not read again -- its subdirectories
+# are still looked at one by one.  Only a ctime older than LISTED_MIN_AGE when listed is kept: a change
+# after the listing then gets a later ctime whatever the clock's granularity.
+_LISTED: dict[tuple[int, int], tuple[tuple[int, int, int], tuple[str, ...], int]] = {}
+LISTED_MIN_AGE = 2.0
+LISTED_MAX = 200_000
+
+
 class _Walker:
     """Depth-first, post-order removal below one open directory; see the module docstring for the rules."""
 
@@ -228,31 +240,43 @@ class _Walker:
         True when nothing is left in it (in a dry run: when nothing would be).
         """
         old_dir = False
+        key = seen = None
         if self.since is not None:
             # Creating, linking or renaming an entry into a directory sets the directory's ctime (and
             # nobody can set a ctime back): in a directory untouched since the job started no entry is
             # the job's, so its non-directories are not even lstat-ed, only its subdirectories entered.
             try:
-                old_dir = os.fstat(dfd).st_ctime < self.since
+                st = os.fstat(dfd)
+                old_dir = st.st_ctime < self.since
+                key, seen = (st.st_dev, st.st_ino), (st.st_ctime_ns, st.st_mtime_ns, st.st_nlink)
             except OSError:
                 old_dir = False
         before = 0
+        memo = _LISTED.get(key) if old_dir else None
         try:
-            # List first, act after: we do not modify the directory under an open readdir stream.
-            with os.scandir(dfd) as it:
-                if old_dir:
-                    names = []
-                    for e in it:
-                        try:
-                            is_dir = e.is_dir(follow_symlinks=False)   # d_type: no stat
-                        except OSError:
-                            is_dir = True
-                        if is_dir:
-                            names.append(e.name)
-                        else:
-                            before += 1
-                else:
-                    names = [e.name for e in it]
+            if memo is not None and memo[0] == seen:
+                # listed by an earlier walk and not changed since (same ctime): the same entries
+                names, before = list(memo[1]), memo[2]
+            else:
+                # List first, act after: we do not modify the directory under an open readdir stream.
+                with os.scandir(dfd) as it:
+                    if old_dir:
+                        names = []
+                        for e in it:
+                            try:
+                                is_dir = e.is_dir(follow_symlinks=False)   # d_type: no stat
+                            except OSError:
+                                is_dir = True
+                            if is_dir:
+                                names.append(e.name)
+                            else:
+                                before += 1
+                    else:
+                        names = [e.name for e in it]
+                if old_dir and seen is not None and seen[0] < time.time_ns() - int(LISTED_MIN_AGE * 1e9):
+                    if len(_LISTED) >= LISTED_MAX:
+                        _LISTED.clear()
+                    _LISTED[key] = (seen, tuple(names), before)
         except OSError as e:
             self.report.note_skipped(path, ERROR, f"cannot list: {e.strerror}")
             return False
@@ -265,7 +289,7 @@ class _Walker:
         return empty
 
     def _entry(self, dfd: int, parent: str, name: str, depth: int) -> bool:
-        path = os.path.join(parent, name)
+        path = f"{parent}/{name}" if parent[-1:] != "/" else parent + name   # os.path.join, cheaper
         try:
             st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
         except FileNotFoundError:

@@ -262,3 +262,50 @@ def test_fast_exit_flushes_what_the_hook_printed(tmp_path: Path) -> None:
         assert r.returncode == 2 and "--pid takes a number" in r.stderr and not r.stdout, r
         r = subprocess.run([*argv, "epilogue", "j"], capture_output=True, text=True, env=env, timeout=60)
         assert r.returncode == 1 and "config file not found" in r.stderr, r
+
+
+@pytest.mark.root
+def test_listing_memo_never_hides_the_jobs_files(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An old directory another walk listed is not read again while its ctime stands still; whatever the job
+    makes below it, or in it (which moves its ctime), is still found and removed."""
+    from jobcage.agent import cleanup as cl
+
+    top = Path(tempfile.mkdtemp(prefix="jctest-memo-", dir="/tmp"))
+    uid = 64983
+    try:
+        for d in ("old0/nest/leaf", "old1/sub"):
+            (top / d).mkdir(parents=True)
+        for d in ("old0", "old0/nest", "old1"):
+            for f in range(5):
+                (top / d / f"f{f}").write_text("x")
+        key = lambda p: (os.stat(p).st_dev, os.stat(p).st_ino)   # noqa: E731
+        cl.cleanup([str(top)], {uid}, since=time.time())
+        assert key(top / "old0") not in cl._LISTED, "listed while its ctime was recent: kept anyway"
+        monkeypatch.setattr(cl, "LISTED_MIN_AGE", 0.0)
+        time.sleep(0.05)
+        since = time.time()
+        time.sleep(0.05)
+        cl.cleanup([str(top)], {uid}, since=since)
+        assert {key(top / d) for d in ("old0", "old0/nest", "old1")} <= set(cl._LISTED)
+        read: list[tuple[int, int]] = []
+        scandir = os.scandir
+
+        def counting_scandir(fd: int) -> object:
+            st = os.fstat(fd)
+            read.append((st.st_dev, st.st_ino))
+            return scandir(fd)
+
+        monkeypatch.setattr(os, "scandir", counting_scandir)
+        # the job: a file deep below listed directories, and a new directory in a listed one
+        for p, is_dir in ((top / "old0/nest/leaf/new", False), (top / "old1/newdir", True),
+                          (top / "old1/newdir/x", False)):
+            p.mkdir() if is_dir else p.write_text("job")
+            os.chown(p, uid, uid)
+        second = cl.cleanup([str(top)], {uid}, since=since)
+        assert sorted(second.removed) == sorted(str(top / p) for p in ("old0/nest/leaf/new", "old1/newdir/x",
+                                                                       "old1/newdir")), second.removed
+        assert not (top / "old0/nest/leaf/new").exists() and not (top / "old1/newdir").exists()
+        assert key(top / "old0") not in read and key(top / "old0/nest") not in read, "the memo was not used"
+        assert key(top / "old1") in read and key(top / "old0/nest/leaf") in read   # changed: read again
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
