@@ -34,22 +34,26 @@ setuid calls/s, and the agent's CPU while a job execs 1,000 times a second.
 7. Outside-job floor (`floor`, not in the default set).  The spawner in no job with nothing, with the tracer's BPF
    programs only, with a taskstats exit listener only (the agent's Accounting), and with both: what each part
    costs the node (paired ratios), and the consumer's CPU per exec.
+8. Idle (`idle`, not in the default set).  The agent with the node's default reconcile_interval and one job that
+   runs nothing: its CPU over 30 s.
 
 Root only.  Everything is private and removed at the end: a config with its own cgroup subtree
 ``jobcage-ovh<hex>``, state dir and socket in a temp dir; the agent, auditd, bpftrace and spawners this
 script started (by pid); the audit rule; the kernel's audit enabled flag and backlog limit are restored.
 
-    .venv/bin/python bench/trace_overhead.py [--rounds 6] [--run-seconds 2] [--only throughput,setuid,cpu,work,bpf,real,floor]
-        [--real-rounds 4] [--loop-iterations 300] [--json]
+    .venv/bin/python bench/trace_overhead.py [--rounds 6] [--run-seconds 2] [--only throughput,setuid,cpu,work,bpf,real,floor,idle]
+        [--real-rounds 4] [--loop-iterations 300] [--profile] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import json
 import os
 import platform
+import pstats
 import random
 import secrets
 import shutil
@@ -587,6 +591,24 @@ def agent_cpu(b: Bench, rate: float, secs: float) -> dict:
             "agent_cpu_pct_idle": 100 * idle, "exec_events_in_trail": execs, "events_lost": lost}
 
 
+def agent_idle(b: Bench, secs: float) -> dict:
+    """The agent idle with the node's defaults (its config without the bench's 1 s reconcile_interval), one job
+    that runs nothing: utime+stime over `secs` after 5 s of settling."""
+    saved = b.cfg.read_text()
+    b.cfg.write_text(saved.replace("reconcile_interval = 1.0\n", ""))
+    try:
+        b.prologue("idle")
+        b.agent_start()
+        time.sleep(5)
+        c0, t0 = b.agent_cpu(), time.monotonic()
+        time.sleep(secs)
+        pct = 100 * (b.agent_cpu() - c0) / (time.monotonic() - t0)
+    finally:
+        b.agent_stop()
+        b.cfg.write_text(saved)
+    return {"seconds": secs, "agent_cpu_pct": pct}
+
+
 BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
 
 
@@ -649,6 +671,19 @@ def bpf_cost(b: Bench, secs: float) -> dict:
 FLOOR_CONFIGS = ("none", "bpf programs", "taskstats listener", "both")
 
 
+class _NoExits:
+    """A tracer that knows no job exit: what the accounting sees of a node whose exits are nobody's."""
+
+    def sync_exited(self) -> list[int]:
+        return []
+
+    def known_exits(self) -> set[int]:
+        return set()
+
+    def job_of_exited(self, tid: int) -> str | None:
+        return None
+
+
 def floor_parts(b: Bench, rounds: int, secs: float, rng: random.Random) -> dict:
     """What the node pays outside any job, part by part: the spawner (in no job) with nothing, with only the
     tracer's BPF programs attached (loaded in this process, its ring buffer polled every 50 ms in a thread, as the
@@ -667,9 +702,9 @@ def floor_parts(b: Bench, rounds: int, secs: float, rng: random.Random) -> dict:
         for conf in order:
             tr = Tracer(lambda ev: None, backend="bpf") if conf in ("bpf programs", "both") else None
             if tr is not None:
-                tr.add_job("floor-elsewhere", 0, 1)   # a cgroup id no task has: the maps hold one job
-            acc = Accounting(tr.job_of_exited if tr is not None else (lambda tid: None)) \
-                if conf in ("taskstats listener", "both") else None
+                tr.add_job("floor-elsewhere", 0, (1 << 62) + 1)   # a cgroup id no task has (1 is the root!): one job in the maps
+            # the agent's path for other tasks' records: the tracer's known exits (none here) decide
+            acc = Accounting(tr if tr is not None else _NoExits()) if conf in ("taskstats listener", "both") else None
             if acc is not None:
                 acc.start()
             stop = threading.Event()
@@ -708,7 +743,7 @@ def floor_parts(b: Bench, rounds: int, secs: float, rng: random.Random) -> dict:
     return {"rounds": rounds, "run_seconds": secs, "rows": rows}
 
 
-def agent_work(b: Bench, secs: float) -> dict:
+def agent_work(b: Bench, secs: float, profile: bool = False) -> dict:
     """The agent's own CPU time per traced exec, in-process and load-robust: the tracer, accounting and store
     the agent uses, fed a batch of execs that waited in the kernel (ring buffer, taskstats socket) while the
     spawner ran, then worked off in one timed pass per stage, as the agent's loop does (poll the tracer, write
@@ -743,6 +778,10 @@ def agent_work(b: Bench, secs: float) -> dict:
             r0 = acc.records
             n = int(b.release(p, run_s + 300)[0])
             time.sleep(0.1)   # the last exits reach the kernel's maps and the socket
+            # CPU time, not wall time: on a loaded node a preemption would land on whatever function ran
+            prof = cProfile.Profile(time.process_time) if profile and phase != "warm-up" else None
+            if prof is not None:
+                prof.enable()
             c0 = time.process_time()
             tr.poll(0)
             c1 = time.process_time()
@@ -752,6 +791,10 @@ def agent_work(b: Bench, secs: float) -> dict:
             acc.poll(0)
             acc.poll(0)
             c3 = time.process_time()
+            if prof is not None:   # to stderr: where the time of this pass went, by function (--profile)
+                prof.disable()
+                print(f"== work, {phase}: {n} execs", file=sys.stderr)
+                pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(20)
             recs = acc.records - r0
             rows[phase] = {"execs": n, "events": len(evs), "taskstats_records": recs,
                            "tracer_us_per_exec": 1e6 * (c1 - c0) / n, "store_us_per_exec": 1e6 * (c2 - c1) / n,
@@ -881,6 +924,10 @@ def report(res: dict) -> None:
             print(f"  {where}: {row['ns_per_exec']:.0f} ns of BPF per exec ({row['execs']} execs)")
             for name, pr in sorted(row["programs"].items(), key=lambda kv: -kv[1]["calls"]):
                 print(f"    {name:<34}{pr['ns_per_call']:8.0f} ns/call {pr['calls_per_exec']:6.2f} calls/exec")
+    ai = res.get("idle")
+    if ai:
+        print(f"\nagent idle, default reconcile_interval, one job: {ai['agent_cpu_pct']:.2f}% of a core over "
+              f"{ai['seconds']:g} s")
     fl = res.get("floor")
     if fl:
         print(f"\noutside any job, part by part: {fl['rounds']} interleaved runs of {fl['run_seconds']:g} s, medians")
@@ -914,9 +961,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--exec-rate", type=float, default=1000.0)
     ap.add_argument("--cpu-seconds", type=float, default=10.0)
     ap.add_argument("--only", default="throughput,setuid,cpu,work,bpf,real",
-                    help="comma list of throughput, setuid, cpu, work, bpf, real, floor (not in the default)")
+                    help="comma list of throughput, setuid, cpu, work, bpf, real; floor, idle (not in the default)")
     ap.add_argument("--real-rounds", type=int, default=4, help="interleaved rounds of the real jobs (default 4)")
     ap.add_argument("--loop-iterations", type=int, default=300, help="coreutils loop iterations (6 execs each)")
+    ap.add_argument("--profile", action="store_true", help="work: a cProfile of each timed pass, to stderr")
     ap.add_argument("--no-peers", action="store_true", help="skip auditd and bpftrace")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -943,9 +991,11 @@ def main(argv: list[str] | None = None) -> int:
         if "cpu" in only:
             res["cpu"] = agent_cpu(b, args.exec_rate, args.cpu_seconds)
         if "work" in only:
-            res["work"] = agent_work(b, args.run_seconds)
+            res["work"] = agent_work(b, args.run_seconds, args.profile)
         if "bpf" in only:
             res["bpf"] = bpf_cost(b, args.run_seconds)
+        if "idle" in only:
+            res["idle"] = agent_idle(b, 30.0)
         if "floor" in only:
             res["floor"] = floor_parts(b, args.rounds, args.run_seconds, random.Random(seed + 2))
         if "real" in only:
