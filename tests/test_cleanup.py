@@ -82,11 +82,23 @@ def snapshot(top: str) -> dict[str, tuple[int, int, int, int]]:
     return out
 
 
+# rewritten (renamed over, locked, backed up) by useradd/userdel, which other suites on the node run any time
+USER_DB = ("passwd", "group", "shadow", "gshadow", "subuid", "subgid")
+
+
 def etc_snapshot() -> dict[str, tuple[int, int, float]]:
+    """/etc's entries: what a cleanup that followed a link into /etc would delete (or touch)."""
     out = {}
     for n in os.listdir("/etc"):
-        st = os.lstat(os.path.join("/etc", n))
-        out[n] = (st.st_ino, st.st_uid, st.st_mtime)
+        if n.rstrip("-+").removesuffix(".lock") in USER_DB and n not in USER_DB:
+            continue   # useradd's locks and backups come and go
+        try:
+            st = os.lstat(os.path.join("/etc", n))
+        except FileNotFoundError:   # gone between listdir and lstat: someone else's doing
+            continue
+        # the user databases get a new inode with every useradd, directories a new mtime with every entry
+        # another suite adds (sudoers.d): that they are there is what counts
+        out[n] = (0, 0, 0.0) if n in USER_DB or stat.S_ISDIR(st.st_mode) else (st.st_ino, st.st_uid, st.st_mtime)
     return out
 
 
