@@ -334,10 +334,24 @@ class Accounting:
         n = 0
         misses: dict[int, tuple[bytes, int, int]] = {}
         attribute = self._attribute
+        fast, stats_at = _FAST.unpack_from, _FAST_STATS
         for data in got:
+            size = len(data)
+            if size >= stats_at:
+                # the common datagram, one per-task exit record in the kernel's layout: split_messages' fast
+                # case inline (a call and a list per record are a third of what a record costs)
+                length, typ, _alen, atyp, plen, ptyp, pid, slen, styp = fast(data, 0)
+                b = stats_at - 4 + slen
+                if (length + 3) & ~3 >= size and length <= size and b <= length and slen >= _NLA.size \
+                        and typ >= NLMSG_MIN_TYPE and (atyp & 0x3FFF, plen, ptyp & 0x3FFF) == _FAST_HEAD \
+                        and styp & 0x3FFF == TASKSTATS_TYPE_STATS:
+                    n += 1
+                    # the common case, a task of no job: one dict lookup, no call
+                    if (known is not None and pid not in known) or not attribute(pid, data, stats_at, b):
+                        misses[pid] = (data, stats_at, b)
+                    continue
             for pid, a, b in split_messages(data):
                 n += 1
-                # the common case, a task of no job: one dict lookup, no call
                 if (known is not None and pid not in known) or not attribute(pid, data, a, b):
                     misses[pid] = (data, a, b)
         if waiting:
