@@ -253,16 +253,16 @@ class Agent:
             except Exception:
                 log.exception("job %s: cannot follow it (tracing, accounting)", job["job_id"])
         self._record_gap(live)
+        if cfg.metrics_port:   # before the socket: an agent that answers serves its metrics too
+            from .metrics import serve as serve_metrics
+
+            serve_metrics(self, cfg.metrics_port)
         sockdir = os.path.dirname(cfg.socket_path)
         os.makedirs(sockdir, mode=0o755, exist_ok=True)
         server = self.control = ControlServer(cfg, self.api)
         os.chmod(cfg.socket_path, 0o666)  # anyone may connect; SO_PEERCRED decides what they may do
         t = threading.Thread(target=server.serve_forever, name="control", daemon=True)
         t.start()
-        if cfg.metrics_port:
-            from .metrics import serve as serve_metrics
-
-            serve_metrics(self, cfg.metrics_port)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: self._stop.set())
         log.info("agent ready: cgroups %s, tracer %s, %d job(s), socket %s",
