@@ -319,9 +319,9 @@ class JobManager:
             limit = self.config.default_pids_max if pids_max is None else pids_max
             if not isinstance(limit, int) or limit < 1:
                 raise InvalidArgument(f"invalid pids limit: {limit!r}")
-            if not target.has_pids:
-                raise Unsupported(f"[attach] pids_limit is set but {target.path} has no pids controller",
-                                  job_id=job_id)
+            if not target.can_enable_pids():
+                raise Unsupported(f"[attach] pids_limit is set but {target.path} has no pids controller "
+                                  "and its parent cannot give it one", job_id=job_id)
         if pid is not None and not target.contains(pid):
             raise AccessDenied(f"process {pid} is not inside {target.path}: attach mode moves nothing",
                                job_id=job_id, pid=pid)
@@ -347,6 +347,7 @@ class JobManager:
         orig_max = None
         try:
             if limit is not None:
+                target.enable_pids()   # where the batch system did not (Slurm 22.05): the site opted in
                 orig_max = target.pids_max_raw()
             self.driver.set_meta(job_id, json.dumps(
                 {"owner_uid": uid, "owner_gid": gid, "created": created, "pids_max": limit, "mode": "attach",

@@ -331,6 +331,30 @@ class CgroupAt:
                 continue
         return total
 
+    def enable_pids(self) -> bool:
+        """Make the pids controller available in this cgroup where whoever made it did not (Slurm 22.05's
+        cgroup/v2 enables only cpuset, cpu and memory): ``+pids`` in the parent's cgroup.subtree_control,
+        what Slurm 25.05's ``EnableExtraControllers=pids`` does.  Only when the site opted in.  True if
+        pids.max is there now; False where the parent lacks the controller itself."""
+        if self.has_pids:
+            return True
+        if not self.can_enable_pids():
+            return False
+        self._check()
+        write(os.path.join(os.path.dirname(self.path), "cgroup.subtree_control"), "+pids")
+        return self.has_pids
+
+    def can_enable_pids(self) -> bool:
+        """enable_pids() would succeed (the parent has the controller to give); changes nothing."""
+        if self.has_pids:
+            return True
+        if self.kind != "cgroup2":
+            return False
+        try:
+            return "pids" in read(os.path.join(os.path.dirname(self.path), "cgroup.controllers")).split()
+        except NoSuchCgroup:
+            return False
+
     def pids_max_raw(self) -> str | None:
         d = self._pids_dir()
         return None if d is None else read(os.path.join(d, "pids.max")).strip()

@@ -229,6 +229,8 @@ class SlurmCluster:
         command_timeout: float = 30.0,
         keep: bool = False,
         slurmd_unit: str | None = None,
+        cgroup_conf: Mapping[str, str] | None = None,
+        slurmd_env: Mapping[str, str] | None = None,
     ) -> None:
         """base_dir: where to create the cluster dir (default: the system temp dir).  It must be traversable
         by other users (pytest's tmp_path is not: /tmp/pytest-of-root is 0700) and short: munge's and
@@ -238,6 +240,9 @@ class SlurmCluster:
         keep: leave the cluster dir in place after stop() (for debugging; KEEP_SLURM_CLUSTER=1 does the same).
         slurmd_unit: run slurmd under systemd as this transient unit (systemd-run, Delegate=yes, KillMode=process
         like Debian's slurmd.service) instead of as a child; stop() kills what is left in the unit's cgroup.
+        cgroup_conf: cgroup.conf keys (e.g. {"CgroupPlugin": "cgroup/v2"}), written next to slurm.conf (where
+        Slurm reads it) when given.
+        slurmd_env: extra environment for slurmd (and so its plugins), e.g. {"JOBCAGE_SLURM_TIMEOUT": "120"}.
         """
         base = Path(base_dir) if base_dir is not None else Path(tempfile.gettempdir())
         _check_traversable(base)
@@ -251,6 +256,8 @@ class SlurmCluster:
         self.command_timeout = command_timeout
         self.keep = keep or os.environ.get("KEEP_SLURM_CLUSTER") == "1"
         self.slurmd_unit = slurmd_unit
+        self.cgroup_conf = dict(cgroup_conf) if cgroup_conf is not None else None
+        self.slurmd_env = dict(slurmd_env or {})
         self.munge_dir = self.root / "munge"
         self.munge_socket = self.munge_dir / "munge.socket"
         self.conf_path = self.root / "slurm.conf"
@@ -373,7 +380,8 @@ class SlurmCluster:
             subprocess.run(["systemctl", "reset-failed", self.slurmd_unit], capture_output=True, timeout=60)
             r = subprocess.run(["systemd-run", f"--unit={self.slurmd_unit}", "--property=Delegate=yes",
                                 "--property=KillMode=process", f"--working-directory={self.root}",
-                                *(f"--setenv={k}={v}" for k, v in {**self.env, "HOME": str(self.root)}.items()),
+                                *(f"--setenv={k}={v}" for k, v in {**self.env, "HOME": str(self.root),
+                                                                    **self.slurmd_env}.items()),
                                 "--", *argv], capture_output=True, text=True, timeout=120)
             if r.returncode != 0:
                 raise SlurmClusterError(f"systemd-run slurmd: {r.stderr.strip()}")
@@ -381,7 +389,7 @@ class SlurmCluster:
             return
         if self._killgroup is not None and self._killgroup.path is not None:
             argv = ["/bin/sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', str(self._killgroup.path)] + argv
-        self._spawn("slurmd", argv)
+        self._spawn("slurmd", argv, extra_env=self.slurmd_env)
         self.wait_node_state({"idle"}, timeout=self.startup_timeout)
 
     def _stop_slurm(self) -> None:
@@ -394,11 +402,12 @@ class SlurmCluster:
         self._stop_proc("slurmd")
         self._stop_proc("slurmctld")
 
-    def _spawn(self, name: str, argv: list[str], user: int | None = None, group: int | None = None) -> None:
+    def _spawn(self, name: str, argv: list[str], user: int | None = None, group: int | None = None,
+               extra_env: Mapping[str, str] | None = None) -> None:
         with open(self.log_dir / f"{name}.out", "ab") as out:  # Popen keeps its own copy of the fd
             self._procs[name] = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=self.root,
-                env={**self.env, "HOME": str(self.root)}, user=user, group=group,
+                env={**self.env, "HOME": str(self.root), **(extra_env or {})}, user=user, group=group,
                 extra_groups=[] if user is not None else None,
                 start_new_session=True,  # keep terminal signals (^C on pytest) for our own teardown
             )
@@ -475,6 +484,10 @@ class SlurmCluster:
         lines.append(f"PartitionName=test Nodes={self.node} Default=YES MaxTime=INFINITE State=UP")
         self.conf_path.write_text("\n".join(lines) + "\n")
         self.conf_path.chmod(0o644)
+        if self.cgroup_conf is not None:
+            cg = self.conf_path.with_name("cgroup.conf")
+            cg.write_text("".join(f"{k}={v}\n" for k, v in self.cgroup_conf.items()))
+            cg.chmod(0o644)
 
     # -- diagnostics --
 

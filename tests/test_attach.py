@@ -557,3 +557,20 @@ def test_attach_pids_limit_opt_in_holds_a_fork_bomb(jc_env: JcEnv, batch: FakeBa
     assert summary["pids_limit_hits"] > 0
     assert pids_max.read_text().strip() == "256", "the batch system's limit is restored"
     batch.remove_job(n)
+
+
+@pytest.mark.jc_config({"attach": {"pids_limit": True}})
+def test_attach_pids_limit_without_a_pids_controller_is_refused(jc_env: JcEnv, pilot: User) -> None:
+    """The site opted in, but the batch system's cgroup has no pids controller and its parent has none to give
+    (the hybrid node's controller-less cgroup2, no v1 pids cgroup made): one clear line, nothing changed."""
+    batch = FakeBatch(("unified",))
+    try:
+        n = job_no()
+        jobdir = batch.make_job(n)
+        before = (jc_env.listing(), batch.listing(), (jobdir.parent / "cgroup.subtree_control").read_text())
+        r = jc_env.jobcage("prologue", str(n), "--uid", str(pilot.uid), "--cgroup", str(jobdir))
+        r.clean_error(1, "no pids controller")
+        assert (jc_env.listing(), batch.listing(), (jobdir.parent / "cgroup.subtree_control").read_text()) == before
+        assert jc_env.jobcage("list", "--all", "--json").json() == []
+    finally:
+        assert not batch.cleanup()

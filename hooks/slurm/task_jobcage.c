@@ -8,14 +8,25 @@
  *
  * What it does (Slurm 22.05; verified by tests/test_slurm_jobcage.py):
  *   task_p_slurmd_suspend_job(JOB)   slurmd, root, before Slurm's SIGTSTP/SIGSTOP:  jobcage suspend JOB
+ *                                    (own mode only: see there for attach mode)
  *                                    (the job's cgroup is frozen: every process, daemonized and
  *                                    identity-switched ones included; returns when the kernel says frozen)
  *   task_p_slurmd_resume_job(JOB)    slurmd, root:                                   jobcage resume JOB
  *   task_p_post_set_affinity(...)    slurmstepd, root, after the step's tasks were forked and before
- *                                    they exec:  jobcage adopt JOB --pid TASK  for every task not yet
- *                                    adopted (the job id comes from slurmstepd's title "[JOB.STEP]",
- *                                    the tasks are slurmstepd's children that have not exec'd yet).
+ *                                    they exec (the job id comes from slurmstepd's title "[JOB.STEP]",
+ *                                    the tasks are slurmstepd's children that have not exec'd yet):
+ *                                    own mode:     jobcage adopt JOB --pid TASK  for every task not yet
+ *                                                  adopted;
+ *                                    attach mode:  jobcage prologue JOB --uid UID --gid GID --from-pid TASK
+ *                                                  once per slurmstepd (every step of the job calls it
+ *                                                  again: a no-op once the job is attached).
  *                                    Failure fails the task launch (fail closed, like the TaskProlog).
+ *
+ * Own or attach (docs/batch-systems.md): attach when Slurm contains the job itself (proctrack/cgroup,
+ * task/cgroup: slurmstepd runs inside the job's cgroup job_N, e.g. .../slurmstepd.scope/job_N/step_M/slurm
+ * on cgroup/v2), own otherwise (proctrack/linuxproc: slurmstepd stays in slurmd's cgroup).  Slurm 22.05
+ * makes job_N only after the Prolog ran, so attach happens here, where the task already is in job_N.
+ * JOBCAGE_SLURM_MODE=own|attach overrides the choice read from /proc/self/cgroup.
  *   every other task_p_* callback    no-op, returns success.
  *
  * Every jobcage run is bounded: a child that has not exited after the time limit is SIGKILLed together
@@ -27,7 +38,8 @@
  * environment (so JOBCAGE_CONFIG set for slurmd reaches jobcage), stdin /dev/null, and stdout+stderr
  * captured into the log message.  Environment of slurmd/slurmstepd read at each call:
  *   JOBCAGE_SLURM_TIMEOUT   seconds (default JC_TIMEOUT_MS / 1000 = 30)
- *   JOBCAGE_SLURM_ADOPT=0   do not adopt tasks (leave it to the TaskProlog)
+ *   JOBCAGE_SLURM_ADOPT=0   do not adopt tasks (leave it to the TaskProlog); no attach either
+ *   JOBCAGE_SLURM_MODE      own | attach | auto (default: auto, see above)
  * Logging goes through Slurm's public slurm_info()/slurm_error() (to SlurmdLogFile) when the plugin runs
  * inside a Slurm daemon, else to stderr.
  *
@@ -42,6 +54,7 @@
 #include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <glob.h>
 #include <limits.h>
 #include <poll.h>
 #include <signal.h>
@@ -458,6 +471,140 @@ static int jc_adopt_tasks(void)
 	return rc;
 }
 
+/* --- attach mode: Slurm's own cgroup holds the job ------------------------------------------------------ */
+
+static int jc_attached;   /* this slurmstepd attached its job already */
+
+/* 1 if slurmstepd itself sits in a cgroup of the job ("/job_JOB/" in a line of /proc/self/cgroup):
+ * Slurm contains the job, jobcage attaches to it instead of moving tasks out. */
+static int jc_attach_mode(uint32_t job)
+{
+	const char *m = getenv("JOBCAGE_SLURM_MODE");
+	char line[4096], want[32];
+	size_t wl;
+	int found = 0;
+	FILE *f;
+
+	if (m && strcmp(m, "attach") == 0)
+		return 1;
+	if (m && strcmp(m, "own") == 0)
+		return 0;
+	if (m && *m && strcmp(m, "auto") != 0)
+		jc_log(1, "ignoring invalid JOBCAGE_SLURM_MODE=%s (own, attach or auto)", m);
+	if (!(f = fopen("/proc/self/cgroup", "r")))
+		return 0;
+	wl = (size_t)snprintf(want, sizeof(want), "/job_%u", job);
+	while (!found && fgets(line, sizeof(line), f)) {
+		char *p = line;
+
+		while ((p = strstr(p, want)) != NULL) {
+			if (p[wl] == '/' || p[wl] == '\n' || p[wl] == '\0') {
+				found = 1;
+				break;
+			}
+			p += wl;
+		}
+	}
+	fclose(f);
+	return found;
+}
+
+/* From slurmd (outside any job): 1 if Slurm made a cgroup for the job (cgroup/v2 under slurmstepd.scope,
+ * cgroup/v1 freezer), i.e. Slurm contains it and jobcage is attached; JOBCAGE_SLURM_MODE overrides. */
+static int jc_slurm_contains(uint32_t job)
+{
+	const char *m = getenv("JOBCAGE_SLURM_MODE");
+	char pat[2][160];
+	glob_t g;
+	int i, found = 0;
+
+	if (m && strcmp(m, "attach") == 0)
+		return 1;
+	if (m && strcmp(m, "own") == 0)
+		return 0;
+	snprintf(pat[0], sizeof(pat[0]), "/sys/fs/cgroup/system.slice/*slurmstepd.scope/job_%u", job);
+	snprintf(pat[1], sizeof(pat[1]), "/sys/fs/cgroup/freezer/slurm*/uid_*/job_%u", job);
+	for (i = 0; i < 2 && !found; i++) {
+		if (glob(pat[i], GLOB_NOSORT, NULL, &g) == 0)
+			found = g.gl_pathc > 0;
+		globfree(&g);
+	}
+	return found;
+}
+
+/* The job's uid and gid, from a task that has not exec'd yet.  slurmstepd forks it with effective ids
+ * the job's (seteuid), the child takes root back for a moment and then sets all ids to the job's before
+ * it waits for the go-ahead to exec: so the first non-root effective id seen is the job's; a task that
+ * stays root for a while is a root job's.  No user code has run in it: the ids are Slurm's doing. */
+static int jc_task_ids(pid_t pid, unsigned long *uid, unsigned long *gid)
+{
+	char path[64], line[256];
+	double until = jc_now() + 2.0;
+	unsigned long r, e, g, ge;
+	int have;
+	FILE *f;
+
+	snprintf(path, sizeof(path), "/proc/%d/status", (int)pid);
+	for (;;) {
+		have = 0;
+		if (!(f = fopen(path, "r")))
+			return -1;
+		while (fgets(line, sizeof(line), f)) {
+			if (sscanf(line, "Uid: %lu %lu", &r, &e) == 2)
+				have |= 1;
+			else if (sscanf(line, "Gid: %lu %lu", &g, &ge) == 2)
+				have |= 2;
+		}
+		fclose(f);
+		if (have != 3)
+			return -1;
+		if (e != 0 || jc_now() >= until) {
+			*uid = e;
+			*gid = ge;
+			return 0;
+		}
+		usleep(10000);
+	}
+}
+
+static int jc_attach_job(uint32_t job)
+{
+	pid_t kids[JC_MAX_TASKS];
+	char bin[PATH_MAX], id[16], uid_s[24], gid_s[24], pid_s[16], what[160];
+	char *argv[] = { bin, "prologue", id, "--uid", uid_s, "--gid", gid_s, "--from-pid", pid_s, NULL };
+	unsigned long uid, gid;
+	int nkids, rc, timeout_ms = jc_timeout_ms();
+	struct jc_run r;
+	double t0 = jc_now();
+
+	nkids = jc_task_children(kids, JC_MAX_TASKS);
+	if (nkids <= 0) {
+		jc_log(1, "job %u: no task of slurmstepd found to attach the job from", job);
+		return JC_ERROR;
+	}
+	if (jc_task_ids(kids[0], &uid, &gid) < 0) {
+		jc_log(1, "job %u: cannot read the ids of task %d: %s", job, (int)kids[0], strerror(errno));
+		return JC_ERROR;
+	}
+	jc_bin(bin, sizeof(bin));
+	snprintf(id, sizeof(id), "%u", job);
+	snprintf(uid_s, sizeof(uid_s), "%lu", uid);
+	snprintf(gid_s, sizeof(gid_s), "%lu", gid);
+	snprintf(pid_s, sizeof(pid_s), "%d", (int)kids[0]);
+	snprintf(what, sizeof(what), "jobcage prologue %u --uid %lu --gid %lu --from-pid %d", job, uid, gid,
+		 (int)kids[0]);
+	rc = jc_spawn(&r, argv);
+	if (rc != 0) {
+		jc_log(1, "%s: cannot run %s: %s", what, bin, strerror(rc));
+		return JC_ERROR;
+	}
+	jc_wait_all(&r, 1, timeout_ms);
+	if (jc_report(&r, what, t0, timeout_ms) != JC_SUCCESS)
+		return JC_ERROR;
+	jc_attached = 1;
+	return JC_SUCCESS;
+}
+
 static int jc_adopt_enabled(void)
 {
 	const char *s = getenv("JOBCAGE_SLURM_ADOPT");
@@ -490,14 +637,23 @@ int task_p_slurmd_launch_request(void *req, uint32_t node_id)
 	return JC_SUCCESS;
 }
 
-/* slurmd ignores the return value of these two; failures are logged. */
+/* slurmd ignores the return value of these two; failures are logged.  Attach mode: Slurm freezes the
+ * steps' user cgroups itself, and job_N also holds the steps' slurmstepd (step_M/slurm): frozen by a
+ * freeze of job_N, it could not answer slurmd's suspend request that follows this call, and slurmd would
+ * hold the job's suspend lock -- and every later resume -- forever.  So leave suspend to Slurm there. */
 int task_p_slurmd_suspend_job(uint32_t job_id)
 {
+	if (jc_slurm_contains(job_id)) {
+		jc_log(0, "job %u: in Slurm's own cgroup (attach mode): Slurm freezes its steps", job_id);
+		return JC_SUCCESS;
+	}
 	return jc_job_command("suspend", job_id);
 }
 
 int task_p_slurmd_resume_job(uint32_t job_id)
 {
+	if (jc_slurm_contains(job_id))
+		return JC_SUCCESS;
 	return jc_job_command("resume", job_id);
 }
 
@@ -522,13 +678,19 @@ int task_p_set_affinity(void *step, uint32_t node_tid)
 }
 
 /* Called by slurmstepd (root) once per task after all of the step's tasks were forked and before any
- * of them execs; the first call adopts them all, the later ones find nothing left to do. */
+ * of them execs; the first call adopts them all (or attaches the job), the later ones find nothing left
+ * to do. */
 int task_p_post_set_affinity(void *step, uint32_t node_tid)
 {
+	uint32_t job;
+
 	(void)step;
 	(void)node_tid;
-	if (!jc_adopt_enabled())
+	if (!jc_adopt_enabled() || jc_attached)
 		return JC_SUCCESS;
+	job = jc_stepd_job_id();
+	if (job && jc_attach_mode(job))
+		return jc_attach_job(job);
 	return jc_adopt_tasks();
 }
 
