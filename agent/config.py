@@ -94,6 +94,9 @@ class Config:
     attach_job_patterns: list[str] = [r".*/([^/]*_)?slurmstepd\.scope/job_[0-9]+",
                                       r".*/slurm[^/]*/uid_[0-9]+/job_[0-9]+"]
     attach_pids_limit: bool = False    # opt-in: write pids.max in the batch system's cgroup
+    # root processes of the batch system inside its job cgroup that jobcage's freeze, kill and signals pass
+    # by (Slurm's slurmstepd lives in job_N/step_M/slurm: frozen, slurmd hangs; killed, the step fails)
+    attach_batch_daemons: list[str] = ["slurmstepd"]
     path: str = ""                     # where this config came from
 
     def __init__(self, path: str = "") -> None:
@@ -153,7 +156,8 @@ SECTIONS = {
                "syslog": "export_syslog", "syslog_facility": "export_syslog_facility",
                "journal": "export_journal", "journal_socket": "export_journal_socket",
                "queue_size": "export_queue_size", "max_record": "export_max_record"},
-    "attach": {"job_patterns": "attach_job_patterns", "pids_limit": "attach_pids_limit"},
+    "attach": {"job_patterns": "attach_job_patterns", "pids_limit": "attach_pids_limit",
+               "batch_daemons": "attach_batch_daemons"},
 }
 CHOICES = {"pam_mode": ("deny", "allow-unadopted", "log-only"), "pam_pick": ("newest", "oldest"),
            "pam_on_failure": ("allow", "deny"), "pam_attached": ("batch", "leaf")}

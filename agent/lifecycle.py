@@ -187,8 +187,16 @@ class JobManager:
         """The cgroup that holds the job: jobcage's own (mode own), or the batch system's
         (mode attach), with one interface."""
         if job.get("mode") == "attach":
-            return CgroupAt(self.driver.layout, job["cgroup"], int(job["cgroup_ino"] or 0))
+            return CgroupAt(self.driver.layout, job["cgroup"], int(job["cgroup_ino"] or 0),
+                            spare=self._batch_daemon if self.config.attach_batch_daemons else None)
         return Named(self.driver, job["job_id"])
+
+    def _batch_daemon(self, pid: int) -> bool:
+        """A root process named in [attach] batch_daemons: the batch system's own, passed by.  Root only:
+        any user can name a process slurmstepd."""
+        with open(f"/proc/{pid}/comm") as f:
+            comm = f.read().rstrip("\n")
+        return comm in self.config.attach_batch_daemons and proc_uids(pid) == (0, 0)
 
     def trace_target(self, job: dict) -> tuple[int | None, list[int], int | None]:
         """(cgroup2 id, current pids, level) for the tracer: an attached cgroup is matched with

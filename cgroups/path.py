@@ -14,6 +14,7 @@ so a caller can hold either kind the same way.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal as _signal
@@ -125,12 +126,15 @@ class CgroupAt:
 
     poll_interval = 0.0005
 
-    def __init__(self, layout: Layout, path: str, ino: int) -> None:
+    def __init__(self, layout: Layout, path: str, ino: int, spare: Callable[[int], bool] | None = None) -> None:
         self.layout = layout
         self.kind, self.mount, self.rel = _split(layout, path)
         self.path = self.mount.rstrip("/") + self.rel
         self.ino = ino
         self.level = len(self.rel.strip("/").split("/"))   # depth below the root (root = 0)
+        # spare(pid): a process of whoever owns the cgroup that freeze, kill and signals must pass by (Slurm's
+        # slurmstepd sits in job_N/step_M/slurm: frozen, slurmd deadlocks on it; killed, the step fails)
+        self.spare = spare
 
     @classmethod
     def open(cls, layout: Layout, path: object) -> CgroupAt:
@@ -204,6 +208,40 @@ class CgroupAt:
         a, b = self.rel + "/", other.rel + "/"
         return a.startswith(b) or b.startswith(a)
 
+    def _spared(self, pid: int) -> bool:
+        try:
+            return self.spare is not None and self.spare(pid)
+        except (OSError, ValueError, NoSuchProcess):
+            return False   # gone: nothing to spare
+
+    def members(self) -> list[int]:
+        """The processes freeze, kill and signals act on: every process of the subtree but the spared."""
+        return [p for p in self.pids() if not self._spared(p)]
+
+    def _parts(self) -> tuple[list[str], list[int]]:
+        """(the largest cgroups of the subtree holding no spared process, the other processes beside a spared
+        one): without `spare`, the whole cgroup."""
+        if self.spare is None:
+            return [self.path], []
+        own: dict[str, list[int]] = {}
+        dirty: set[str] = set()          # a spared process in it or below
+        for d, subdirs, _files in os.walk(self.path, topdown=False):
+            try:
+                own[d] = [int(x) for x in read(os.path.join(d, "cgroup.procs")).split()]
+            except NoSuchCgroup:
+                continue
+            if any(self._spared(p) for p in own[d]) or any(os.path.join(d, c) in dirty for c in subdirs):
+                dirty.add(d)
+        whole, loose = [], []
+        for d in sorted(own):            # parents sort before their children
+            if any(d.startswith(w + "/") for w in whole):
+                continue
+            if d not in dirty:
+                whole.append(d)
+            else:
+                loose.extend(p for p in own[d] if not self._spared(p))
+        return whole, loose
+
     # -- freeze -----------------------------------------------------------------------------
     @property
     def has_freeze(self) -> bool:
@@ -216,20 +254,36 @@ class CgroupAt:
         return self.kind == "cgroup2" and os.path.exists(os.path.join(self.path, "cgroup.kill"))
 
     def _set_frozen(self, frozen: bool) -> None:
-        if self.kind == "freezer":
-            write(os.path.join(self.path, "freezer.state"), "FROZEN" if frozen else "THAWED")
-        elif self.has_freeze:
-            write(os.path.join(self.path, "cgroup.freeze"), "1" if frozen else "0")
-        else:
+        if not self.has_freeze:
             raise Unsupported(f"{self.path} has no freezer", path=self.path)
+        whole, _loose = self._parts()
+        if not frozen and self.spare is not None:
+            whole = [d for d, _s, _f in os.walk(self.path)]   # thaw: whatever an earlier freeze left
+        for d in whole:
+            try:
+                if self.kind == "freezer":
+                    write(os.path.join(d, "freezer.state"), "FROZEN" if frozen else "THAWED")
+                else:
+                    write(os.path.join(d, "cgroup.freeze"), "1" if frozen else "0")
+            except NoSuchCgroup:
+                if d == self.path:
+                    raise
+
+    def _frozen_at(self, d: str) -> bool:
+        if self.kind == "freezer":
+            return read(os.path.join(d, "freezer.state")).strip() == "FROZEN"
+        return read_keyed(os.path.join(d, "cgroup.events")).get("frozen") == "1"
 
     def frozen(self) -> bool:
-        """The kernel says the whole subtree is frozen (v2: cgroup.events; v1: FROZEN, not FREEZING)."""
-        if self.kind == "freezer":
-            return read(os.path.join(self.path, "freezer.state")).strip() == "FROZEN"
+        """The kernel says the whole subtree (but what it spares) is frozen (v2: cgroup.events; v1: FROZEN,
+        not FREEZING)."""
         if not self.has_freeze:
             return False
-        return read_keyed(os.path.join(self.path, "cgroup.events")).get("frozen") == "1"
+        whole, _loose = self._parts()
+        try:
+            return bool(whole) and all(self._frozen_at(d) for d in whole)
+        except NoSuchCgroup:
+            return False
 
     def _wait(self, what: str, cond: Callable[[], bool], timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -255,14 +309,16 @@ class CgroupAt:
     def signal(self, sig: int) -> int:
         """sig to every process of the subtree at one frozen instant; how many got it."""
         if not self.has_freeze:
-            return signal_frozen(sig, self.pids)
-        return signal_frozen(sig, self.pids, self.frozen, self.freeze, lambda: self.exists() and self.thaw())
+            return signal_frozen(sig, self.members)
+        return signal_frozen(sig, self.members, self.frozen, self.freeze, lambda: self.exists() and self.thaw())
 
     def kill(self, timeout: float = 10.0) -> None:
         """SIGKILL the whole subtree; return when it is empty.  cgroup.kill where the kernel has
         it (recursive, catches racing forks); else freeze, SIGKILL each pid, thaw, repeat -- with
         no pids.max clamp: that limit is not ours to write."""
         self._check()
+        if self.spare is not None:
+            return self._kill_parts(timeout)
         if self.has_kill:
             write(os.path.join(self.path, "cgroup.kill"), "1")
             self._wait("kill", lambda: not self.exists() or not self.pids(), timeout)
@@ -286,6 +342,32 @@ class CgroupAt:
                 self._wait("kill", lambda: not self.exists() or not self.pids(), min(0.05, max(left, 0.001)))
             except Timeout:
                 pass
+
+    def _kill_parts(self, timeout: float) -> None:
+        """kill() passing the spared processes by: cgroup.kill of every cgroup free of them, SIGKILL of the
+        others beside them, until only spared ones are left (a step made meanwhile is caught next round)."""
+        deadline = time.monotonic() + timeout
+        while self.exists() and self.members():
+            if time.monotonic() > deadline:
+                raise Timeout(f"kill of {self.path} incomplete after {timeout:g}s; "
+                              f"survivors: {describe_pids(self.members())}", path=self.path)
+            whole, loose = self._parts()
+            for d in whole:
+                try:
+                    if self.kind == "cgroup2" and os.path.exists(os.path.join(d, "cgroup.kill")):
+                        write(os.path.join(d, "cgroup.kill"), "1")
+                    else:
+                        loose.extend(int(x) for sub, _s, _f in os.walk(d)
+                                     for x in read(os.path.join(sub, "cgroup.procs")).split())
+                except NoSuchCgroup:
+                    continue
+            for pid in loose:
+                try:
+                    os.kill(pid, _signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            with contextlib.suppress(Timeout):
+                self._wait("kill", lambda: not self.exists() or not self.members(), 0.05)
 
     # -- counters -------------------------------------------------------------------------------
     def cpu_usage_ns(self) -> int | None:

@@ -369,6 +369,59 @@ def test_attach_direct_path(jc_env: JcEnv, batch: FakeBatch, pilot: User) -> Non
     assert not jc_env.member_dir(job).exists()
 
 
+STEPD = ("import os, sys, time\n"
+         "open('/proc/self/comm', 'w').write('slurmstepd')\n"
+         "while True:\n"
+         "    with open(sys.argv[1], 'a') as f: f.write('t\\n')\n"
+         "    time.sleep(0.05)\n")
+
+
+def test_attach_passes_the_batch_systems_daemon_by(jc_env: JcEnv, batch: FakeBatch, pilot: User) -> None:
+    """Slurm's slurmstepd lives inside job_N (step_M/slurm): jobcage's suspend, signals and kill of an attached
+    job pass the batch system's root daemons ([attach] batch_daemons) by -- frozen, slurmd hangs on it; killed,
+    the step fails -- and act on everything else, including a user's process that calls itself slurmstepd."""
+    n = job_no()
+    job = str(n)
+    jobdir = batch.make_job(n)
+    jc_env.jobcage("prologue", job, "--uid", str(pilot.uid), "--cgroup", str(jobdir)).ok()
+    task = batch.make_step(n, "batch")
+    stepd_cg = {k: batch.job_dir(n, k) / "step_batch" / "slurm" for k in batch.roots}
+    for d in stepd_cg.values():
+        d.mkdir()
+    d = workdir(jc_env, job)
+    ticks_root, ticks_user = d / "stepd.tick", d / "fake.tick"
+
+    def enter(dirs: dict[str, Path]) -> Callable[[], None]:
+        return lambda: [Path(d, "cgroup.procs").write_text(str(os.getpid())) for d in dirs.values()] and None
+
+    stepd = subprocess.Popen([PYTHON, "-c", STEPD, str(ticks_root)], preexec_fn=enter(stepd_cg),
+                             start_new_session=True, stdin=subprocess.DEVNULL)
+    batch.procs.append(stepd)
+    fake = batch.launch(task, [PYTHON, "-c", STEPD, str(ticks_user)], pilot, jc_env.env)  # a user's "slurmstepd"
+    task_sleep = batch.launch(task, ["/bin/sleep", "600"], pilot, jc_env.env)
+    wait_for(lambda: ticks(ticks_root) > 2 and ticks(ticks_user) > 2, 20, "both slurmstepd-named loops ticking")
+    assert Path(f"/proc/{stepd.pid}/comm").read_text().strip() == "slurmstepd"
+
+    jc_env.jobcage("suspend", job).ok()
+    assert show(jc_env, job)["state"] == "suspended"
+    assert "frozen 1" in (task["unified"] / "cgroup.events").read_text()
+    assert "frozen 0" in (stepd_cg["unified"] / "cgroup.events").read_text()
+    u0, r0 = ticks(ticks_user), ticks(ticks_root)
+    wait_for(lambda: ticks(ticks_root) > r0 + 3, 10, "the batch system's daemon to run on while the job is frozen")
+    assert ticks(ticks_user) == u0, "the user's process named slurmstepd was spared"
+    jc_env.jobcage("resume", job).ok()
+    wait_for(lambda: ticks(ticks_user) > u0, 10, "the job to run again after resume")
+
+    jc_env.jobcage("kill", job).ok()
+    assert fake.wait(timeout=10) != 0 and task_sleep.wait(timeout=10) != 0
+    assert stepd.poll() is None, "jobcage killed the batch system's daemon"
+    s = jc_env.jobcage("epilogue", job, "--json").json()
+    assert s["state"] == "ended" and stepd.poll() is None, s
+    stepd.kill()
+    stepd.wait(timeout=10)
+    batch.remove_job(n)
+
+
 def test_attach_adopt_rules(jc_env: JcEnv, batch: FakeBatch, pilot: User) -> None:
     """adopt into an attached job: a pid already inside is fine (nothing moves), any other pid is refused with one
     line; a pid inside an attached job cannot be adopted into another (own-mode) job either."""
