@@ -89,10 +89,8 @@ class Api:
                                cgroup=cgroup, from_pid=None if from_pid is None else _int("pid", from_pid, minimum=1))
 
     def adopt(self, caller: Caller, job_id: str, pid: int) -> dict:
-        self.m.adopt(validate_job_id(job_id), _int("pid", pid, minimum=1), caller.uid)
-        job = self.m.store.job(job_id) or {}
         # cgroup: the caller checks with the kernel that pid really is there before it reports success
-        return {"job_id": job_id, "pid": pid, "tmpdir": job.get("tmpdir"), "cgroup": job.get("cgroup")}
+        return self.m.adopt(validate_job_id(job_id), _int("pid", pid, minimum=1), caller.uid)
 
     def sshd_adopt(self, caller: Caller, uid: int, pid: int, info: dict | None = None, hint: str | None = None,
                    dry_run: bool = False) -> dict:
@@ -134,9 +132,8 @@ class Api:
 
     def events(self, caller: Caller, job_id: str, after_id: int = 0, limit: int = EVENTS_PAGE) -> list:
         """One page of the trail after `after_id`: an answer must fit in a socket message."""
-        job = self.m.check_read(validate_job_id(job_id), caller.uid)
-        return self.m.store.events(job["jid"], _int("after_id", after_id),
-                                   min(_int("limit", limit, minimum=1), EVENTS_PAGE))
+        return self.m.events(validate_job_id(job_id), caller.uid, _int("after_id", after_id),
+                             min(_int("limit", limit, minimum=1), EVENTS_PAGE))
 
     def declare(self, caller: Caller, job_id: str, uid: int, label: str) -> dict:
         return self.m.declare(validate_job_id(job_id), _int("uid", uid), label, caller.uid)
@@ -151,8 +148,6 @@ class Api:
         now = time.time()
         if at is not None and at > now + FUTURE_SLACK_S:
             raise InvalidArgument(f"time {iso(float(at))} is in the future (now {iso(now)})")
-        if not self.m.store.uid_seen(uid):
-            raise InvalidArgument(f"uid {uid} was never seen in any job on this node")
         return self.m.whois(uid, now if at is None else float(at))
 
     def trace(self, caller: Caller, job_id: str) -> dict:

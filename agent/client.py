@@ -78,23 +78,38 @@ def socket_for(cfg: Config) -> str:
     return cfg.root_socket if os.geteuid() == 0 and os.path.exists(cfg.root_socket) else cfg.socket_path
 
 
+class Invoker:
+    """The one agent-or-direct path: a method through the agent when it is up, else (root only) the
+    same method table in-process (agent/api.py), so validation and permission rules are identical and
+    containment never depends on the agent.  Held by a long-running reader (jobtrace --live/--follow):
+    the direct method table is made once, not per call."""
+
+    def __init__(self, cfg: Config | None = None) -> None:
+        if cfg is None:
+            from .config import load
+
+            cfg = load()
+        self.cfg = cfg
+        self._api: object | None = None
+
+    def __call__(self, method: str, timeout: float | None = 60.0, **params: object) -> object:
+        import os
+
+        if self._api is None:
+            try:
+                return call(socket_for(self.cfg), method, timeout=timeout, **params)
+            except AgentUnavailable as e:
+                if os.geteuid() != 0:
+                    raise AgentUnavailable(f"{e}; non-root callers need the agent for '{method}'") from None
+            from .api import Api
+            from .lifecycle import JobManager
+
+            self._api = Api(JobManager(self.cfg))
+        from .api import Caller
+
+        return self._api.dispatch(Caller(os.getpid(), 0, 0), method, params)  # type: ignore[attr-defined]
+
+
 def invoke(method: str, **params: object) -> object:
-    """Run a method through the agent when it is up, else directly as root.
-
-    Both paths go through the same method table (agent/api.py), so validation and
-    permission rules are identical: containment never depends on the agent.
-    """
-    import os
-
-    from .config import load
-
-    cfg = load()
-    try:
-        return call(socket_for(cfg), method, **params)
-    except AgentUnavailable as e:
-        if os.geteuid() != 0:
-            raise AgentUnavailable(f"{e}; non-root callers need the agent for '{method}'") from None
-    from .api import Api, Caller
-    from .lifecycle import JobManager
-
-    return Api(JobManager(cfg)).dispatch(Caller(os.getpid(), 0, 0), method, params)
+    """One method call, through the agent when it is up, else directly as root (see Invoker)."""
+    return Invoker()(method, **params)

@@ -33,7 +33,8 @@ from typing import Any
 import click
 
 from .api import EVENTS_PAGE
-from .errors import AgentUnavailable, JobcageError
+from .client import Invoker
+from .errors import JobcageError
 
 HZ = os.sysconf("SC_CLK_TCK")
 # Parents that adopt orphans besides init (PR_SET_CHILD_SUBREAPER is not visible in /proc, so by name).
@@ -684,32 +685,7 @@ def render_job(job: Mapping[str, Any], procs: Mapping[int, Proc], roots: list[No
 
 # -- data source --------------------------------------------------------------------------------------------
 
-class Source:
-    """client.invoke with the fallback kept: the agent when it answers, else (root only) the same method
-    table in-process, created once so that --live / --follow do not reopen the store every second."""
-
-    def __init__(self) -> None:
-        from .config import load
-
-        self.cfg = load()
-        self._api: Any = None
-
-    def __call__(self, method: str, timeout: float = 60.0, **params: Any) -> Any:
-        if self._api is None:
-            from .client import call, socket_for
-
-            try:
-                return call(socket_for(self.cfg), method, timeout=timeout, **params)
-            except AgentUnavailable as e:
-                if os.geteuid() != 0:
-                    raise AgentUnavailable(f"{e}; jobtrace needs the agent unless run as root") from None
-            from .api import Api
-            from .lifecycle import JobManager
-
-            self._api = Api(JobManager(self.cfg))
-        from .api import Caller
-
-        return self._api.dispatch(Caller(os.getpid(), 0, 0), method, params)
+Source = Invoker   # the agent when it answers, else (root only) the same method table in-process
 
 
 # -- one-shot -----------------------------------------------------------------------------------------------
@@ -859,6 +835,8 @@ class LiveModel:
         self.parent_shown: dict[int, int | None] = {}
         self.error: str | None = None
         self.roots: list[Node] = []
+        self._layout: Any = None
+        self._cg: Any = None   # the job's cgroup (jobcage.cgroups.path.CgroupAt), opened once
 
     def _trace(self) -> list[int] | None:
         t0 = time.monotonic()
@@ -879,17 +857,22 @@ class LiveModel:
         return [int(p) for p in data.get("pids") or []]
 
     def _members(self) -> list[int] | None:
-        """Member pids and frozen state straight from the job's cgroup (cheap), None when unreadable."""
+        """Member pids and frozen state straight from the job's cgroup (cheap, through the cgroup layer),
+        None when unreadable."""
         d = self.job.get("cgroup")
         if not d or self.job.get("state") == "ended":
             return None
         try:
-            pids = [int(x) for x in _read_all(os.path.join(d, "cgroup.procs")).split()]
-            try:
-                frozen = b"frozen 1" in _read(os.path.join(d, "cgroup.events"), 4096)
-            except FileNotFoundError:
-                frozen = _read(os.path.join(d, "freezer.state"), 64).strip() == b"FROZEN"
-        except (OSError, ValueError):
+            if self._cg is None or self._cg.path != d:
+                from jobcage.cgroups.detect import detect
+                from jobcage.cgroups.path import CgroupAt
+
+                self._layout = self._layout or detect()
+                self._cg = CgroupAt(self._layout, d, os.stat(d).st_ino)
+            pids = self._cg.pids()
+            frozen = self._cg.has_freeze and self._cg.frozen()
+        except (OSError, JobcageError, ValueError):
+            self._cg = None
             return None
         self.job["state"] = "suspended" if frozen else "running"
         self.job["pids_current"] = len(pids)

@@ -142,6 +142,7 @@ class Observer(Protocol):
                     level: int | None = None) -> None: ...  # level: match the cgroup's descendants too
     def job_adopted(self, job_id: str, pid: int) -> None: ...
     def job_cpu_by_uid(self, job_id: str, pids: list[int]) -> dict[int, float] | None: ...
+    def job_lineage(self, job_id: str) -> dict[int, dict] | None: ...   # the tracer's, read only
     def job_ended(self, job_id: str) -> None: ...
 
 
@@ -176,6 +177,44 @@ class JobManager:
         if job is None:
             raise NoSuchJob(f"unknown job {job_id}", job_id=job_id)
         return job
+
+    def _lookup(self, job_id: str) -> dict:
+        """The job for a read: the store's record, else what the kernel holds (the cgroup's xattr),
+        unsaved.  Never reconciles: a read changes nothing, and the view says what the kernel says
+        (a cgroup that vanished shows as ended until a writer -- the agent's reconcile, the epilogue --
+        records it)."""
+        validate_job_id(job_id)
+        job = self.store.job(job_id) or self._unrecorded(job_id)
+        if job is None:
+            raise NoSuchJob(f"unknown job {job_id}", job_id=job_id)
+        return job
+
+    def _meta(self, name: str) -> dict | None:
+        """The trusted xattr of a cgroup in jobcage's subtree (owner, creation, limit; attach: target)."""
+        raw = self.driver.get_meta(name) if self.driver.exists(name) else None
+        try:
+            meta = json.loads(raw) if raw is not None else None
+        except ValueError:
+            return None
+        return meta if isinstance(meta, dict) else None
+
+    def _unrecorded(self, name: str) -> dict | None:
+        """A job the kernel holds but the store lacks (made while the store was unavailable), as an
+        unsaved job record: what reconcile() would register."""
+        meta = self._meta(name)
+        if meta is None:
+            return None
+        try:
+            job = {"jid": None, "job_id": name, "owner_uid": int(meta["owner_uid"]),
+                   "owner_gid": meta.get("owner_gid"), "pids_max": meta.get("pids_max"), "state": "running",
+                   "created": float(meta.get("created") or time.time()), "ended": None, "cpu_seconds": None,
+                   "pids_limit_hits": None, "events_lost": 0, "tmpdir": None, "summary": None}
+            if meta.get("mode") == "attach":
+                target = CgroupAt(self.driver.layout, str(meta["cgroup"]), int(meta["cgroup_ino"]))
+                return dict(job, mode="attach", cgroup=target.path, cgroup_ino=target.ino)
+        except (InvalidArgument, KeyError, TypeError, ValueError):
+            return None
+        return dict(job, mode="own", cgroup=self.driver.path(name), cgroup_ino=None)
 
     def _active(self, job_id: str) -> dict:
         job = self._job(job_id)
@@ -224,7 +263,7 @@ class JobManager:
         return any(i["uid"] == caller_uid for i in self.store.identities(job["jid"]))
 
     def check_read(self, job_id: str, caller_uid: int) -> dict:
-        job = self._job(job_id)
+        job = self._lookup(job_id)
         if not self.may_read(job, caller_uid):
             raise AccessDenied(f"job {job_id} is not yours", job_id=job_id)
         return job
@@ -388,7 +427,12 @@ class JobManager:
         return create_job_tmpdir(self.config.tmpdir_base, job_id, uid,
                                  gid if gid is not None else pwd.getpwuid(uid).pw_gid)
 
-    def adopt(self, job_id: str, pid: int, caller_uid: int, record: bool = True) -> None:
+    def adopt(self, job_id: str, pid: int, caller_uid: int, record: bool = True) -> dict:
+        """Move pid into the job (see _adopt); the answer names the job's cgroup and TMPDIR."""
+        job = self._adopt(job_id, pid, caller_uid, record)
+        return {"job_id": job_id, "pid": pid, "tmpdir": job.get("tmpdir"), "cgroup": job.get("cgroup")}
+
+    def _adopt(self, job_id: str, pid: int, caller_uid: int, record: bool = True) -> dict:
         """Move pid into the job.  Root may adopt anything; the job's owner only
         its own processes; nobody adopts into someone else's job.  record=False: the
         caller writes the adopt record itself (sshd_adopt, with the session's details)."""
@@ -405,7 +449,7 @@ class JobManager:
             if self.held(job).contains(pid):
                 if self.observer:
                     self.observer.job_adopted(job_id, pid)
-                return
+                return job
             raise AccessDenied(f"job {job_id} is attached to {job['cgroup']}: jobcage moves nothing, and "
                                f"process {pid} is not inside it", job_id=job_id, pid=pid)
         holder = self.attached_holder(pid)
@@ -414,7 +458,7 @@ class JobManager:
                                job_id=job_id, pid=pid)
         current = self.driver.cgroup_of(pid)
         if current == job_id:
-            return
+            return job
         if current is not None:
             raise AccessDenied(f"process {pid} already belongs to job {current}", job_id=job_id, pid=pid)
         self.driver.attach(job_id, pid)
@@ -422,6 +466,7 @@ class JobManager:
             self._record(job["jid"], job_id, "adopt", pid=pid, uid=ruid, euid=euid, detail={"by_uid": caller_uid})
         if self.observer:
             self.observer.job_adopted(job_id, pid)
+        return job
 
     # The two kernel questions sshd adoption asks, in one place per mode (own mode: jobcage's subtree).
     def holder_of(self, pid: int) -> str | None:
@@ -648,7 +693,7 @@ class JobManager:
         flush = getattr(self.observer, "flush_events", None)
         if flush is not None:
             flush()  # the last poll window's trace events (identities) before accounting, summary, cleanup
-        summary = self._view(job)  # final accounting: the cgroup (and per-identity cpu) is still there
+        summary = self._view(job, write=True)  # final accounting: the cgroup (and per-identity cpu) is still there
         summary["state"] = "ended"
         summary["cleanup"] = self._cleanup(job, keep or [])
         if job.get("mode") == "attach":
@@ -778,11 +823,20 @@ class JobManager:
                 for outcome in ("killed", "survivors") for s in out.get(outcome, [])])
         return out
 
-    # -- views --------------------------------------------------------------------
+    # -- views (reads: they change nothing, neither the store nor cgroupfs) ----------------
     def show(self, job_id: str) -> dict:
-        return self._view(self._job(job_id))
+        return self._view(self._lookup(job_id))
 
-    def _view(self, job: dict) -> dict:
+    def _kernel_state(self, job: dict) -> str:
+        """What the kernel says of a job: ended (its cgroup is gone), suspended (frozen) or running."""
+        cg = self.held(job)
+        if job["state"] == "ended" or not cg.exists():
+            return "ended"
+        return "suspended" if cg.has_freeze and cg.frozen() else "running"
+
+    def _view(self, job: dict, write: bool = False) -> dict:
+        """The job as the kernel and the store show it now.  write=True (the epilogue's final
+        accounting, a vanished attached job's end): the per-identity CPU is stored too."""
         job_id = job["job_id"]
         cg = self.held(job)
         live = job["state"] != "ended" and cg.exists()
@@ -792,16 +846,12 @@ class JobManager:
             state = "suspended" if cg.has_freeze and cg.frozen() else "running"
             ns = cg.cpu_usage_ns()
             cpu = ns / 1e9 if ns is not None else None
-            if state != job["state"]:   # frozen or thawed by someone else (a batch system's own freezer)
-                with self.store.transaction():
-                    self.store.set_state(job["jid"], state, "seen in the kernel")
-                    self._record(job["jid"], job_id, "suspend" if state == "suspended" else "resume",
-                                 detail={"seen_in_kernel": True})
         else:
             pids = []
             stats = {"current": 0, "max": job["pids_max"], "limit_hits": job["pids_limit_hits"]}
             state = "ended"
             cpu = job["cpu_seconds"]
+        stored = self.store.identities(job["jid"])
         # an attached cgroup the batch system removed first: its exited tasks' CPU is still known
         if self.observer and (live or (job["state"] != "ended" and job.get("mode") == "attach")):
             live_cpu = self.observer.job_cpu_by_uid(job_id, pids)
@@ -813,12 +863,20 @@ class JobManager:
                     # which the exit records still have -- never scale them down to a stale total
                     cpu = max(cpu, sum(live_cpu.values()))
             if live_cpu:
-                self.store.set_identity_cpu(job["jid"], live_cpu, time.time())
+                now = time.time()
+                if write and job["jid"] is not None:
+                    self.store.set_identity_cpu(job["jid"], live_cpu, now)
+                    stored = self.store.identities(job["jid"])
+                else:   # the same figures, in the answer only (a uid the trail has not shown yet: seen now)
+                    have = {i["uid"] for i in stored}
+                    stored = [dict(i, cpu_seconds=live_cpu.get(i["uid"], i["cpu_seconds"])) for i in stored] + [
+                        {"uid": u, "first_seen": now, "last_seen": now, "via": None, "cpu_seconds": c}
+                        for u, c in live_cpu.items() if u not in have]
                 if cpu is None:
                     cpu = sum(live_cpu.values())
         idents = [{"uid": i["uid"], "user": user_name(i["uid"]), "first_seen": iso(i["first_seen"]),
                    "last_seen": iso(i["last_seen"]), "via": i["via"], "cpu_seconds": round(i["cpu_seconds"] or 0, 3)}
-                  for i in self.store.identities(job["jid"])]
+                  for i in stored]
         return {
             "job_id": job_id, "state": state, "mode": job.get("mode") or "own",
             "owner_uid": job["owner_uid"], "owner": user_name(job["owner_uid"]),
@@ -831,8 +889,11 @@ class JobManager:
         }
 
     def list(self, include_ended: bool = False, caller_uid: int = 0) -> list[dict]:
-        self.reconcile()
         jobs = self.store.jobs(None if include_ended else "active")
+        known = {j["job_id"] for j in self.store.jobs("active")}
+        # cgroups the store lacks (made while it was unavailable): listed as the kernel holds them
+        jobs += [j for n in self.driver.list() if n not in known and JOB_ID_RE.fullmatch(n)
+                 and (j := self._unrecorded(n)) is not None]
         out = []
         for job in jobs:
             if not self.may_read(job, caller_uid):
@@ -847,15 +908,19 @@ class JobManager:
                             "ended": iso(job["ended"])})
                 continue
             try:
-                s = self.show(job["job_id"])
+                s = self._view(job)
             except (NoSuchJob, NoSuchCgroup):
                 continue
+            if s["state"] == "ended" and not include_ended:
+                continue   # its cgroup vanished: the next writer ends the record
             out.append({k: s[k] for k in ("job_id", "state", "mode", "owner_uid", "owner", "processes", "pids_max",
                                           "cpu_seconds", "created", "ended")})
         return out
 
-    def pids(self, job_id: str) -> list[int]:
-        return self.held(self._active(job_id)).pids()
+    def events(self, job_id: str, caller_uid: int, after_id: int = 0, limit: int = 1000) -> list[dict]:
+        """One page of a job's trail (root, its owner, or a uid that held an identity in it)."""
+        job = self.check_read(job_id, caller_uid)
+        return self.store.events(job["jid"], after_id, limit) if job["jid"] is not None else []
 
     def declare(self, job_id: str, uid: int, label: str, caller_uid: int) -> dict:
         """A pilot declares who its payload is (gLExec's non-privileged mode): the
@@ -875,6 +940,8 @@ class JobManager:
         return {"job_id": job_id, "uid": uid, "label": label, "ts": iso(ts)}
 
     def whois(self, uid: int, at: float) -> list[dict]:
+        if not self.store.uid_seen(uid):
+            raise InvalidArgument(f"uid {uid} was never seen in any job on this node")
         out = []
         for r in self.store.whois(uid, at):
             r = dict(r, uid=uid, user=user_name(uid), pilot_user=user_name(r["pilot_uid"]))
@@ -884,12 +951,72 @@ class JobManager:
         return out
 
     def trace_data(self, job_id: str) -> dict:
-        """Everything jobtrace needs in one answer: the job, its pids, lineage."""
-        job = self._job(job_id)
+        """Everything jobtrace needs in one answer: the job, its pids, lineage (the store's rows, plus what
+        the running tracer knows of live processes no event named: forks are counted, not sent)."""
+        job = self._lookup(job_id)
         cg = self.held(job)
         live = job["state"] != "ended" and cg.exists()
-        return {"job": self._view(job), "pids": cg.pids() if live else [],
-                "lineage": {str(k): v for k, v in self.store.lineage(job["jid"]).items()}}
+        lineage = {str(k): v for k, v in self.store.lineage(job["jid"]).items()}
+        traced = self.observer.job_lineage(job_id) if self.observer and live else None
+        for pid, rec in (traced or {}).items():
+            if rec.get("ppid") and str(pid) not in lineage:
+                lineage[str(pid)] = {"orig_ppid": rec["ppid"], "via": rec.get("via"), "ts": rec.get("first_seen")}
+        return {"job": self._view(job), "pids": cg.pids() if live else [], "lineage": lineage}
+
+    # -- what the agent saw (the tracer's events, its own downtime) ----------------------
+    def record_trace(self, batch: list, runs: dict[str, tuple[int, int]]) -> None:
+        """Write a batch of trace events of the job runs the tracer follows (job id -> (jid, owner uid)):
+        the trail, the identities they show and the lineage they carry; one transaction."""
+        by_job: dict[int, list] = {}
+        # (jid, uid) -> [first ts, last ts, via]: one identity write per uid and batch
+        seen: dict[tuple[int, int], list] = {}
+        # one row per process and batch too (an exec-heavy job names thousands): executemany
+        lineage: dict[tuple[int, int], tuple[int, int, int, str | None, float]] = {}
+        for ev in batch:
+            run = runs.get(ev.job_id or "")
+            if run is None:
+                continue
+            jid, owner = run
+            by_job.setdefault(jid, []).append(ev)
+            # An identity is a uid the job's processes *run as*: the real uid of every event
+            # (exec, set*uid, fork, exit...), so that whois names the job at the time of any
+            # event the trail shows -- sudo's real uid 0 included.  Helpers' transient euids
+            # (sudo passes through root and daemon) are in the trail, not identities.
+            if ev.uid >= 0:
+                via = ev.detail.get("via") if ev.uid != owner else None
+                cur = seen.get((jid, ev.uid))
+                if cur is None:
+                    seen[(jid, ev.uid)] = [ev.ts, ev.ts, via]
+                else:
+                    cur[0], cur[1], cur[2] = min(cur[0], ev.ts), max(cur[1], ev.ts), cur[2] or via
+            if ev.detail.get("orig_ppid") is not None:
+                lineage[(jid, ev.pid)] = (jid, ev.pid, int(ev.detail["orig_ppid"]), ev.detail.get("via"), ev.ts)
+        if not by_job:
+            return
+        with self.store.transaction():
+            for (jid, uid), (t0, t1, via) in seen.items():
+                self.store.touch_identity(jid, uid, t0, via, last=t1)
+            self.store.set_lineages(lineage.values())
+            for jid, evs in by_job.items():
+                self.store.add_events(jid, evs)
+
+    def record_gap(self, runs: dict[str, int], now: float | None = None) -> None:
+        """The agent was not running since its last heartbeat: say so in every running job's trail."""
+        from .events import TraceEvent
+
+        last = self.store.get_meta("heartbeat")
+        now = now or time.time()
+        since = float(last) if last else None
+        for job_id, jid in runs.items():
+            self.store.add_events(jid, [TraceEvent("gap", job_id=job_id, ts=now,
+                                                   detail={"from": since, "to": now, "reason": "agent not running"})])
+
+    def record_events_lost(self, jid: int, total: int) -> None:
+        self.store.add_events_lost(jid, total)
+
+    def heartbeat(self) -> None:
+        """The agent is alive now (the next start measures its downtime from here)."""
+        self.store.set_meta("heartbeat", str(time.time()))
 
     # -- reconciliation ----------------------------------------------------------------
     def reconcile(self, only: str | None = None) -> list[str]:
@@ -951,6 +1078,7 @@ class JobManager:
                 cg = self.held(job)
                 if cg.exists():
                     live.append(job_id)
+                    self._note_kernel_state(job)
                     try:   # kept current: what is left of the cpu figure when the cgroup goes first
                         ns = cg.cpu_usage_ns()
                         if ns is not None:
@@ -959,7 +1087,9 @@ class JobManager:
                         pass
                     continue
                 self._end_vanished(job)
-            elif job_id not in live:
+            elif job_id in live:
+                self._note_kernel_state(job)
+            else:
                 ended = time.time()
                 with self.store.transaction():
                     self.store.end_job(job["jid"], ended, job["cpu_seconds"], job["pids_limit_hits"],
@@ -969,10 +1099,22 @@ class JobManager:
                                                                 "owner_uid": job["owner_uid"]})
         return live
 
+    def _note_kernel_state(self, job: dict) -> None:
+        """A job frozen or thawed by someone else (a batch system's own freezer): recorded as such."""
+        try:
+            state = self._kernel_state(job)
+        except CgroupError:
+            return
+        if state != "ended" and state != job["state"]:
+            with self.store.transaction():
+                self.store.set_state(job["jid"], state, "seen in the kernel")
+                self._record(job["jid"], job["job_id"], "suspend" if state == "suspended" else "resume",
+                             detail={"seen_in_kernel": True})
+
     def _end_vanished(self, job: dict) -> None:
         """The batch system removed an attached job's cgroup (so every process is gone): end the
         job with its final accounting; the epilogue, if it comes, still does the file cleanup."""
-        summary = self._view(job)
+        summary = self._view(job, write=True)
         ended = time.time()
         summary.update(state="ended", ended=iso(ended), cleanup=None, ended_by="batch system removed the cgroup")
         self._drop_anchor(job["job_id"])

@@ -64,6 +64,11 @@ class Agent:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._pending: list[TraceEvent] = []
+        # main-loop turns, for views that must see what the tracer already holds (_await_turn)
+        self._turn = threading.Condition()
+        self._turns = 0
+        self._wake = threading.Event()
+        self._loop_thread: threading.Thread | None = None
         self._next_prune = time.monotonic() + 60 * config.prune_interval
 
     # -- Observer protocol (called by JobManager, from any thread) ------------------
@@ -95,14 +100,31 @@ class Agent:
             self._flush()
 
     def job_cpu_by_uid(self, job_id: str, pids: list[int]) -> dict[int, float] | None:
+        """CPU per uid of a job, for a view (show, list, the epilogue's summary).  It writes nothing:
+        it waits for the main loop's next turn, which writes what the tracer already holds (the
+        identities the events show come before any uid the accounting sees)."""
+        self._await_turn()
         with self._lock:
-            # exits first: accounting attributes exit records through them; and the identities
-            # the events show are written before the accounting touches any uid
-            self.flush_events()
             if self.accounting is None:
                 return None
             self.accounting.poll()
             return self.accounting.job_cpu_by_uid(job_id, pids)
+
+    def job_lineage(self, job_id: str) -> dict[int, dict] | None:
+        with self._lock:
+            if self.tracer is None or job_id not in self.tracer.jobs():
+                return None
+            return self.tracer.lineage(job_id)
+
+    def _await_turn(self, timeout: float = 1.0) -> None:
+        """Until a main-loop turn that began after this call has ended (a turn in progress may have
+        polled the tracer before the caller's question); at once when the loop is not running."""
+        if threading.current_thread() is self._loop_thread or self._loop_thread is None:
+            return
+        with self._turn:
+            first = self._turns + 2
+            self._wake.set()
+            self._turn.wait_for(lambda: self._turns >= first or self._stop.is_set(), timeout)
 
     def job_ended(self, job_id: str) -> None:
         with self._lock:
@@ -120,43 +142,11 @@ class Agent:
         self._pending.append(ev)
 
     def _flush(self) -> None:
-        """Write queued events, identities and lineage; one transaction per batch."""
+        """Hand queued events to the lifecycle, which writes them (trail, identities, lineage)."""
         if not self._pending:
             return
         batch, self._pending = self._pending, []
-        with self.store.transaction():
-            self._write(batch)
-
-    def _write(self, batch: list[TraceEvent]) -> None:
-        by_job: dict[int, list[TraceEvent]] = {}
-        # (jid, uid) -> [first ts, last ts, via]: one identity write per uid and batch
-        seen: dict[tuple[int, int], list] = {}
-        # one row per process and batch too (an exec-heavy job names thousands): executemany
-        lineage: dict[tuple[int, int], tuple[int, int, int, str | None, float]] = {}
-        for ev in batch:
-            jid = self._jids.get(ev.job_id or "")
-            if jid is None:
-                continue
-            by_job.setdefault(jid, []).append(ev)
-            owner = self._owner.get(ev.job_id or "", -1)
-            # An identity is a uid the job's processes *run as*: the real uid of every event
-            # (exec, set*uid, fork, exit...), so that whois names the job at the time of any
-            # event the trail shows -- sudo's real uid 0 included.  Helpers' transient euids
-            # (sudo passes through root and daemon) are in the trail, not identities.
-            if ev.uid >= 0:
-                via = ev.detail.get("via") if ev.uid != owner else None
-                cur = seen.get((jid, ev.uid))
-                if cur is None:
-                    seen[(jid, ev.uid)] = [ev.ts, ev.ts, via]
-                else:
-                    cur[0], cur[1], cur[2] = min(cur[0], ev.ts), max(cur[1], ev.ts), cur[2] or via
-            if ev.detail.get("orig_ppid") is not None:
-                lineage[(jid, ev.pid)] = (jid, ev.pid, int(ev.detail["orig_ppid"]), ev.detail.get("via"), ev.ts)
-        for (jid, uid), (t0, t1, via) in seen.items():
-            self.store.touch_identity(jid, uid, t0, via, last=t1)
-        self.store.set_lineages(lineage.values())
-        for jid, evs in by_job.items():
-            self.store.add_events(jid, evs)
+        self.manager.record_trace(batch, {j: (jid, self._owner.get(j, -1)) for j, jid in self._jids.items()})
 
     def _start_tracer(self) -> None:
         backend = self.config.tracer_backend
@@ -190,15 +180,7 @@ class Agent:
 
     def _record_gap(self, jobs: list[str]) -> None:
         """The agent was down: say so in every running job's trail."""
-        last = self.store.get_meta("heartbeat")
-        now = time.time()
-        for job_id in jobs:
-            jid = self._jids.get(job_id)
-            if jid is None:
-                continue
-            since = float(last) if last else None
-            self.store.add_events(jid, [TraceEvent("gap", job_id=job_id, ts=now,
-                                                   detail={"from": since, "to": now, "reason": "agent not running"})])
+        self.manager.record_gap({j: self._jids[j] for j in jobs if j in self._jids})
 
     def _periodic(self) -> None:
         live = self.manager.reconcile()
@@ -212,8 +194,8 @@ class Agent:
             if jid is not None and self.tracer is not None:
                 lost = self.tracer.counters(job_id).get("events_lost", 0)
                 if lost:
-                    self.store.add_events_lost(jid, self._lost_base.get(job_id, 0) + lost)
-        self.store.set_meta("heartbeat", str(time.time()))
+                    self.manager.record_events_lost(jid, self._lost_base.get(job_id, 0) + lost)
+        self.manager.heartbeat()
         if self.config.prune_interval > 0 and time.monotonic() >= self._next_prune:
             self._next_prune = time.monotonic() + 60 * self.config.prune_interval
             self._prune()
@@ -264,11 +246,12 @@ class Agent:
         t = threading.Thread(target=server.serve_forever, name="control", daemon=True)
         t.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self._stop.set())
+            signal.signal(sig, lambda *_: (self._stop.set(), self._wake.set()))
         log.info("agent ready: cgroups %s, tracer %s, %d job(s), socket %s",
                  self.manager.driver.mode, self.tracer_backend, len(live), cfg.socket_path)
         sd_notify("READY=1")
         next_reconcile = next_accounting = 0.0
+        self._loop_thread = threading.current_thread()
         try:
             while not self._stop.is_set():
                 # The tracer is not thread-safe and control threads add/remove jobs:
@@ -288,18 +271,26 @@ class Agent:
                             self._periodic()
                         except Exception:   # a bad cgroup or store row must not stop the agent
                             log.exception("periodic reconcile failed")
+                with self._turn:
+                    self._turns += 1
+                    self._turn.notify_all()
                 # Batch: between small polls wait as after an empty one, so one transaction, one ring-buffer
                 # poll and one accounting read cover ~50 ms of events instead of one or two (a job paced at
-                # 1,000 exec/s otherwise costs a commit per exec).  A full burst is worked off at once.
+                # 1,000 exec/s otherwise costs a commit per exec).  A full burst is worked off at once.  A
+                # view waiting for a turn (_await_turn) wakes the loop.
                 if n < POLL_BATCH:
-                    self._stop.wait(POLL_WAIT_S)
+                    self._wake.wait(POLL_WAIT_S)
+                self._wake.clear()
         finally:
+            self._loop_thread = None
+            with self._turn:
+                self._turn.notify_all()
             sd_notify("STOPPING=1")
             server.shutdown()
             server.server_close()   # and removes the socket files
             with self._lock:
                 self._flush()
-                self.store.set_meta("heartbeat", str(time.time()))
+                self.manager.heartbeat()
             self.exporter.close()
             if self.tracer is not None:
                 self.tracer.close()

@@ -98,11 +98,18 @@ def test_file_export_lifecycle_restart_and_direct_path(jc_env: JcEnv, tmp_path: 
         jc_env.jobcage("suspend", "e1").ok()
         jc_env.jobcage("resume", "e1").ok()
         jc_env.jobcage("declare", "e1", "--uid", str(user.uid), "--label", "/DC=org/CN=Export Test").ok()
-        # a batch system freezing the job with its own hands: the lifecycle records it when it sees it
+        # a batch system freezing the job with its own hands: show says what the kernel says, and the
+        # agent's reconcile (a writer; show is a read and writes nothing) records it when it sees it
+        def kernel_seen(kind: str) -> int:
+            return sum(1 for k in store_ids(jc_env).values() if k == kind)
+
+        suspends, resumes = kernel_seen("suspend"), kernel_seen("resume")
         freeze_directly(jc_env, "e1", True)
         assert jc_env.jobcage("show", "e1", "--json").json()["state"] == "suspended"
+        wait_for(lambda: kernel_seen("suspend") > suspends, 30, "the agent to record the kernel's suspend")
         freeze_directly(jc_env, "e1", False)
         assert jc_env.jobcage("show", "e1", "--json").json()["state"] == "running"
+        wait_for(lambda: kernel_seen("resume") > resumes, 30, "the agent to record the kernel's resume")
         jc_env.jobcage("kill", "e1", "--signal", "TERM").ok()
         summary = jc_env.jobcage("epilogue", "e1", "--json").json()
         got = wait_all_exported(jc_env, [out], "node-file")
