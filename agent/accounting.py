@@ -41,6 +41,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from jobcage.cgroups import proc
+
 from .errors import Unsupported
 
 log = logging.getLogger("jobcage.accounting")
@@ -164,22 +166,6 @@ def possible_cpus() -> str:
         return f"0-{(os.cpu_count() or 1) - 1}"
 
 
-def task_runtimes(pid: int) -> dict[int, int]:
-    """tid -> sum_exec_runtime (ns) of the tasks of a process now."""
-    out = {}
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                out[int(tid)] = int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            continue
-    return out
-
-
 def live_cpu_by_uid(pids: Iterable[int], base: dict[int, tuple[str, int]] | None = None) -> dict[int, int]:
     """uid -> ns of sum_exec_runtime of the live (non-zombie) tasks of these processes, less
     each task's ``base`` (its runtime when it was adopted: CPU spent before is not the job's)."""
@@ -192,12 +178,12 @@ def live_cpu_by_uid(pids: Iterable[int], base: dict[int, tuple[str, int]] | None
             continue
         for tid in tids:
             tdir = f"/proc/{pid}/task/{tid}"
+            raw, sched = proc.read(f"{tdir}/status", 8192), proc.read(f"{tdir}/schedstat", 256)
             try:
-                with open(f"{tdir}/status") as f:
-                    status = f.read()
-                with open(f"{tdir}/schedstat") as f:
-                    ns = int(f.read().split()[0])
-            except (OSError, ValueError, IndexError):
+                status, ns = raw.decode() if raw else "", int(sched.split()[0]) if sched else -1
+            except (ValueError, IndexError):
+                continue
+            if ns < 0 or not status:
                 continue   # exited meanwhile: its exit record counts it
             uid = state = None
             for line in status.splitlines():
@@ -315,11 +301,6 @@ class Accounting:
         except (OSError, AttributeError) as e:   # no recvmmsg in this libc: one recv per record
             log.info("recvmmsg unavailable (%s): reading taskstats one record at a time", e)
 
-    def fileno(self) -> int:
-        if self._sock is None:
-            raise Unsupported("accounting not started")
-        return self._sock.fileno()
-
     def poll(self, timeout_ms: int = 0) -> int:
         """Read the exit records that arrived, attribute them; return how many were read."""
         if self._sock is None:
@@ -430,14 +411,11 @@ class Accounting:
             total[uid] += ns
         return {uid: ns / 1e9 for uid, ns in sorted(total.items())}
 
-    def job_cpu(self, job_id: str, live_pids: Iterable[int]) -> float:
-        return sum(self.job_cpu_by_uid(job_id, live_pids).values())
-
     def mark_adopted(self, job_id: str, pid: int) -> None:
         """pid was just moved into the job: what its tasks ran before is not the job's CPU."""
         if len(self._base) > 100_000:   # bounded: entries of tasks whose exit we never attributed
             self._base.clear()
-        for tid, ns in task_runtimes(pid).items():
+        for tid, ns in proc.thread_runtimes(pid).items():
             self._base[tid] = (job_id, ns)
 
     def forget(self, job_id: str) -> None:

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import AccessDenied, InvalidArgument, ProtocolError
-from .lifecycle import JobManager, iso, validate_job_id
+from .fmt import iso
+from .lifecycle import JobManager, validate_job_id
 
 ROOT, ANY = "root", "any"
 FUTURE_SLACK_S = 1.0  # whois --at: clocks of the caller and the agent may differ a little

@@ -78,14 +78,13 @@ def _print_summary(s: dict) -> None:
 
 def in_cgroup(pid: int, cgroup: str) -> bool:
     """Whether the kernel (/proc/PID/cgroup) has pid in the cgroupfs directory `cgroup` or below it."""
-    try:
-        with open(f"/proc/{pid}/cgroup") as f:
-            paths = [line.split(":", 2)[2] for line in f.read().splitlines() if line.count(":") >= 2]
-        with open("/proc/self/mounts") as f:
-            mounts = [w[1] for w in (line.split() for line in f) if len(w) > 2 and w[2] in ("cgroup", "cgroup2")]
-    except OSError:
+    from jobcage.cgroups import proc
+
+    lines = proc.cgroups(pid)
+    if lines is None:
         return False
-    rels = [cgroup[len(m.rstrip("/")):] for m in mounts if cgroup.startswith(m.rstrip("/") + "/")]
+    paths = set(lines.values())
+    rels = [cgroup[len(m.rstrip("/")):] for _t, m, _o in proc.cgroup_mounts() if cgroup.startswith(m.rstrip("/") + "/")]
     return any(r and (p == r or p.startswith(r + "/")) for r in rels for p in paths)
 
 
@@ -97,12 +96,12 @@ def _verify_joined(job_id: str, pid: int, result: object) -> str | None:
         from .config import load
 
         cfg = load()
+        from jobcage.cgroups import proc
+
         cgroup = None
-        with open("/proc/self/mounts") as f:
-            for w in (line.split() for line in f):
-                if len(w) > 2 and w[2] in ("cgroup2", "cgroup") and in_cgroup(
-                        pid, f"{w[1].rstrip('/')}/{cfg.cgroup_subtree.strip('/')}/{job_id}"):
-                    return None
+        for _t, mnt, _o in proc.cgroup_mounts():
+            if in_cgroup(pid, f"{mnt.rstrip('/')}/{cfg.cgroup_subtree.strip('/')}/{job_id}"):
+                return None
     elif in_cgroup(pid, cgroup):
         return None
     return f"the kernel does not show process {pid} in job {job_id}'s cgroup ({cgroup or 'unknown'}): not contained"

@@ -16,10 +16,10 @@ import pwd
 import re
 import signal
 import time
-from datetime import UTC, datetime
+from collections.abc import Callable
 from typing import Protocol
 
-from jobcage.cgroups import get_driver
+from jobcage.cgroups import get_driver, proc
 from jobcage.cgroups.driver import Driver
 from jobcage.cgroups.path import CgroupAt, Named
 
@@ -34,6 +34,7 @@ from .errors import (
     NoSuchProcess,
     Unsupported,
 )
+from .fmt import iso, user_name
 from .store import Store
 
 JOB_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:@+\-]{0,127}")
@@ -47,19 +48,6 @@ def validate_job_id(job_id: object) -> str:
         shown = repr(job_id)[:60]
         raise InvalidArgument(f"invalid job id {shown}: use 1-128 of [A-Za-z0-9_.:@+-], no '..'")
     return job_id
-
-
-def iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
 
 
 def split_cpu(by_uid: dict[int, float], total: float, owner_uid: int) -> dict[int, float]:
@@ -77,47 +65,10 @@ def split_cpu(by_uid: dict[int, float], total: float, owner_uid: int) -> dict[in
 
 def proc_uids(pid: int) -> tuple[int, int]:
     """(real, effective) uid of a live process."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("Uid:"):
-                    parts = line.split()
-                    return int(parts[1]), int(parts[2])
-    except (FileNotFoundError, ProcessLookupError):
-        pass
-    raise NoSuchProcess(f"no such process: {pid}", pid=pid)
-
-
-def _boot_time() -> float:
-    with open("/proc/stat", "rb") as f:
-        return float(next(int(ln.split()[1]) for ln in f if ln.startswith(b"btime ")))
-
-
-def _stat(pid: int, boot: float = 0.0) -> tuple[int, float] | None:
-    """(ppid, start time: seconds since boot, plus ``boot``) of a live process."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            st = f.read()
-        fields = st[st.rindex(b")") + 2:].split()
-        return int(fields[1]), boot + int(fields[19]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _subtree(root: int) -> list[int]:
-    """root and its live descendants, parents before children (one /proc scan)."""
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            st = _stat(int(name))
-            if st is not None:
-                children.setdefault(st[0], []).append(int(name))
-    out, todo = [], [root]
-    while todo:
-        p = todo.pop(0)
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
+    ids = proc.uids(pid)
+    if ids is None:
+        raise NoSuchProcess(f"no such process: {pid}", pid=pid)
+    return ids
 
 
 def epilogue_detail(summary: dict) -> dict:
@@ -135,11 +86,22 @@ def epilogue_detail(summary: dict) -> dict:
                         "removed_files": files.get("removed_files", 0)}}
 
 
+def _members_of(cg: CgroupAt | Named) -> Callable[[], list[int]]:
+    """The pids of a held cgroup, read when called ([] once it is gone)."""
+    def members() -> list[int]:
+        try:
+            return cg.pids()
+        except CgroupError:
+            return []
+    return members
+
+
 class Observer(Protocol):
     """What the agent plugs in to hear about jobs (tracer, accounting)."""
 
-    def job_started(self, job: dict, cgroup_id: int | None, pids: list[int],
-                    level: int | None = None) -> None: ...  # level: match the cgroup's descendants too
+    # level: match the cgroup's descendants too; members: the cgroup's pids, read again when asked
+    def job_started(self, job: dict, cgroup_id: int | None, pids: list[int], level: int | None = None,
+                    members: Callable[[], list[int]] | None = None) -> None: ...
     def job_adopted(self, job_id: str, pid: int) -> None: ...
     def job_cpu_by_uid(self, job_id: str, pids: list[int]) -> dict[int, float] | None: ...
     def job_lineage(self, job_id: str) -> dict[int, dict] | None: ...   # the tracer's, read only
@@ -237,13 +199,14 @@ class JobManager:
             comm = f.read().rstrip("\n")
         return comm in self.config.attach_batch_daemons and proc_uids(pid) == (0, 0)
 
-    def trace_target(self, job: dict) -> tuple[int | None, list[int], int | None]:
-        """(cgroup2 id, current pids, level) for the tracer: an attached cgroup is matched with
-        every cgroup below it (level = its depth), jobcage's own leaf by its id."""
+    def trace_target(self, job: dict) -> tuple[int | None, list[int], int | None, Callable[[], list[int]] | None]:
+        """(cgroup2 id, current pids, level, members) for the tracer: an attached cgroup is matched with
+        every cgroup below it (level = its depth), jobcage's own leaf by its id; members reads the
+        cgroup's pids again (the driver knows its path: the tracer need not search for it)."""
         cg = self.held(job)
         if not cg.exists():
-            return None, [], None
-        return cg.cgroup_id(), cg.pids(), cg.level
+            return None, [], None, None
+        return cg.cgroup_id(), cg.pids(), cg.level, _members_of(cg)
 
     def attached_holder(self, pid: int) -> dict | None:
         """The running attached job whose cgroup holds pid, if any."""
@@ -331,7 +294,8 @@ class JobManager:
                              detail={"mode": "own", "cgroup": path, "gid": gid, "pids_max": pids_max})
             if self.observer:
                 self.observer.job_started(self.store.job(job_id) or {"jid": jid, "job_id": job_id,
-                                          "owner_uid": uid}, self.driver.cgroup_id(job_id), [])
+                                          "owner_uid": uid}, self.driver.cgroup_id(job_id), [],
+                                          members=_members_of(Named(self.driver, job_id)))
         if pid is not None:
             self.adopt(job_id, pid, 0)
         return self.show(job_id)
@@ -416,7 +380,7 @@ class JobManager:
                          detail={"mode": "attach", "cgroup": target.path, "gid": gid, "pids_max": limit})
         if self.observer:
             self.observer.job_started(self.store.job(job_id) or {}, target.cgroup_id(), target.pids(),
-                                      target.level)
+                                      target.level, members=_members_of(target))
         return self.show(job_id)
 
     def _make_tmpdir(self, job_id: str, uid: int, gid: int | None) -> str | None:
@@ -570,15 +534,15 @@ class JobManager:
             raise AccessDenied(f"process {pid} belongs to job {current} of another user", pid=pid)
         adopted = {e["pid"]: e for e in self.store.events_of_kind(src["jid"], "adopt")
                    if e["detail"].get("via") == "sshd" and e["uid"] == owner}
-        monitor, p, boot = None, pid, _boot_time()
+        monitor, p = None, pid
         while p > 1 and monitor is None:
-            st = _stat(p, boot)
+            st = proc.stat(p)
             if st is None:
                 break
             ev = adopted.get(p)
-            if ev is not None and st[1] <= ev["ts"] + 1:  # started before its adoption: not a reused pid
+            if ev is not None and proc.start_time(st) <= ev["ts"] + 1:  # started before its adoption: not a reused pid
                 monitor = p
-            p = st[0]
+            p = st.ppid
         if monitor is None:
             raise AccessDenied(f"process {pid} is not in an sshd session adopted into job {current}", pid=pid)
         if src.get("mode") == "attach" and "leaf" not in adopted[monitor]["detail"]:
@@ -597,7 +561,7 @@ class JobManager:
             move, extra = leaf.move, {"leaf": leaf.path}
         moved: list[int] = []
         for _ in range(20):  # until no process of the session is left in the old job (forks meanwhile)
-            left = [q for q in _subtree(monitor) if self.holder_of(q) == current]
+            left = [q for q in proc.subtree(monitor) if self.holder_of(q) == current]
             if not left:
                 break
             for q in left:
@@ -616,16 +580,10 @@ class JobManager:
     def _record_adopt(self, job: dict, pid: int, uid: int, detail: dict) -> None:
         from .events import TraceEvent
 
-        ppid, comm, exe, euid = 0, "", "", -1
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                st = f.read()
-            comm = st[st.index(b"(") + 1:st.rindex(b")")].decode(errors="replace")
-            ppid = int(st[st.rindex(b")") + 2:].split()[1])
-            exe = os.readlink(f"/proc/{pid}/exe")
-            euid = proc_uids(pid)[1]
-        except (OSError, ValueError, NoSuchProcess):
-            pass  # gone already: the event still says who came in from where
+        # gone already: the event still says who came in from where
+        st, ids = proc.stat(pid), proc.uids(pid)
+        ppid, comm = (st.ppid, st.comm) if st is not None else (0, "")
+        exe, euid = proc.exe(pid), ids[1] if ids else -1
         ev = TraceEvent("adopt", pid=pid, ppid=ppid, uid=uid, euid=euid, comm=comm,
                         filename=exe, job_id=job["job_id"], detail=detail)
         self.store.add_events(job["jid"], [ev])
@@ -1055,7 +1013,7 @@ class JobManager:
                                  detail={"mode": "own", "cgroup": self.driver.path(name), "reconciled": True})
                 if self.observer:
                     self.observer.job_started(self.store.job(name) or {}, self.driver.cgroup_id(name),
-                                              self.driver.pids(name))
+                                              self.driver.pids(name), members=_members_of(Named(self.driver, name)))
                 continue
             try:   # an anchor without a record (database lost): the job is live if its cgroup is
                 target = CgroupAt(self.driver.layout, str(meta["cgroup"]), int(meta["cgroup_ino"]))
@@ -1072,7 +1030,8 @@ class JobManager:
                              detail={"mode": "attach", "cgroup": target.path, "reconciled": True})
             active[name] = self.store.job(name) or {}
             if self.observer:
-                self.observer.job_started(active[name], target.cgroup_id(), target.pids(), target.level)
+                self.observer.job_started(active[name], target.cgroup_id(), target.pids(), target.level,
+                                          members=_members_of(target))
         for job_id, job in active.items():
             if job.get("mode") == "attach":
                 cg = self.held(job)

@@ -291,7 +291,7 @@ def uid_needles(uid: int) -> list[bytes]:
 
 
 def whois_logs(paths: list[str], uid: int, at: float) -> list[dict]:
-    from .lifecycle import iso
+    from .fmt import iso
 
     out = []
     for job in collect(paths, uid_needles(uid)).values():
@@ -311,7 +311,7 @@ def whois_logs(paths: list[str], uid: int, at: float) -> list[dict]:
 
 def label_logs(paths: list[str], label: str) -> list[dict]:
     """The reverse question: which uids, jobs and nodes a declared identity had."""
-    from .lifecycle import iso
+    from .fmt import iso
 
     needle = json.dumps(label)[1:-1].encode()   # as the exporter wrote it (JSON, ASCII)
     out = []

@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 import sys
 
+from jobcage.cgroups import proc
+
 USAGE = "jobcage pam [--config PATH]   (from pam_exec: account or session phase of sshd)"
 SSHD_NAMES = ("sshd", "sshd-session", "sshd-auth")
 
@@ -23,12 +25,8 @@ class _Deadline(Exception):
 
 
 def _ppid_exe(pid: int) -> tuple[int, str] | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            st = f.read()
-        return int(st[st.rindex(b")") + 2:].split()[1]), os.readlink(f"/proc/{pid}/exe")
-    except (OSError, ValueError, IndexError):
-        return None
+    st, exe = proc.stat(pid), proc.exe(pid)
+    return (st.ppid, exe) if st is not None and exe else None
 
 
 def _sshd_like(exe: str, caller_exe: str) -> bool:
@@ -85,13 +83,10 @@ def _age() -> float:
     """Seconds since this process started (interpreter start-up included: sshd waits for all of it)."""
     import time
 
-    try:
-        with open("/proc/self/stat", "rb") as f:
-            st = f.read()
-        ticks = int(st[st.rindex(b")") + 2:].split()[19])
-        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
+    st = proc.stat("self")
+    if st is None:
         return 0.0
+    return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - st.start_ticks / proc.CLK_TCK)
 
 
 def _log(cfg: object | None, rec: dict) -> None:

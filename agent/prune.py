@@ -35,11 +35,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import NamedTuple
 
 import psutil
 
+from jobcage.cgroups import proc
+
 from .errors import CgroupError, InvalidArgument, NoSuchCgroup
+from .fmt import user_name
 
 DEFAULT_MIN_UID = 1000
 PF_KTHREAD = 0x00200000  # include/linux/sched.h
@@ -52,47 +54,10 @@ _FREEZE_ROUNDS = 20
 InJobPids = AbstractSet[int] | Callable[[], AbstractSet[int]]
 
 
-class _Stat(NamedTuple):
-    state: str
-    ppid: int
-    pgid: int
-    flags: int
-    start_ticks: int  # since boot, in clock ticks: with the pid, the identity of a process
-
-
-def _parse_stat(data: bytes) -> _Stat:
-    # comm may contain spaces and parentheses: the fields start after the *last* ')'.
-    rest = data[data.rindex(b")") + 2:].split()
-    return _Stat(rest[0].decode(), int(rest[1]), int(rest[2]), int(rest[6]), int(rest[19]))
-
-
-def _read_stat(pid: int) -> _Stat | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return _parse_stat(f.read())
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-
-
-def _read_at(dfd: int, name: str) -> bytes:
-    fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=dfd)
-    try:
-        return os.read(fd, 16384)
-    finally:
-        os.close(fd)
-
-
-def _user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
-
-
 class _Proc:
     """One process as read from /proc; the costly fields (cmdline, user name) are read on first use."""
 
-    def __init__(self, pid: int, st: _Stat, name: str, uids: tuple[int, int, int]) -> None:
+    def __init__(self, pid: int, st: proc.Stat, name: str, uids: tuple[int, int, int]) -> None:
         self.pid = pid
         self.ppid = st.ppid
         self.pgid = st.pgid
@@ -107,7 +72,7 @@ class _Proc:
     @property
     def user(self) -> str:
         if self._user is None:
-            self._user = _user_name(self.ruid)
+            self._user = user_name(self.ruid)
         return self._user
 
     @property
@@ -118,7 +83,7 @@ class _Proc:
                 cmdline = tuple(psutil.Process(self.pid).cmdline())
             except psutil.Error:
                 cmdline = ()
-            again = _read_stat(self.pid)
+            again = proc.stat(self.pid)
             if again is None or again.start_ticks != self.start_ticks:
                 cmdline = ()  # gone or recycled meanwhile: what we read is not this process's
             self._cmdline = cmdline
@@ -130,29 +95,20 @@ class _Proc:
 
 
 def _read_proc(pid: int) -> _Proc | None:
-    # Reading through a /proc/PID directory fd pins the process: if it exits and the pid is reused while we read,
-    # the reads fail (ESRCH) instead of mixing two processes' data.
-    try:
-        dfd = os.open(f"/proc/{pid}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except (FileNotFoundError, ProcessLookupError):
+    # read pinned (one /proc/PID dir fd): a pid reused while we read fails instead of mixing two processes
+    files = proc.read_pinned(pid, ("stat", "status"))
+    if files is None:
         return None
-    try:
-        stat_data = _read_at(dfd, "stat")
-        status = _read_at(dfd, "status")
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    finally:
-        os.close(dfd)
     uids = None
-    for line in status.splitlines():
+    for line in files["status"].splitlines():
         if line.startswith(b"Uid:"):
             r, e, s = line.split()[1:4]
             uids = (int(r), int(e), int(s))
             break
     if uids is None:
         return None
-    name = stat_data[stat_data.index(b"(") + 1:stat_data.rindex(b")")].decode(errors="replace")
-    return _Proc(pid, _parse_stat(stat_data), name, uids)
+    st = proc.Stat(files["stat"])
+    return _Proc(pid, st, st.comm, uids)
 
 
 def _snapshot() -> dict[int, _Proc]:
@@ -169,7 +125,7 @@ def _self_and_ancestors() -> frozenset[int]:
     pid = os.getppid()
     while pid > 0 and pid not in pids:
         pids.add(pid)
-        st = _read_stat(pid)
+        st = proc.stat(pid)
         if st is None:
             break
         pid = st.ppid
@@ -177,12 +133,11 @@ def _self_and_ancestors() -> frozenset[int]:
 
 
 def _uptime_ticks() -> int:
-    with open("/proc/uptime") as f:
-        return int(float(f.read().split()[0]) * os.sysconf("SC_CLK_TCK"))
+    return int(proc.uptime() * proc.CLK_TCK)
 
 
 def _ticks_to_epoch(ticks: int) -> float:
-    return psutil.boot_time() + ticks / os.sysconf("SC_CLK_TCK")
+    return proc.boot_time() + ticks / proc.CLK_TCK
 
 
 class _Selector:
@@ -378,7 +333,7 @@ def _hold(s: Stray, sel: _Selector, held: dict[int, _Held], res: KillResult) -> 
     except ProcessLookupError:
         res.skipped.append((s, "vanished"))
         return None
-    st = _read_stat(s.pid)  # read after pidfd_open: if the start time matches, fd pins this very process
+    st = proc.stat(s.pid)  # read after pidfd_open: if the start time matches, fd pins this very process
     if st is None or st.start_ticks != s.start_ticks:
         os.close(fd)
         res.skipped.append((s, "vanished" if st is None else "pid reused by another process"))
@@ -389,7 +344,7 @@ def _hold(s: Stray, sel: _Selector, held: dict[int, _Held], res: KillResult) -> 
 
 
 def _alive_pgid(h: _Held) -> int | None:
-    st = _read_stat(h.stray.pid)
+    st = proc.stat(h.stray.pid)
     if st is None or st.start_ticks != h.stray.start_ticks or st.state in ("Z", "X"):
         return None
     return st.pgid
@@ -402,7 +357,7 @@ def _cont_unheld(p: _Proc) -> None:
     except ProcessLookupError:
         return
     try:
-        st = _read_stat(p.pid)
+        st = proc.stat(p.pid)
         if st is not None and st.start_ticks == p.start_ticks:
             _send(fd, signal.SIGCONT)
     finally:
@@ -413,7 +368,7 @@ def _wait_stopped(held: dict[int, _Held], until: float) -> None:
     while time.monotonic() < until:
         pending = False
         for pid, h in held.items():
-            st = _read_stat(pid)
+            st = proc.stat(pid)
             if st is not None and st.start_ticks == h.stray.start_ticks and st.state not in ("T", "t", "Z", "X"):
                 pending = True
                 break

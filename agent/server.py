@@ -15,6 +15,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 from .api import Api
 from .config import Config
@@ -72,7 +73,8 @@ class Agent:
         self._next_prune = time.monotonic() + 60 * config.prune_interval
 
     # -- Observer protocol (called by JobManager, from any thread) ------------------
-    def job_started(self, job: dict, cgroup_id: int | None, pids: list[int], level: int | None = None) -> None:
+    def job_started(self, job: dict, cgroup_id: int | None, pids: list[int], level: int | None = None,
+                    members: Callable[[], list[int]] | None = None) -> None:
         if not job:
             return
         with self._lock:
@@ -82,7 +84,8 @@ class Agent:
             self._owner[job["job_id"]] = job["owner_uid"]
             self._lost_base[job["job_id"]] = int(job.get("events_lost") or 0)
             if self.tracer is not None:
-                self.tracer.add_job(job["job_id"], job["owner_uid"], cgroup_id, pids, subtree_level=level)
+                self.tracer.add_job(job["job_id"], job["owner_uid"], cgroup_id, pids, subtree_level=level,
+                                    members=members)
 
     def job_adopted(self, job_id: str, pid: int) -> None:
         with self._lock:

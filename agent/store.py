@@ -169,10 +169,6 @@ class Store:
     def add_events_lost(self, jid: int, n: int) -> None:
         self._x("UPDATE jobs SET events_lost=? WHERE jid=?", (n, jid))
 
-    def states(self, jid: int) -> list[dict]:
-        return [{"ts": ts, "state": s, "detail": d} for ts, s, d in
-                self._x("SELECT ts, state, detail FROM job_states WHERE jid=? ORDER BY id", (jid,))]
-
     # -- identities ------------------------------------------------------------
     def touch_identity(self, jid: int, uid: int, ts: float, via: str | None = None,
                        last: float | None = None) -> None:

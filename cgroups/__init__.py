@@ -2,7 +2,8 @@
 
 Holds: ``detect`` (which hierarchies are mounted, probed by the files that exist), ``driver``
 (the shared algorithms: confirmed freeze/thaw, kill with or without ``cgroup.kill``),
-``drivers`` (V1, Hybrid, V2) and ``errors`` (the base of jobcage's exception hierarchy and the
+``drivers`` (V1, Hybrid, V2), ``path`` (a cgroup at a path: a batch system's), ``proc`` (the one
+/proc reader, which the agent uses too) and ``errors`` (the base of jobcage's exception hierarchy and the
 cgroup errors).  It names cgroups by a relative name and knows nothing of jobs, users or the store.
 
 Must never import: ``jobcage.agent`` (or anything above it), click, rich, sqlite3, bcc.

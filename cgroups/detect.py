@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from . import proc
+
 V1_WANTED = ("pids", "freezer", "cpuacct")
 
 
@@ -28,16 +30,11 @@ def parse_mounts(text: str) -> tuple[str | None, dict[str, str]]:
     """(cgroup2 mount point, {v1 controller: mount point}) from /proc/mounts text."""
     v2_root = None
     v1: dict[str, str] = {}
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) < 4:
-            continue
-        _dev, mnt, fstype, opts = parts[:4]
-        mnt = mnt.replace("\\040", " ")
+    for fstype, mnt, opts in proc.parse_mounts(text):
         if fstype == "cgroup2" and v2_root is None:
             v2_root = mnt
         elif fstype == "cgroup":
-            for opt in opts.split(","):
+            for opt in opts:
                 if opt in V1_WANTED or opt in ("cpu", "memory", "cpuset", "devices", "blkio"):
                     v1.setdefault(opt, mnt)
     return v2_root, v1

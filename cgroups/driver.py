@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from . import proc
 from .detect import Layout
 from .errors import (
     AccessDenied,
@@ -80,19 +81,9 @@ def describe_pids(pids: list[int]) -> str:
     """'pid uid cmd' for an error message: who survived."""
     parts = []
     for pid in pids[:10]:
-        uid = "?"
-        cmd = "?"
-        try:
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("Uid:"):
-                        uid = line.split()[1]
-                        break
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()[:60] or "?"
-        except OSError:
-            pass
-        parts.append(f"pid {pid} uid {uid} '{cmd}'")
+        ids, argv = proc.uids(pid), proc.cmdline(pid, 4096)
+        cmd = " ".join(argv or ()).strip()[:60] or "?"
+        parts.append(f"pid {pid} uid {ids[0] if ids else '?'} '{cmd}'")
     more = f" (+{len(pids) - 10} more)" if len(pids) > 10 else ""
     return ", ".join(parts) + more
 
@@ -362,21 +353,14 @@ class Driver:
 
     def cgroup_of(self, pid: int) -> str | None:
         """The leaf name under our subtree that holds pid, None if outside it."""
-        try:
-            with open(f"/proc/{pid}/cgroup") as f:
-                text = f.read()
-        except FileNotFoundError:
-            raise NoSuchProcess(f"no such process: {pid}", pid=pid) from None
-        except OSError as e:
-            raise NoSuchProcess(f"cannot read process {pid}: {e.strerror}", pid=pid) from None
+        lines = proc.cgroups(pid)
+        if lines is None:
+            raise NoSuchProcess(f"no such process: {pid}", pid=pid)
         want = self._membership_key()
-        for line in text.splitlines():
-            _hid, ctrls, path = line.split(":", 2)
-            if ctrls == want or (want != "" and want in ctrls.split(",")):
-                prefix = "/" + self.subtree + "/"
-                if path.startswith(prefix):
-                    return path[len(prefix):].split("/", 1)[0]
-                return None
+        path = lines.get(want)
+        prefix = "/" + self.subtree + "/"
+        if path is not None and path.startswith(prefix):
+            return path[len(prefix):].split("/", 1)[0]
         return None
 
     def _membership_key(self) -> str:

@@ -21,6 +21,7 @@ import signal as _signal
 import time
 from collections.abc import Callable, Iterable
 
+from . import proc
 from .detect import Layout
 from .driver import Driver, describe_pids, read, read_keyed, signal_frozen, write
 from .errors import InvalidArgument, NoSuchCgroup, NoSuchProcess, Timeout, Unsupported
@@ -60,22 +61,10 @@ def _split(layout: Layout, path: object) -> tuple[str, str, str]:
 
 def _proc_cgroup_lines(pid: int) -> dict[str, str]:
     """/proc/PID/cgroup as {'' (cgroup2) | v1 controller: relative path}."""
-    try:
-        with open(f"/proc/{pid}/cgroup") as f:
-            text = f.read()
-    except (FileNotFoundError, ProcessLookupError):
-        raise NoSuchProcess(f"no such process: {pid}", pid=pid) from None
-    except OSError as e:
-        raise NoSuchProcess(f"cannot read process {pid}: {e.strerror}", pid=pid) from None
-    out: dict[str, str] = {}
-    for line in text.splitlines():
-        _hid, ctrls, rel = line.split(":", 2)
-        if ctrls == "":
-            out[""] = rel
-        for c in ctrls.split(","):
-            if c:
-                out.setdefault(c, rel)
-    return out
+    lines = proc.cgroups(pid)
+    if lines is None:
+        raise NoSuchProcess(f"no such process: {pid}", pid=pid)
+    return lines
 
 
 def cgroup_paths_of(layout: Layout, pid: int) -> list[str]:

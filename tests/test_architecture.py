@@ -15,12 +15,13 @@ from pathlib import Path
 import pytest
 
 CGROUPS = ["jobcage.cgroups", "jobcage.cgroups.errors", "jobcage.cgroups.detect", "jobcage.cgroups.driver",
-           "jobcage.cgroups.drivers"]
+           "jobcage.cgroups.drivers", "jobcage.cgroups.path", "jobcage.cgroups.proc"]
 CORE = ["jobcage.agent.lifecycle", "jobcage.agent.store", "jobcage.agent.tracer", "jobcage.agent.accounting",
         "jobcage.agent.api"]
 HOOK = ["jobcage.agent.hook", "jobcage.agent.pam", "jobcage.agent.client", "jobcage.agent.protocol", "jobcage.agent.config",
         "jobcage.agent.errors"]
-FRONT = ["jobcage.agent.cli", "jobcage.agent.jobtrace", "jobcage.agent.main", "jobcage.agent.hook"]
+FRONT = ["jobcage.agent.cli", "jobcage.agent.jobtrace", "jobcage.agent.jobtrace.cli", "jobcage.agent.jobtrace.live",
+         "jobcage.agent.jobtrace.table", "jobcage.agent.main", "jobcage.agent.hook"]
 
 CASES = {
     # the cgroup layer knows nothing of jobs, the agent, or any front end
@@ -29,6 +30,9 @@ CASES = {
     "core": (CORE, ["click", "rich", *FRONT]),
     # the hook path runs once per job: no click, no rich, no sqlite3 (the agent answers)
     "hook": (HOOK, ["click", "rich", "sqlite3", "_sqlite3", "jobcage.agent.lifecycle", "jobcage.agent.store"]),
+    # jobtrace's views read /proc and render; only its cli reaches the method table (and click)
+    "jobtrace views": ([f"jobcage.agent.jobtrace.{m}" for m in ("snapshot", "tree", "table", "json_out")],
+                       ["click", "rich", "sqlite3", "_sqlite3", "jobcage.agent.store", "jobcage.agent.lifecycle"]),
     # BPF sources are data
     "bpf": (["jobcage.bpf"], ["bcc", "jobcage.agent", "jobcage.cgroups"]),
 }

@@ -456,7 +456,7 @@ def test_bad_input(jc_env: JcEnv) -> None:
 
 def test_processes_exiting_mid_read(jc_env: JcEnv, make_user: Callable[..., User]) -> None:
     """A job that forks and reaps all the time: every one-shot view succeeds."""
-    from jobcage.agent.jobtrace import load_proc, refresh_proc
+    from jobcage.agent.jobtrace.snapshot import load_proc, refresh_proc
 
     owner = make_user("jcjt")
     jc_env.jobcage("prologue", "churn", "--uid", str(owner.uid)).ok()
@@ -523,13 +523,13 @@ def test_events_and_follow(scenario: Scenario) -> None:
 def test_deep_chain_and_lineage_cycle() -> None:
     """A fork chain deeper than Python's recursion limit renders (text and JSON); lineage that loops (reused
     pids) cannot hang or drop processes."""
-    from jobcage.agent import jobtrace as jt
+    from jobcage.agent.jobtrace import json_out, snapshot, table, tree
 
     depth = 3000
-    procs = {pid: jt.Proc(pid, pid - 1, 100, 100, "S", "sh", 0, pid, 1, 1000, 1000, f"sh {pid}")
+    procs = {pid: snapshot.Proc(pid, pid - 1, 100, 100, "S", "sh", 0, pid, 1, 1000, 1000, f"sh {pid}")
              for pid in range(100, 100 + depth)}
-    roots = jt.build_tree(procs, {}, 1000)
-    encoded = jt.job_json({"job_id": "deep", "owner_uid": 1000}, roots, False)
+    roots = tree.build_tree(procs, {}, 1000)
+    encoded = json_out.job_json({"job_id": "deep", "owner_uid": 1000}, roots, False)
     limit = sys.getrecursionlimit()
     sys.setrecursionlimit(4 * depth + 1000)  # for the reader here: json.loads recurses per level
     try:
@@ -538,15 +538,15 @@ def test_deep_chain_and_lineage_cycle() -> None:
         sys.setrecursionlimit(limit)
     assert sum(1 for _ in walk(out["tree"])) == depth
     assert max(d for _n, d, _p in walk(out["tree"])) == depth - 1
-    lines = jt.render_job({"job_id": "deep", "state": "running", "owner_uid": 1000}, procs, roots, False, 80,
-                          False, jt.UNICODE)
-    text = [jt.ansi(s, False) for s in lines]
+    lines = table.render_job({"job_id": "deep", "state": "running", "owner_uid": 1000}, procs, roots, False, 80,
+                          False, table.UNICODE)
+    text = [table.ansi(s, False) for s in lines]
     assert all(len(t) <= 80 for t in text) and sum("sh 4" in t for t in text) > 0
     # lineage claiming 200 <- 300 <- 200: both still shown, no hang
-    procs = {pid: jt.Proc(pid, 1, pid, pid, "S", "x", 0, 10, 1, 1000, 1000, "x") for pid in (200, 300)}
+    procs = {pid: snapshot.Proc(pid, 1, pid, pid, "S", "x", 0, 10, 1, 1000, 1000, "x") for pid in (200, 300)}
     lineage = {200: {"orig_ppid": 300, "via": None, "ts": None}, 300: {"orig_ppid": 200, "via": None, "ts": None}}
-    roots = jt.build_tree(procs, lineage, 1000)
-    assert sorted(n.proc.pid for n, _d, _c in jt.flatten(roots)) == [200, 300] and roots
+    roots = tree.build_tree(procs, lineage, 1000)
+    assert sorted(n.proc.pid for n, _d, _c in tree.flatten(roots)) == [200, 300] and roots
 
 
 def test_events_of_a_busy_job_come_in_pages(jc_env: JcEnv, agent_proc: AgentProc) -> None:

@@ -7,8 +7,9 @@ import stat
 import time
 
 from jobcage.agent.events import TraceEvent
+from jobcage.cgroups import proc
 
-from .procfs import _read, proc_exe, proc_ppid, proc_status
+from .procfs import proc_exe, proc_ppid, proc_status
 from .records import _errname, _Job, _Raw
 from .userns import MAP_WAIT_S, UNKNOWN_NS, host_mapped, to_host
 
@@ -288,7 +289,7 @@ class EnrichMixin:
     def _runtime_image(pid: int) -> str | None:
         """The image an apptainer/singularity command line names (`exec|run|shell|test|instance
         start [options] IMAGE ...`), when its arguments are still readable."""
-        argv = (_read(f"/proc/{pid}/cmdline") or "").split("\0")[1:]
+        argv = (proc.cmdline(pid, None) or [])[1:]
         while argv and argv[-1] == "":
             argv.pop()
         for a in argv:

@@ -77,9 +77,12 @@ class Tracer(EnrichMixin, UsernsMixin):
 
     # -- jobs ----------------------------------------------------------------------------------
     def add_job(self, job_id: str, owner_uid: int, cgroup_id: int | None, pids: Iterable[int] = (),
-                subtree_level: int | None = None) -> None:
+                subtree_level: int | None = None, members: Callable[[], Iterable[int]] | None = None) -> None:
         """Start tracing a job: its cgroup2 id and/or the pids it has now (their future
         children follow).  Processes already running are seeded from /proc.
+
+        ``members``: the job's pids now, asked after the job is in the kernel's maps (the cgroup
+        driver knows its cgroup's path); without it the cgroup2 tree is searched for the id.
 
         ``subtree_level``: the cgroup's depth below the cgroup2 root; set, every cgroup below it
         belongs to the job too (attach mode: a batch system's job cgroup and its steps)."""
@@ -91,7 +94,8 @@ class Tracer(EnrichMixin, UsernsMixin):
             # jobs) may register a job twice.  What is new is added, nothing is reset.
             if cgroup_id is not None and cgroup_id not in self._jobs[job_id].cgroup_ids:
                 self.add_cgroup(job_id, cgroup_id)
-            seed = set(pids) | (set(cgroup_procs(cgroup_id)) if cgroup_id is not None else set())
+            seed = set(pids) | (set(members() if members else cgroup_procs(cgroup_id)) if cgroup_id is not None
+                                else set())
             self.seed_from_proc(job_id, seed - set(self._jobs[job_id].procs))
             return
         if cgroup_id is None and self.backend == "bpf" and not self.pid_filter:
@@ -110,7 +114,7 @@ class Tracer(EnrichMixin, UsernsMixin):
         self._removed.pop(job_id, None)
         seed = set(pids)
         if cgroup_id is not None:
-            seed.update(cgroup_procs(cgroup_id))
+            seed.update(members() if members else cgroup_procs(cgroup_id))
         self.seed_from_proc(job_id, seed)
 
     def add_cgroup(self, job_id: str, cgroup_id: int) -> None:

@@ -13,8 +13,10 @@ import struct
 import time
 from collections.abc import Container, Iterable
 
+from jobcage.cgroups import proc
+
 from ..errors import Unsupported
-from .procfs import _read, cgroup2_mount, proc_comm, proc_exe, proc_status
+from .procfs import cgroup2_mount, proc_comm, proc_exe, proc_status
 from .records import EXITED_KEEP, _Job, _Raw
 
 log = logging.getLogger("jobcage.tracer")
@@ -71,13 +73,8 @@ class _ProcBackend:
 
     # membership --------------------------------------------------------------------------
     def _cgroup_rel_of(self, pid: int) -> str | None:
-        text = _read(f"/proc/{pid}/cgroup")
-        if not text or not self.cg2:
-            return None
-        for line in text.splitlines():
-            if line.startswith("0::"):
-                return line[3:].strip()
-        return None
+        lines = proc.cgroups(pid) if self.cg2 else None
+        return lines.get("") if lines else None
 
     def _ino(self, rel: str) -> int | None:
         ino = self._cg_ino.get(rel)

@@ -1,8 +1,11 @@
-"""Small /proc and cgroupfs readers of the tracer (None or empty when the process is gone)."""
+"""Small readers of the tracer (None or empty when the process is gone): tracefs and cgroupfs here, /proc
+through jobcage.cgroups.proc (the one /proc reader)."""
 
 from __future__ import annotations
 
 import os
+
+from jobcage.cgroups import proc
 
 TRACEFS_DIRS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
 
@@ -15,53 +18,12 @@ def _read(path: str) -> str | None:
         return None
 
 
-def proc_status(pid: int) -> dict[str, list[int]] | None:
-    """Uid/Gid/PPid/Tgid/NoNewPrivs lines of /proc/PID/status as ints (Uid: real, effective,
-    saved, fs)."""
-    text = _read(f"/proc/{pid}/status")
-    if text is None:
-        return None
-    out: dict[str, list[int]] = {}
-    for line in text.splitlines():
-        key, _, val = line.partition(":")
-        if key in ("Uid", "Gid", "PPid", "Tgid", "NoNewPrivs"):
-            try:
-                out[key] = [int(x) for x in val.split()]
-            except ValueError:
-                pass
-    return out
-
-
-def proc_ppid(pid: int) -> int:
-    text = _read(f"/proc/{pid}/stat")
-    if not text:
-        return 0
-    try:  # the comm field may contain spaces and parens: split after the last ')'
-        return int(text[text.rindex(")") + 2:].split()[1])
-    except (ValueError, IndexError):
-        return 0
-
-
-def proc_comm(pid: int) -> str:
-    return (_read(f"/proc/{pid}/comm") or "").strip()
-
-
-def proc_exe(pid: int) -> str:
-    try:
-        return os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        return ""
-
-
-
-def cgroup2_mount() -> str | None:
-    """Mount point of the cgroup2 hierarchy (``/sys/fs/cgroup`` or ``.../unified``), or None."""
-    text = _read("/proc/self/mounts") or ""
-    for line in text.splitlines():
-        parts = line.split()
-        if len(parts) > 2 and parts[2] == "cgroup2":
-            return parts[1]
-    return None
+# the one /proc reader (jobcage.cgroups.proc), under the names the tracer has always used
+proc_status = proc.status
+proc_ppid = proc.ppid
+proc_comm = proc.comm
+proc_exe = proc.exe
+cgroup2_mount = proc.cgroup2_mount
 
 
 def cgroup2_path(cgroup_id: int, mount: str | None = None) -> str | None:

@@ -8,6 +8,7 @@ import re
 import time
 
 from jobcage.agent.events import TraceEvent
+from jobcage.cgroups import proc
 
 from .procfs import _read, proc_comm, proc_ppid
 from .records import _errname, _Job, _Raw
@@ -27,11 +28,7 @@ _MAP_REL = re.compile(r"^(?:(\d+)/)?([ug]id_map)$")
 IdMap = list[list[int]]     # [[first id inside, first host id, count], ...]
 
 
-def userns_inode(pid: int | str) -> int | None:
-    try:
-        return os.stat(f"/proc/{pid}/ns/user").st_ino
-    except OSError:
-        return None
+userns_inode = proc.userns_inode
 
 
 INIT_USERNS = userns_inode("self") or 0   # the agent's own: the initial user namespace
@@ -78,7 +75,7 @@ def userns_facts(pid: int) -> dict | None:
 
 def read_idmap(pid: int, which: str) -> IdMap | None:
     """pid's uid_map or gid_map with host ids outside ([] = not written yet), None when gone."""
-    text = _read(f"/proc/{pid}/{which}")
+    text = proc.read_text(f"/proc/{pid}/{which}")
     if text is None:
         return None
     out = []
@@ -331,7 +328,7 @@ class UsernsMixin:
                 return raw.pid if full.group(1) in ("self", "thread-self") else int(full.group(1))
         except OSError:
             pass
-        argv = (_read(f"/proc/{raw.pid}/cmdline") or "").split("\0")
+        argv = proc.cmdline(raw.pid, None) or []
         if len(argv) > 1 and os.path.basename(argv[0]) in MAP_HELPERS and argv[1].isdigit():
             return int(argv[1])
         return None
