@@ -24,13 +24,34 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
+import shutil
 import subprocess
+import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
-from jctest import AgentProc, JcEnv, User, create_user, delete_user, mode_unavailable, require
+from jctest import (
+    TRACE_CGROUP_PREFIX,
+    AgentProc,
+    Collector,
+    Helpers,
+    JcEnv,
+    TestCgroup,
+    TraceUsers,
+    User,
+    build_helpers,
+    cgroup2_root,
+    create_user,
+    delete_user,
+    kill_uid,
+    mode_unavailable,
+    remove_cgroups,
+    require,
+    unmount_all_under,
+)
 
 
 def _node_modes() -> tuple[str, ...]:
@@ -151,3 +172,129 @@ def agent_proc(jc_env: JcEnv, tmp_path: Path) -> Iterator[AgentProc]:
         yield agent
     finally:
         agent.stop()
+
+
+# --- real users, trees and cgroups for the cleanup / tmpdir / prune tests --------------------------------------
+
+@pytest.fixture(scope="module")
+def pool_users() -> Iterator[tuple[User, User]]:
+    """Two fresh users (uids >= 1000, no home: ``jccl<hex>``) for the whole module."""
+    made: list[User] = []
+    try:
+        made.append(create_user("jccl", make_home=False))
+        made.append(create_user("jccl", make_home=False))
+        yield made[0], made[1]
+    finally:
+        problems = [p for u in made for p in delete_user(u)]
+        assert not problems, f"pool_users teardown: {'; '.join(problems)}"
+
+
+@pytest.fixture
+def user_procs(pool_users: tuple[User, User]) -> Iterator[tuple[User, User]]:
+    """The pool users, with every process of theirs killed after each test."""
+    yield pool_users
+    left = [p for u in pool_users for p in kill_uid(u.uid)]
+    assert not left, f"processes of the pool users survive SIGKILL: {left}"
+
+
+@pytest.fixture
+def private_tree() -> Iterator[str]:
+    """A fresh ``/tmp/jctest-*`` directory, root-owned and mode 1777 like /tmp; mounts inside unmounted after."""
+    for tool in ("setsid", "mount", "umount"):
+        require(shutil.which(tool) is not None, f"needs {tool}")
+    path = tempfile.mkdtemp(prefix="jctest-", dir="/tmp")
+    os.chmod(path, 0o1777)
+    try:
+        yield path
+    finally:
+        unmount_all_under(path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def job_cgroup() -> Iterator[str]:
+    """A real cgroup2 directory ``<cgroup2>/jobcage-prtest-<hex>`` standing in for a job; emptied and removed after."""
+    path = cgroup2_root() / f"jobcage-prtest-{secrets.token_hex(4)}"
+    try:
+        path.mkdir()
+    except OSError as e:
+        require(False, f"cannot create a cgroup under {path.parent}: {e}")
+    try:
+        yield str(path)
+    finally:
+        problems = remove_cgroups([path])
+        assert not problems, f"job_cgroup teardown: {'; '.join(problems)}"
+
+
+# --- tracer scenarios: raw cgroup2 directories, users, helper programs, tracers --------------------------------
+
+@pytest.fixture
+def make_cgroup() -> Iterator[Callable[..., TestCgroup]]:
+    """make(pids_max=None) -> a raw cgroup2 directory ``jobcage-trtest-<hex>`` (plus a v1 pids twin holding
+    pids.max when the node has one); emptied and removed at teardown."""
+    made: list[TestCgroup] = []
+
+    def make(pids_max: int | None = None) -> TestCgroup:
+        name = TRACE_CGROUP_PREFIX + secrets.token_hex(4)
+        path = cgroup2_root() / name
+        pids_path = None
+        v1 = Path("/sys/fs/cgroup/pids")
+        if pids_max is not None and (v1 / "cgroup.procs").exists():   # v1 / hybrid: a v1 pids twin
+            pids_path = v1 / name
+            pids_path.mkdir()
+            (pids_path / "pids.max").write_text(str(pids_max))   # the limit is in place BEFORE any task
+        path.mkdir()
+        if pids_max is not None and pids_path is None:   # pure v2: the limit in the cgroup itself
+            ctrl = (path.parent / "cgroup.subtree_control").read_text().split()
+            require("pids" in ctrl, f"neither a v1 pids hierarchy nor +pids in {path.parent}/cgroup.subtree_control")
+            (path / "pids.max").write_text(str(pids_max))
+        cg = TestCgroup(path, pids_path)
+        made.append(cg)
+        return cg
+
+    yield make
+    for cg in made:
+        cg.destroy()
+
+
+@pytest.fixture(scope="session")
+def trace_users() -> Iterator[TraceUsers]:
+    pilot, pool = create_user("jctr"), create_user("jctr")
+    try:
+        yield TraceUsers(pilot, pool)
+    finally:
+        for u in (pool, pilot):
+            delete_user(u)
+
+
+@pytest.fixture(scope="session")
+def helpers() -> Iterator[Helpers]:
+    """The setuid-root sutest, a fork bomb, daemonize/burn/idloop scripts, built once per session."""
+    d = Path(tempfile.mkdtemp(prefix="jobcage-trtest-"))
+    try:
+        yield build_helpers(d)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def make_tracer() -> Iterator[Callable[..., tuple[Any, Collector]]]:
+    """make(backend="bpf", **kw) -> (jobcage.agent.tracer.Tracer, Collector of its events); closed at teardown."""
+    from jobcage.agent.tracer import Tracer
+
+    made: list[Any] = []
+
+    def make(backend: str = "bpf", **kw: object) -> tuple[Any, Collector]:
+        if backend == "bpf":
+            try:
+                import bcc  # noqa: F401
+            except ImportError:
+                require(False, "bcc is not importable")
+        col = Collector()
+        t = Tracer(col, backend=backend, **kw)  # type: ignore[arg-type]
+        made.append(t)
+        return t, col
+
+    yield make
+    for t in made:
+        t.close()

@@ -17,6 +17,7 @@ import secrets
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import sys
@@ -53,7 +54,7 @@ def require(cond: object, why: str) -> None:
     pytest.skip(why)
 
 
-def wait_for(pred: Callable[[], T], timeout: float, what: str, interval: float = 0.02) -> T:
+def wait_for(pred: Callable[[], T], timeout: float = 10.0, what: str = "a condition", interval: float = 0.02) -> T:
     """Poll until pred() is truthy and return it; fail the test naming `what` after `timeout` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -112,6 +113,12 @@ def alive(pid: int, starttime: int | None = None) -> bool:
     still the same process (not a reused pid)."""
     p = proc(pid)
     return p is not None and p.state not in ("Z", "X") and (starttime is None or p.starttime == starttime)
+
+
+def proc_state(pid: int) -> str | None:
+    """The state letter of /proc/PID/stat, None when gone."""
+    p = proc(pid)
+    return p.state if p is not None else None
 
 
 def all_pids() -> list[int]:
@@ -212,37 +219,41 @@ def tree_listing(subtree: str) -> set[str]:
     return out
 
 
-def purge_subtree(subtree: str, timeout: float = 30.0) -> list[str]:
-    """Kill every process in the subtree's cgroups (through the cgroups, never by name) and rmdir all of
-    them, bottom-up, in every hierarchy.  Returns problems (empty = clean)."""
-    if not subtree.startswith(SUBTREE_PREFIX) or "/" in subtree or ".." in subtree:
-        raise ValueError(f"refusing to purge {subtree!r}: not a test subtree")
+def empty_cgroups(dirs: Sequence[Path], timeout: float = 30.0) -> list[int]:
+    """Kill every process in these cgroups (and below them) through the cgroups, never by name: pids.max 0
+    (no new forks), cgroup.kill where it exists, SIGKILL to each member, thaw (a frozen task dies only once
+    thawed), until they are empty.  Returns the survivors (empty = done)."""
     deadline = time.monotonic() + timeout
-    problems: list[str] = []
     while True:
-        tops = subtree_dirs(subtree)
-        dirs = [Path(d) for top in tops for d, _s, _f in os.walk(top, topdown=False)]
-        busy = {d: _cg_pids(d) for d in dirs}
-        busy = {d: p for d, p in busy.items() if p}
+        walked = [Path(d) for top in dirs if top.is_dir() for d, _s, _f in os.walk(top, topdown=False)]
+        busy = {d: p for d in walked if (p := _cg_pids(d))}
         if not busy:
-            break
+            return []
         if time.monotonic() > deadline:
-            problems.append(f"processes survive in {subtree}: {sorted({p for v in busy.values() for p in v})}")
-            break
+            return sorted({p for v in busy.values() for p in v})
         for d, pids in busy.items():
-            _try_write(d / "pids.max", "0")              # v1/v2 pids: no new forks while we kill
+            _try_write(d / "pids.max", "0")
             if (d / "cgroup.kill").exists():
                 _try_write(d / "cgroup.kill", "1")
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGKILL)
-        for d in dirs:                                    # a frozen task dies only once thawed
+        for d in walked:
             if (d / "freezer.state").exists():
                 _try_write(d / "freezer.state", "THAWED")
             if (d / "cgroup.freeze").exists():
                 _try_write(d / "cgroup.freeze", "0")
         time.sleep(0.05)
-    for top in subtree_dirs(subtree):
+
+
+def remove_cgroups(dirs: Sequence[Path], timeout: float = 30.0) -> list[str]:
+    """Empty (empty_cgroups) and rmdir these cgroups and everything below them, bottom-up.  Returns problems."""
+    deadline = time.monotonic() + timeout
+    problems: list[str] = []
+    left = empty_cgroups(dirs, timeout)
+    if left:
+        problems.append(f"processes survive in {', '.join(map(str, dirs))}: {left}")
+    for top in dirs:
         for d, _s, _f in os.walk(top, topdown=False):
             while True:
                 try:
@@ -257,6 +268,26 @@ def purge_subtree(subtree: str, timeout: float = 30.0) -> list[str]:
                     problems.append(f"cannot rmdir {d}: {e.strerror}")
                     break
     return problems
+
+
+def purge_subtree(subtree: str, timeout: float = 30.0) -> list[str]:
+    """Kill every process in the subtree's cgroups and rmdir all of them, bottom-up, in every hierarchy.
+    Returns problems (empty = clean)."""
+    if not subtree.startswith(SUBTREE_PREFIX) or "/" in subtree or ".." in subtree:
+        raise ValueError(f"refusing to purge {subtree!r}: not a test subtree")
+    return remove_cgroups(subtree_dirs(subtree), timeout)
+
+
+def cgroup2_root() -> Path:
+    """The cgroup2 mount (a test needing one requires it)."""
+    root = hierarchies().get("unified")
+    require(root is not None, "no cgroup2 hierarchy mounted")
+    assert root is not None
+    return root
+
+
+def move_to_cgroup(path: str | Path, pid: int) -> None:
+    Path(path, "cgroup.procs").write_text(str(pid))
 
 
 def thaw_test_cgroups_of(pid: int) -> None:
@@ -280,6 +311,7 @@ class User:
     uid: int
     gid: int
     home: Path
+    made_home: bool = True   # useradd made the home (userdel removes it); False: a home the test owns
 
     def argv(self, argv: Sequence[str]) -> list[str]:
         """argv run as this user: setpriv execs in place (no PAM, no extra fork), so a Popen's pid is the
@@ -302,48 +334,119 @@ def _run_locked(argv: list[str], attempts: int = 30) -> subprocess.CompletedProc
     raise AssertionError("unreachable")
 
 
-def create_user(prefix: str = USER_PREFIX) -> User:
+def create_user(prefix: str = USER_PREFIX, home: str | None = None, make_home: bool = True) -> User:
+    """A real user (useradd, uid >= 1000, its own group) with a home useradd makes; with `home` or
+    make_home=False, no home is made (`home`: the path its account names)."""
+    require(shutil.which("useradd") is not None and shutil.which("setpriv") is not None,
+            "useradd and setpriv are needed for test users")
     name = f"{prefix}{secrets.token_hex(4)}"
-    r = _run_locked(["useradd", "--create-home", "--shell", "/bin/sh", "--user-group", "-K", "UID_MIN=1000",
-                     name])
+    argv = ["useradd", "--shell", "/bin/sh", "--user-group", "-K", "UID_MIN=1000"]
+    make_home = make_home and home is None
+    argv += ["--create-home"] if make_home else ["--no-create-home"]
+    argv += ["--home-dir", home] if home is not None else []
+    r = _run_locked(argv + [name])
     if r.returncode != 0:
         raise RuntimeError(f"useradd {name} failed: {r.stderr.strip()}")
     e = pwd.getpwnam(name)
     assert e.pw_uid >= 1000, e
-    return User(name=name, uid=e.pw_uid, gid=e.pw_gid, home=Path(e.pw_dir))
+    return User(name=name, uid=e.pw_uid, gid=e.pw_gid, home=Path(e.pw_dir), made_home=make_home)
 
 
 def kill_uid(uid: int, timeout: float = 20.0) -> list[int]:
-    """SIGKILL every process of a uid the suite created, until none is left; returns survivors."""
+    """SIGKILL every process of a uid the suite created (real, effective or saved uid), until none is left;
+    returns survivors.  Each process is pinned with a pidfd and its uid checked again before the signal: a
+    recycled pid is never signalled."""
     if uid < 1000:
         raise ValueError(f"refusing to kill processes of system uid {uid}")
     deadline = time.monotonic() + timeout
     while pids := pids_of_uid(uid):
         for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:
+                continue
+            try:
+                p = proc(pid)
+                if p is not None and uid in (p.uid, p.euid, p.suid):
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
             thaw_test_cgroups_of(pid)
         if time.monotonic() > deadline:
             return pids
-        time.sleep(0.05)
+        time.sleep(0.02)
     return []
 
 
 def delete_user(user: User) -> list[str]:
+    """Kill the user's processes and userdel it (with its home when useradd made it).  Returns problems."""
     problems = []
     left = kill_uid(user.uid)
     if left:
         problems.append(f"processes of {user.name} survive: {left}")
-    r = _run_locked(["userdel", "--remove", user.name])
-    # userdel -r exits 12 when only the mail spool was missing: the user is gone all the same.
-    if r.returncode not in (0, 12):
+    r = _run_locked(["userdel", "--remove" if user.made_home else "--force", user.name])
+    # userdel -r exits 12 when only the mail spool was missing, 6 when the user is already gone
+    if r.returncode not in (0, 6, 12):
         problems.append(f"userdel {user.name}: {r.stderr.strip()}")
     with contextlib.suppress(FileNotFoundError):
         os.unlink(f"/run/sudo/ts/{user.name}")
     return problems
 
 
-# --- the control socket, spoken raw (for garbage tests and for talking to the agent as another uid) -----------
+def run_as(user: User, argv: Sequence[str], check: bool = True, **kw: Any) -> subprocess.CompletedProcess[str]:
+    """argv as the user (no supplementary groups), output captured."""
+    return subprocess.run(list(argv), user=user.uid, group=user.gid, extra_groups=[], check=check,
+                          capture_output=True, text=True, **kw)
+
+
+def popen_as(user: User, argv: Sequence[str], **kw: Any) -> subprocess.Popen:
+    return subprocess.Popen(list(argv), user=user.uid, group=user.gid, extra_groups=[], **kw)
+
+
+def spawn_detached(user: User, script: str, pidfile: str) -> int:
+    """Start ``sh -c script`` as ``user`` in a new session, reparented away from the test (double fork).
+
+    ``script`` runs with ``$$`` = the pid returned; it must write nothing to ``pidfile``, which is ours.
+    """
+    # The daemon must not inherit pipes of ours, or waiting for the launcher would wait for the daemon too.
+    subprocess.run(["setsid", "--fork", "sh", "-c",
+                    f'echo $$ > "{pidfile}.tmp" && mv "{pidfile}.tmp" "{pidfile}"; {script}'],
+                   user=user.uid, group=user.gid, extra_groups=[], check=True, stdin=subprocess.DEVNULL,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: os.path.exists(pidfile), 10, f"pidfile {pidfile}")
+    with open(pidfile) as f:
+        return int(f.read())
+
+
+# --- mounts ----------------------------------------------------------------------------------------------------
+
+def mounts_under(path: str) -> list[str]:
+    out = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            mp = line.split(" ")[4].replace("\\040", " ")
+            if mp == path or mp.startswith(path.rstrip("/") + "/"):
+                out.append(mp)
+    return out
+
+
+def unmount_all_under(path: str) -> None:
+    for mp in sorted(mounts_under(path), key=len, reverse=True):  # deepest first
+        subprocess.run(["umount", "-l", mp], check=False, capture_output=True)
+
+
+def mount_tmpfs(path: str) -> None:
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", path],
+                       capture_output=True, text=True)
+    require(r.returncode == 0, f"cannot mount a tmpfs: {r.stderr.strip()}")
+
+
+def bind_mount(src: str, dst: str) -> None:
+    r = subprocess.run(["mount", "--bind", src, dst], capture_output=True, text=True)
+    require(r.returncode == 0, f"cannot bind mount: {r.stderr.strip()}")
+
 
 def socket_exchange(path: str, payload: bytes, *, shutdown: bool = True, timeout: float = 20.0) -> dict | None:
     """Send raw bytes, read one length-prefixed JSON answer; None if the agent closed without answering."""
@@ -726,3 +829,228 @@ class AgentProc:
             return "\n".join(self.log_path.read_text().splitlines()[-tail:])
         except FileNotFoundError:
             return "(no log)"
+
+
+# --- tracer scenarios (test_tracer, test_accounting, test_identity, test_userns, ...) ---------------------------
+
+TRACE_CGROUP_PREFIX = "jobcage-trtest-"
+PYTHON = "/usr/bin/python3"   # not a PATH lookup: version-manager shims would add processes to the trail
+
+SUTEST_C = r"""
+/* sutest: a minimal gLExec-like setuid-root helper: sutest UID GID PROG [ARG...] */
+#include <grp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    if (argc < 4) { fprintf(stderr, "usage: sutest UID GID PROG [ARG...]\n"); return 2; }
+    uid_t uid = (uid_t)atoi(argv[1]);
+    gid_t gid = (gid_t)atoi(argv[2]);
+    if (setgroups(0, NULL) || setgid(gid) || setuid(uid)) { perror("sutest"); return 1; }
+    execv(argv[3], argv + 3);
+    perror("sutest: execv");
+    return 127;
+}
+"""
+
+FORKBOMB_C = r"""
+/* forkbomb SECONDS [STOPFILE]: waits for one byte on stdin, then forks as fast as it can; odd-pid
+ * children exit at once (churn), the others join in.  Every process stops by itself after SECONDS, or
+ * once STOPFILE exists (a test waits on a condition, then stops it: a slow node forks slowly). */
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    char c;
+    if (argc < 2 || read(0, &c, 1) != 1) return 2;
+    time_t end = time(NULL) + atoi(argv[1]);
+    const char *stop = argc > 2 ? argv[2] : NULL;
+    while (time(NULL) < end && !(stop && access(stop, F_OK) == 0)) {
+        pid_t p = fork();
+        if (p == 0) {
+            if (getpid() & 1) _exit(0);
+            continue;
+        }
+        while (waitpid(-1, NULL, WNOHANG) > 0) ;
+    }
+    return 0;
+}
+"""
+
+DAEMONIZE_PY = r"""
+# Classic daemonization: fork, setsid in the child, fork again, the middle process exits; the grandchild
+# (no exec) lives on, reparented away from its original parent.  Prints: payload child grandchild.
+import os, sys, time
+r, w = os.pipe()
+child = os.fork()
+if child == 0:
+    os.setsid()
+    grandchild = os.fork()
+    if grandchild == 0:
+        os.write(w, b"%d\n" % os.getpid())
+        null = os.open(os.devnull, os.O_RDWR)   # a daemon lets go of its parent's stdio
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        time.sleep(float(sys.argv[1]))
+        os._exit(0)
+    os._exit(0)
+os.waitpid(child, 0)
+grandchild = int(os.read(r, 64))
+print(os.getpid(), child, grandchild, flush=True)
+"""
+
+BURN_PY = r"""
+# Burn CPU for argv[1] seconds of this process's own CPU time.
+import sys, time
+end = time.process_time() + float(sys.argv[1])
+while time.process_time() < end:
+    pass
+"""
+
+IDLOOP_PY = r"""
+# Root process toggling its effective uid: argv[1] = uid, argv[2] = pairs of setresuid calls.
+import os, sys
+sys.stdin.readline()
+uid, n = int(sys.argv[1]), int(sys.argv[2])
+for _ in range(n):
+    os.setresuid(-1, uid, -1)
+    os.setresuid(-1, 0, -1)
+print("done", flush=True)
+"""
+
+
+@dataclass
+class TestCgroup:
+    """A raw cgroup2 directory (and optionally a v1 pids cgroup of the same name)."""
+    __test__ = False   # not a pytest test class
+
+    path: Path
+    pids_path: Path | None = None
+
+    @property
+    def id(self) -> int:
+        return os.stat(self.path).st_ino   # cgroup2 id = inode number = bpf_get_current_cgroup_id()
+
+    def attach(self, pid: int) -> None:
+        (self.path / "cgroup.procs").write_text(str(pid))
+        if self.pids_path is not None:
+            (self.pids_path / "cgroup.procs").write_text(str(pid))
+
+    def procs(self) -> list[int]:
+        return [int(x) for x in (self.path / "cgroup.procs").read_text().split()]
+
+    def usage_usec(self) -> int:
+        for line in (self.path / "cpu.stat").read_text().splitlines():
+            key, _, val = line.partition(" ")
+            if key == "usage_usec":
+                return int(val)
+        raise AssertionError(f"{self.path}/cpu.stat has no usage_usec")
+
+    def destroy(self) -> None:
+        """Kill what is inside (through the cgroup) and remove it (and its v1 pids twin)."""
+        dirs = [self.path] + ([self.pids_path] if self.pids_path is not None else [])
+        problems = remove_cgroups(dirs, timeout=20)
+        if problems:
+            raise AssertionError(f"{self.path}: {'; '.join(problems)}")
+
+
+@dataclass
+class TraceUsers:
+    pilot: User
+    pool: User
+
+
+@dataclass
+class Helpers:
+    dir: Path
+    sutest: Path
+    forkbomb: Path
+    daemonize: Path
+    burn: Path
+    idloop: Path
+
+
+@dataclass
+class Collector:
+    """on_event target: keeps every event (jobcage.agent.events.TraceEvent)."""
+    events: list[Any] = field(default_factory=list)
+
+    def __call__(self, ev: Any) -> None:
+        self.events.append(ev)
+
+    def of(self, job_id: str, kind: str | None = None, pid: int | None = None) -> list[Any]:
+        return [e for e in self.events if e.job_id == job_id and (kind is None or e.kind == kind)
+                and (pid is None or e.pid == pid)]
+
+
+def _exe(pid: int) -> str:
+    try:
+        return os.readlink(f"/proc/{pid}/exe")
+    except OSError:
+        return ""
+
+
+def build_helpers(d: Path) -> Helpers:
+    """Compile and write the tracer scenarios' helper programs into d (sutest setuid root)."""
+    require(shutil.which("gcc") is not None, "gcc is missing (needed to build the setuid test helper)")
+    d.chmod(0o755)   # the test users must reach the helper
+    for name, src in (("sutest", SUTEST_C), ("forkbomb", FORKBOMB_C)):
+        (d / f"{name}.c").write_text(src)
+        subprocess.run(["gcc", "-O2", "-o", str(d / name), str(d / f"{name}.c")], check=True)
+    sutest = d / "sutest"
+    os.chown(sutest, 0, 0)
+    sutest.chmod(0o4755)
+    require(not (os.statvfs(sutest).f_flag & os.ST_NOSUID), f"{d} is on a nosuid mount")
+    assert sutest.stat().st_mode & stat.S_ISUID
+    for name, src in (("daemonize.py", DAEMONIZE_PY), ("burn.py", BURN_PY), ("idloop.py", IDLOOP_PY)):
+        (d / name).write_text(src)
+        (d / name).chmod(0o644)
+    return Helpers(d, sutest, d / "forkbomb", d / "daemonize.py", d / "burn.py", d / "idloop.py")
+
+
+class GatedJob:
+    """A process started (as `user`), moved into the cgroup(s), held until release(): so the tracer knows the
+    job before the job does anything, like the agent's prologue + adopt."""
+
+    def __init__(self, cg: TestCgroup, argv: Sequence[str], user: User | None = None) -> None:
+        full = list(user.argv(argv)) if user else list(argv)
+        self.proc = subprocess.Popen(full, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=user.env() if user else None,
+                                     cwd="/")
+        self.pid = self.proc.pid
+        if user:   # attach the pilot as itself: setpriv's own switch happens before the job starts
+            target = os.path.realpath(shutil.which(argv[0]) or argv[0])
+            wait_for(lambda: _exe(self.pid) == target, 10, f"{argv[0]} to run as {user.name}")
+        cg.attach(self.pid)
+        self.cg = cg
+
+    def release(self, data: str = "go\n") -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(data)
+        self.proc.stdin.close()
+        self.proc.stdin = None   # so communicate() does not flush it
+
+
+def shell_job(cg: TestCgroup, script: str, user: User | None = None) -> GatedJob:
+    """bash that waits for the gate, then runs `script` (ending in `exit` so bash does not exec the last
+    command in place: the trail's parent pid is then this bash)."""
+    return GatedJob(cg, ["/bin/bash", "-c", f"read -r _gate; {script}\nexit $?"], user)
+
+
+def drive(tracers: Sequence[Any], until: Callable[[], bool], timeout: float = 30.0,
+          tick: Callable[[], None] | None = None) -> None:
+    """Poll the tracers (like the agent's loop) until `until()` holds, then drain what is buffered."""
+    deadline = time.monotonic() + timeout
+    while not until():
+        if time.monotonic() > deadline:
+            pytest.fail(f"scenario did not finish within {timeout}s", pytrace=False)
+        for t in tracers:
+            t.poll(10)
+        if tick:
+            tick()
+    for _ in range(3):
+        for t in tracers:
+            t.poll(30)
+        if tick:
+            tick()

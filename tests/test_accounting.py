@@ -15,10 +15,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))   # tracefixtures / jctest, package or not
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # jctest, package or not
 
-import tracefixtures as tf  # noqa: E402
-from tracefixtures import PYTHON, Helpers, TraceUsers, drive, shell_job  # noqa: E402
+from jctest import PYTHON, Helpers, TraceUsers, drive, shell_job  # noqa: E402
 
 from jobcage.agent.accounting import (  # noqa: E402
     Accounting,
@@ -27,8 +26,6 @@ from jobcage.agent.accounting import (  # noqa: E402
     parse_taskstats,
     split_messages,
 )
-
-trace_users, helpers, make_cgroup, make_tracer = tf.trace_users, tf.helpers, tf.make_cgroup, tf.make_tracer
 
 pytestmark = [pytest.mark.root]
 

@@ -22,10 +22,11 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import tracefixtures as tf  # noqa: E402
-from jctest import (  # noqa: E402
+from jctest import (  # noqa: E402  # noqa: E402
+    PYTHON,
     SUBTREE_PREFIX,
     AgentProc,
+    Helpers,
     JcEnv,
     User,
     alive,
@@ -37,9 +38,6 @@ from jctest import (  # noqa: E402
     require,
     wait_for,
 )
-from tracefixtures import PYTHON, Helpers  # noqa: E402
-
-helpers = tf.helpers
 
 pytestmark = [pytest.mark.root]
 

@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+from jctest import User, bind_mount, create_user, delete_user, mount_tmpfs, run_as
 
 from jobcage.agent.cleanup import (
     BELOW_MIN_UID,
@@ -22,31 +23,6 @@ from jobcage.agent.cleanup import (
     cleanup,
 )
 from jobcage.agent.errors import InvalidArgument
-
-try:
-    from userfixtures import (  # noqa: F401 - fixtures
-        PoolUser,
-        bind_mount,
-        make_user,
-        mount_tmpfs,
-        pool_users,
-        private_tree,
-        remove_user,
-        run_as,
-        user_procs,
-    )
-except ImportError:  # tests/ imported as a package
-    from tests.userfixtures import (  # noqa: F401
-        PoolUser,
-        bind_mount,
-        make_user,
-        mount_tmpfs,
-        pool_users,
-        private_tree,
-        remove_user,
-        run_as,
-        user_procs,
-    )
 
 pytestmark = pytest.mark.root
 
@@ -103,7 +79,7 @@ def etc_snapshot() -> dict[str, tuple[int, int, float]]:
 
 
 @pytest.fixture
-def outside(private_tree: str):  # noqa: F811
+def outside(private_tree: str):
     """A second private directory next to the tree (same filesystem): what must never be touched."""
     path = private_tree + ".outside"
     os.mkdir(path)
@@ -112,7 +88,7 @@ def outside(private_tree: str):  # noqa: F811
     subprocess.run(["rm", "-rf", "--one-file-system", path], check=False)
 
 
-def test_removes_only_target_uid(pool_users: tuple[PoolUser, PoolUser], private_tree: str) -> None:  # noqa: F811
+def test_removes_only_target_uid(pool_users: tuple[User, User], private_tree: str) -> None:
     a, b = pool_users
     t = private_tree
     mkfile(f"{t}/a_file", a.uid)
@@ -146,7 +122,7 @@ def test_removes_only_target_uid(pool_users: tuple[PoolUser, PoolUser], private_
     assert rep.to_dict()["removed_files"] == 6
 
 
-def test_user_made_tree_and_top_dir_kept(pool_users: tuple[PoolUser, PoolUser], private_tree: str) -> None:  # noqa: F811
+def test_user_made_tree_and_top_dir_kept(pool_users: tuple[User, User], private_tree: str) -> None:
     a, _b = pool_users
     top = f"{private_tree}/top"
     mkdir(top, a.uid)  # the top itself belongs to the user: it still stays
@@ -157,7 +133,7 @@ def test_user_made_tree_and_top_dir_kept(pool_users: tuple[PoolUser, PoolUser], 
     assert (rep.removed_files, rep.removed_dirs) == (4, 3)
 
 
-def test_dry_run_changes_nothing(pool_users: tuple[PoolUser, PoolUser], private_tree: str) -> None:  # noqa: F811
+def test_dry_run_changes_nothing(pool_users: tuple[User, User], private_tree: str) -> None:
     a, b = pool_users
     t = private_tree
     mkdir(f"{t}/d", a.uid)
@@ -176,7 +152,7 @@ def test_dry_run_changes_nothing(pool_users: tuple[PoolUser, PoolUser], private_
     assert dry.skipped_counts == real.skipped_counts
 
 
-def test_symlinks_unlinked_never_followed(pool_users: tuple[PoolUser, PoolUser], private_tree: str,  # noqa: F811
+def test_symlinks_unlinked_never_followed(pool_users: tuple[User, User], private_tree: str,
                                           outside: str) -> None:
     a, b = pool_users
     t = private_tree
@@ -202,7 +178,7 @@ def test_symlinks_unlinked_never_followed(pool_users: tuple[PoolUser, PoolUser],
     assert rep.removed_files == 5 and rep.removed_dirs == 1
 
 
-def test_directory_swapped_for_symlink_via_hook(pool_users: tuple[PoolUser, PoolUser], private_tree: str,  # noqa: F811
+def test_directory_swapped_for_symlink_via_hook(pool_users: tuple[User, User], private_tree: str,
                                                 outside: str) -> None:
     """Deterministic race: between the lstat that saw a directory and the open, the name becomes a symlink."""
     a, _b = pool_users
@@ -227,7 +203,7 @@ def test_directory_swapped_for_symlink_via_hook(pool_users: tuple[PoolUser, Pool
     assert rep.removed_files == 0 and rep.removed_dirs == 0
 
 
-def test_directory_swapped_for_other_directory_via_hook(pool_users: tuple[PoolUser, PoolUser],  # noqa: F811
+def test_directory_swapped_for_other_directory_via_hook(pool_users: tuple[User, User],
                                                         private_tree: str, outside: str) -> None:
     a, _b = pool_users
     t = private_tree
@@ -271,7 +247,7 @@ print(swaps)
 """
 
 
-def test_rename_race_hammered_deletes_nothing_outside(pool_users: tuple[PoolUser, PoolUser],  # noqa: F811
+def test_rename_race_hammered_deletes_nothing_outside(pool_users: tuple[User, User],
                                                       private_tree: str, outside: str) -> None:
     """A payload swapping directories for symlinks to a victim while cleanup walks: the victim survives.
 
@@ -322,7 +298,7 @@ def test_rename_race_hammered_deletes_nothing_outside(pool_users: tuple[PoolUser
     print(f"hammer: {swaps} swaps, {runs} cleanup runs, {races} races detected, {removed} files removed")
 
 
-def test_other_filesystem_skipped(pool_users: tuple[PoolUser, PoolUser], private_tree: str) -> None:  # noqa: F811
+def test_other_filesystem_skipped(pool_users: tuple[User, User], private_tree: str) -> None:
     a, _b = pool_users
     t = private_tree
     mkdir(f"{t}/a_dir", a.uid)
@@ -340,7 +316,7 @@ def test_other_filesystem_skipped(pool_users: tuple[PoolUser, PoolUser], private
     assert [s.path for s in rep.skipped_for(NOT_EMPTY)] == [f"{t}/a_dir"]
 
 
-def test_bind_mount_of_same_filesystem_skipped(pool_users: tuple[PoolUser, PoolUser], private_tree: str,  # noqa: F811
+def test_bind_mount_of_same_filesystem_skipped(pool_users: tuple[User, User], private_tree: str,
                                                outside: str) -> None:
     """Same st_dev, still another place: mount points are not entered."""
     a, _b = pool_users
@@ -355,7 +331,7 @@ def test_bind_mount_of_same_filesystem_skipped(pool_users: tuple[PoolUser, PoolU
     assert [(s.path, s.detail) for s in rep.skipped_for(OTHER_FS)] == [(dst, "mount point")]
 
 
-def test_uids_below_min_uid_untouched(pool_users: tuple[PoolUser, PoolUser], private_tree: str) -> None:  # noqa: F811
+def test_uids_below_min_uid_untouched(pool_users: tuple[User, User], private_tree: str) -> None:
     a, _b = pool_users
     t = private_tree
     mkfile(f"{t}/sys_file", 999)
@@ -372,7 +348,7 @@ def test_uids_below_min_uid_untouched(pool_users: tuple[PoolUser, PoolUser], pri
     assert rep.skipped_counts[BELOW_MIN_UID] == 1
 
 
-def test_protected_paths_and_homes(pool_users: tuple[PoolUser, PoolUser], private_tree: str) -> None:  # noqa: F811
+def test_protected_paths_and_homes(pool_users: tuple[User, User], private_tree: str) -> None:
     a, _b = pool_users
     t = private_tree
     mkdir(f"{t}/keep", a.uid)
@@ -382,7 +358,7 @@ def test_protected_paths_and_homes(pool_users: tuple[PoolUser, PoolUser], privat
     assert [s.path for s in rep.skipped_for(PROTECTED)] == [f"{t}/keep"]
 
     home = f"{t}/home_of_user"
-    u = make_user(home=home)  # a pool account whose home lives in a cleaned directory
+    u = create_user("jccl", home=home)  # a pool account whose home lives in a cleaned directory
     try:
         mkdir(home, u.uid, 0o700)
         mkfile(f"{home}/.profile", u.uid)
@@ -394,17 +370,17 @@ def test_protected_paths_and_homes(pool_users: tuple[PoolUser, PoolUser], privat
         rep = cleanup([t], {u.uid}, protect_homes=False)
         assert not os.path.exists(home)
     finally:
-        remove_user(u)
-    v = make_user(home=t)  # home = the cleaned directory itself: must not shield everything in it
+        assert not delete_user(u)
+    v = create_user("jccl", home=t)  # home = the cleaned directory itself: must not shield everything in it
     try:
         mkfile(f"{t}/v_tmpfile", v.uid)
         rep = cleanup([t], {v.uid})
         assert not os.path.exists(f"{t}/v_tmpfile") and os.path.isdir(t)
     finally:
-        remove_user(v)
+        assert not delete_user(v)
 
 
-def test_depth_is_bounded(pool_users: tuple[PoolUser, PoolUser], private_tree: str) -> None:  # noqa: F811
+def test_depth_is_bounded(pool_users: tuple[User, User], private_tree: str) -> None:
     a, _b = pool_users
     t = private_tree
     d = t
@@ -420,7 +396,7 @@ def test_depth_is_bounded(pool_users: tuple[PoolUser, PoolUser], private_tree: s
     assert rep.skipped_for(TOO_DEEP)[0].path == f"{t}/n0/n1/n2/n3"
 
 
-def test_report_is_bounded(pool_users: tuple[PoolUser, PoolUser], private_tree: str) -> None:  # noqa: F811
+def test_report_is_bounded(pool_users: tuple[User, User], private_tree: str) -> None:
     a, b = pool_users
     t = private_tree
     for i in range(30):
@@ -431,7 +407,7 @@ def test_report_is_bounded(pool_users: tuple[PoolUser, PoolUser], private_tree: 
     assert rep.skipped_counts[OTHER_UID] == 30 and len(rep.skipped) == 10 and rep.skipped_unlisted == 20
 
 
-def test_missing_top_and_bad_arguments(private_tree: str) -> None:  # noqa: F811
+def test_missing_top_and_bad_arguments(private_tree: str) -> None:
     rep = cleanup([f"{private_tree}/nope"], {1234})
     assert [s.reason for s in rep.skipped] == [VANISHED]
     with pytest.raises(InvalidArgument):
@@ -447,7 +423,7 @@ def test_missing_top_and_bad_arguments(private_tree: str) -> None:  # noqa: F811
     assert cleanup([private_tree], set()).removed_files == 0
 
 
-def test_top_symlink_resolved_once(pool_users: tuple[PoolUser, PoolUser], private_tree: str) -> None:  # noqa: F811
+def test_top_symlink_resolved_once(pool_users: tuple[User, User], private_tree: str) -> None:
     """Configured tops are trusted paths: /var/tmp -> /tmp style links are resolved and walked once."""
     a, _b = pool_users
     t = private_tree

@@ -1,7 +1,7 @@
 """Identity tracing end to end, through the real agent (``agent_proc``) and the real CLIs.
 
 A pilot test user's job (``jobcage prologue`` as root, ``jobcage run JOB -- sh -c SCRIPT`` as the pilot, through
-the agent) switches to a pool test user through real helpers: the setuid-root ``sutest`` (tracefixtures), real
+the agent) switches to a pool test user through real helpers: the setuid-root ``sutest`` (tests/jctest.py), real
 ``sudo -u`` (sudoers fixture) and ``setpriv`` (needs CAP_SETUID: run by a root-owned step inside the pilot's job,
 like a batch system's privileged step launcher).  Checked from the outside only: ``jobcage show --json``,
 ``jobtrace JOB --events --json``, ``jobcage whois/declare/epilogue/doctor``, against pids the scripts write
@@ -30,12 +30,13 @@ import pytest
 
 from jobcage.agent.api import EVENTS_PAGE
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))   # tracefixtures / jctest, package or not
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # jctest, package or not
 
-import tracefixtures as tf  # noqa: E402
-from jctest import (  # noqa: E402
+from jctest import (  # noqa: E402  # noqa: E402
     JOBCAGE,
+    PYTHON,
     AgentProc,
+    Helpers,
     JcEnv,
     User,
     create_user,
@@ -44,9 +45,6 @@ from jctest import (  # noqa: E402
     require,
     wait_for,
 )
-from tracefixtures import PYTHON, Helpers  # noqa: E402
-
-helpers = tf.helpers   # session fixture: sutest (setuid root), forkbomb, burn.py
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
 

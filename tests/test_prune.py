@@ -14,45 +14,15 @@ import sys
 import textwrap
 
 import pytest
+from jctest import User, alive, move_to_cgroup, popen_as, proc_state, run_as, spawn_detached, wait_for
 
 from jobcage.agent.errors import NoSuchCgroup
 from jobcage.agent.prune import PF_KTHREAD, Stray, find_strays, kill_strays, pids_in_cgroup_tree
 
-try:
-    from userfixtures import (  # noqa: F401 - fixtures
-        PoolUser,
-        alive,
-        job_cgroup,
-        move_to_cgroup,
-        pool_users,
-        popen_as,
-        private_tree,
-        proc_state,
-        run_as,
-        spawn_detached,
-        user_procs,
-        wait_for,
-    )
-except ImportError:  # tests/ imported as a package
-    from tests.userfixtures import (  # noqa: F401
-        PoolUser,
-        alive,
-        job_cgroup,
-        move_to_cgroup,
-        pool_users,
-        popen_as,
-        private_tree,
-        proc_state,
-        run_as,
-        spawn_detached,
-        user_procs,
-        wait_for,
-    )
-
 pytestmark = pytest.mark.root
 
 
-def uids(*users: PoolUser) -> set[int]:
+def uids(*users: User) -> set[int]:
     return {u.uid for u in users}
 
 
@@ -60,7 +30,7 @@ def by_pid(strays: list[Stray]) -> dict[int, Stray]:
     return {s.pid: s for s in strays}
 
 
-def test_stray_found_and_killed(user_procs: tuple[PoolUser, PoolUser], private_tree: str) -> None:  # noqa: F811
+def test_stray_found_and_killed(user_procs: tuple[User, User], private_tree: str) -> None:
     a, b = user_procs
     pid = spawn_detached(a, "exec sleep 300", f"{private_tree}/a.pid")
     other = spawn_detached(b, "exec sleep 300", f"{private_tree}/b.pid")
@@ -82,8 +52,8 @@ def test_stray_found_and_killed(user_procs: tuple[PoolUser, PoolUser], private_t
     assert alive(other)  # not asked for
 
 
-def test_process_in_job_untouched(user_procs: tuple[PoolUser, PoolUser], private_tree: str,  # noqa: F811
-                                  job_cgroup: str) -> None:  # noqa: F811
+def test_process_in_job_untouched(user_procs: tuple[User, User], private_tree: str,
+                                  job_cgroup: str) -> None:
     a, _b = user_procs
     inside = spawn_detached(a, "exec sleep 300", f"{private_tree}/in.pid")
     move_to_cgroup(job_cgroup, inside)
@@ -99,8 +69,8 @@ def test_process_in_job_untouched(user_procs: tuple[PoolUser, PoolUser], private
     assert alive(inside) and proc_state(inside) == "S"  # neither killed nor left stopped
 
 
-def test_child_forked_in_a_job_after_membership_was_read(user_procs: tuple[PoolUser, PoolUser],  # noqa: F811
-                                                         private_tree: str, job_cgroup: str) -> None:  # noqa: F811
+def test_child_forked_in_a_job_after_membership_was_read(user_procs: tuple[User, User],
+                                                         private_tree: str, job_cgroup: str) -> None:
     """A stale pid set does not turn a job's newborn child into a stray."""
     a, _b = user_procs
     t = private_tree
@@ -117,8 +87,8 @@ def test_child_forked_in_a_job_after_membership_was_read(user_procs: tuple[PoolU
     assert find_strays(stale, only_uids=uids(a)) == []
 
 
-def test_adopted_into_a_job_before_the_kill_is_spared(user_procs: tuple[PoolUser, PoolUser],  # noqa: F811
-                                                      private_tree: str, job_cgroup: str) -> None:  # noqa: F811
+def test_adopted_into_a_job_before_the_kill_is_spared(user_procs: tuple[User, User],
+                                                      private_tree: str, job_cgroup: str) -> None:
     a, _b = user_procs
     pid = spawn_detached(a, "exec sleep 300", f"{private_tree}/p.pid")
     in_jobs = functools.partial(pids_in_cgroup_tree, job_cgroup)
@@ -131,7 +101,7 @@ def test_adopted_into_a_job_before_the_kill_is_spared(user_procs: tuple[PoolUser
     assert alive(pid) and proc_state(pid) == "S"
 
 
-def test_failure_while_frozen_leaves_nothing_stopped(user_procs: tuple[PoolUser, PoolUser],  # noqa: F811
+def test_failure_while_frozen_leaves_nothing_stopped(user_procs: tuple[User, User],
                                                      private_tree: str) -> None:
     a, _b = user_procs
     pid = spawn_detached(a, "exec sleep 300", f"{private_tree}/p.pid")
@@ -151,7 +121,7 @@ def test_failure_while_frozen_leaves_nothing_stopped(user_procs: tuple[PoolUser,
     wait_for(lambda: proc_state(pid) == "S", what="the stray to be continued")
 
 
-def start_sshd_like_session(user: PoolUser, tree: str) -> tuple[int, int, int]:
+def start_sshd_like_session(user: User, tree: str) -> tuple[int, int, int]:
     """A root 'sshd: USER [priv]' monitor -> the user's 'sshd: USER@pts/0' -> a shell's child (sleep).
 
     The process titles are set with argv[0] (exec -a), as sshd does by rewriting its argv.
@@ -177,7 +147,7 @@ def start_sshd_like_session(user: PoolUser, tree: str) -> tuple[int, int, int]:
     return monitor.pid, session, leaf
 
 
-def test_sshd_session_exempt(user_procs: tuple[PoolUser, PoolUser], private_tree: str) -> None:  # noqa: F811
+def test_sshd_session_exempt(user_procs: tuple[User, User], private_tree: str) -> None:
     a, _b = user_procs
     monitor, session, leaf = start_sshd_like_session(a, private_tree)
     try:
@@ -193,7 +163,7 @@ def test_sshd_session_exempt(user_procs: tuple[PoolUser, PoolUser], private_tree
         subprocess.run(["kill", "-KILL", str(monitor)], check=False)
 
 
-def test_forged_sshd_title_is_not_enough(user_procs: tuple[PoolUser, PoolUser], private_tree: str) -> None:  # noqa: F811
+def test_forged_sshd_title_is_not_enough(user_procs: tuple[User, User], private_tree: str) -> None:
     """A user can retitle its own process 'sshd: x@pts/0'; without the root monitor above it, no exemption."""
     a, _b = user_procs
     leaf_pidfile = f"{private_tree}/forged-leaf.pid"
@@ -218,7 +188,7 @@ AGENT_CHILD = textwrap.dedent("""
 """)
 
 
-def test_agent_and_its_ancestors_exempt(user_procs: tuple[PoolUser, PoolUser], private_tree: str) -> None:  # noqa: F811
+def test_agent_and_its_ancestors_exempt(user_procs: tuple[User, User], private_tree: str) -> None:
     """Run as the test user (so its own uid is in play): itself and the shell above it are never strays."""
     a, _b = user_procs
     stray = spawn_detached(a, "exec sleep 300", f"{private_tree}/s.pid")
@@ -232,7 +202,7 @@ def test_agent_and_its_ancestors_exempt(user_procs: tuple[PoolUser, PoolUser], p
     assert out["me"] not in out["strays"] and out["parent"] not in out["strays"]
 
 
-def test_configured_exemptions(user_procs: tuple[PoolUser, PoolUser], private_tree: str) -> None:  # noqa: F811
+def test_configured_exemptions(user_procs: tuple[User, User], private_tree: str) -> None:
     a, b = user_procs
     sleeper = spawn_detached(a, "exec sleep 300", f"{private_tree}/1.pid")
     looper = spawn_detached(a, "while :; do sleep 1; done", f"{private_tree}/2.pid")
@@ -278,7 +248,7 @@ def test_kernel_threads_never_considered() -> None:
     assert os.getpid() not in found and os.getppid() not in found  # the agent itself and its parent
 
 
-def test_recycled_pid_is_not_signalled(user_procs: tuple[PoolUser, PoolUser], private_tree: str) -> None:  # noqa: F811
+def test_recycled_pid_is_not_signalled(user_procs: tuple[User, User], private_tree: str) -> None:
     a, _b = user_procs
     pid = spawn_detached(a, "exec sleep 300", f"{private_tree}/p.pid")
     [real] = find_strays(set(), only_uids=uids(a))
@@ -290,7 +260,7 @@ def test_recycled_pid_is_not_signalled(user_procs: tuple[PoolUser, PoolUser], pr
     assert alive(pid) and proc_state(pid) == "S"
 
 
-def test_forking_process_group_frozen_and_killed(user_procs: tuple[PoolUser, PoolUser],  # noqa: F811
+def test_forking_process_group_frozen_and_killed(user_procs: tuple[User, User],
                                                  private_tree: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A group that forks all the time: stopped as a whole, then killed, with the children born meanwhile."""
     a, _b = user_procs
@@ -314,7 +284,7 @@ def test_forking_process_group_frozen_and_killed(user_procs: tuple[PoolUser, Poo
     assert not alive(leader)
 
 
-def test_timeout_reports_survivors(user_procs: tuple[PoolUser, PoolUser], private_tree: str) -> None:  # noqa: F811
+def test_timeout_reports_survivors(user_procs: tuple[User, User], private_tree: str) -> None:
     """No time to wait: what got SIGKILL but was not seen gone yet is reported, not silently dropped."""
     a, _b = user_procs
     pid = spawn_detached(a, "exec sleep 300", f"{private_tree}/p.pid")
@@ -323,7 +293,7 @@ def test_timeout_reports_survivors(user_procs: tuple[PoolUser, PoolUser], privat
     wait_for(lambda: not alive(pid), what="the SIGKILL to land")
 
 
-def test_pids_in_cgroup_tree(user_procs: tuple[PoolUser, PoolUser], job_cgroup: str) -> None:  # noqa: F811
+def test_pids_in_cgroup_tree(user_procs: tuple[User, User], job_cgroup: str) -> None:
     a, _b = user_procs
     assert pids_in_cgroup_tree(job_cgroup) == set()
     os.makedirs(f"{job_cgroup}/step0/task")

@@ -7,27 +7,11 @@ import stat
 import subprocess
 
 import pytest
+from jctest import User, mount_tmpfs, run_as
 
 from jobcage.agent.cleanup import OTHER_FS, RACE, VANISHED
 from jobcage.agent.errors import AccessDenied, InvalidArgument
 from jobcage.agent.tmpdir import create_job_tmpdir, job_tmpdir_path, remove_job_tmpdir
-
-try:
-    from userfixtures import (  # noqa: F401 - fixtures
-        PoolUser,
-        mount_tmpfs,
-        pool_users,
-        private_tree,
-        run_as,
-    )
-except ImportError:  # tests/ imported as a package
-    from tests.userfixtures import (  # noqa: F401
-        PoolUser,
-        mount_tmpfs,
-        pool_users,
-        private_tree,
-        run_as,
-    )
 
 pytestmark = pytest.mark.root
 
@@ -38,7 +22,7 @@ def etc_state() -> tuple[int, int, int]:
 
 
 @pytest.fixture
-def base(private_tree: str) -> str:  # noqa: F811
+def base(private_tree: str) -> str:
     """A root-owned 0755 base: nobody but root can create names in it."""
     path = f"{private_tree}/base"
     os.mkdir(path)
@@ -46,7 +30,7 @@ def base(private_tree: str) -> str:  # noqa: F811
     return path
 
 
-def test_create_private_dir(pool_users: tuple[PoolUser, PoolUser], base: str) -> None:  # noqa: F811
+def test_create_private_dir(pool_users: tuple[User, User], base: str) -> None:
     a, b = pool_users
     path = create_job_tmpdir(base, "job-1", a.uid, a.gid)
     assert path == f"{base}/job-1" == job_tmpdir_path(base, "job-1")
@@ -62,7 +46,7 @@ def test_create_private_dir(pool_users: tuple[PoolUser, PoolUser], base: str) ->
     assert create_job_tmpdir(base, "job-1", a.uid, a.gid) == path
 
 
-def test_umask_does_not_matter(pool_users: tuple[PoolUser, PoolUser], base: str) -> None:  # noqa: F811
+def test_umask_does_not_matter(pool_users: tuple[User, User], base: str) -> None:
     a, _b = pool_users
     old = os.umask(0o777)
     try:
@@ -73,7 +57,7 @@ def test_umask_does_not_matter(pool_users: tuple[PoolUser, PoolUser], base: str)
 
 
 @pytest.mark.parametrize("job_id", ["", ".", "..", "a/b", "../x", "a\0b", "x" * 256, 5])
-def test_bad_job_ids(pool_users: tuple[PoolUser, PoolUser], base: str, job_id: object) -> None:  # noqa: F811
+def test_bad_job_ids(pool_users: tuple[User, User], base: str, job_id: object) -> None:
     a, _b = pool_users
     with pytest.raises(InvalidArgument):
         create_job_tmpdir(base, job_id, a.uid, a.gid)  # type: ignore[arg-type]
@@ -88,7 +72,7 @@ def test_bad_ids(base: str) -> None:
             create_job_tmpdir(base, "j", uid, gid)  # type: ignore[arg-type]
 
 
-def test_untrusted_bases_refused(pool_users: tuple[PoolUser, PoolUser], private_tree: str) -> None:  # noqa: F811
+def test_untrusted_bases_refused(pool_users: tuple[User, User], private_tree: str) -> None:
     a, _b = pool_users
     t = private_tree
     os.mkdir(f"{t}/user_owned")
@@ -117,7 +101,7 @@ def test_untrusted_bases_refused(pool_users: tuple[PoolUser, PoolUser], private_
     assert os.stat(path).st_uid == a.uid
 
 
-def test_name_taken_by_another_user(pool_users: tuple[PoolUser, PoolUser], private_tree: str) -> None:  # noqa: F811
+def test_name_taken_by_another_user(pool_users: tuple[User, User], private_tree: str) -> None:
     """In a sticky base anyone can take the name first: refused, and nothing of theirs is changed."""
     a, b = pool_users
     t = private_tree
@@ -128,7 +112,7 @@ def test_name_taken_by_another_user(pool_users: tuple[PoolUser, PoolUser], priva
     assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (b.uid, 0o777)
 
 
-def test_planted_symlink_never_chowned_through(pool_users: tuple[PoolUser, PoolUser],  # noqa: F811
+def test_planted_symlink_never_chowned_through(pool_users: tuple[User, User],
                                                private_tree: str) -> None:
     """The classic: a link named like the next job's TMPDIR pointing at /etc, hoping root chowns /etc."""
     a, b = pool_users
@@ -144,7 +128,7 @@ def test_planted_symlink_never_chowned_through(pool_users: tuple[PoolUser, PoolU
     assert os.path.islink(f"{t}/job-etc")
 
 
-def test_existing_own_dir_rules(pool_users: tuple[PoolUser, PoolUser], private_tree: str) -> None:  # noqa: F811
+def test_existing_own_dir_rules(pool_users: tuple[User, User], private_tree: str) -> None:
     a, _b = pool_users
     t = private_tree
     run_as(a, ["sh", "-c", f"mkdir -m 0777 {t}/open && mkdir -m 0700 {t}/full && touch {t}/full/x && "
@@ -156,7 +140,7 @@ def test_existing_own_dir_rules(pool_users: tuple[PoolUser, PoolUser], private_t
     assert create_job_tmpdir(t, "fine", a.uid, a.gid) == f"{t}/fine"
 
 
-def test_remove_everything_inside(pool_users: tuple[PoolUser, PoolUser], base: str, private_tree: str) -> None:  # noqa: F811
+def test_remove_everything_inside(pool_users: tuple[User, User], base: str, private_tree: str) -> None:
     a, b = pool_users
     path = create_job_tmpdir(base, "job-rm", a.uid, a.gid)
     outside = f"{private_tree}/outside"
@@ -184,7 +168,7 @@ def test_remove_everything_inside(pool_users: tuple[PoolUser, PoolUser], base: s
     assert not rep.skipped
 
 
-def test_remove_skips_mounts(pool_users: tuple[PoolUser, PoolUser], base: str) -> None:  # noqa: F811
+def test_remove_skips_mounts(pool_users: tuple[User, User], base: str) -> None:
     a, _b = pool_users
     path = create_job_tmpdir(base, "job-mnt", a.uid, a.gid)
     os.mkdir(f"{path}/mnt")
@@ -203,7 +187,7 @@ def test_remove_skips_mounts(pool_users: tuple[PoolUser, PoolUser], base: str) -
     assert not os.path.lexists(path) and not rep.skipped
 
 
-def test_remove_missing_and_swapped(pool_users: tuple[PoolUser, PoolUser], private_tree: str) -> None:  # noqa: F811
+def test_remove_missing_and_swapped(pool_users: tuple[User, User], private_tree: str) -> None:
     a, _b = pool_users
     t = private_tree
     rep = remove_job_tmpdir(t, "never-made")
@@ -218,7 +202,7 @@ def test_remove_missing_and_swapped(pool_users: tuple[PoolUser, PoolUser], priva
     assert os.path.exists(f"{victim}/precious") and os.path.islink(path)
 
 
-def test_untrusted_base_refused_on_remove(pool_users: tuple[PoolUser, PoolUser], private_tree: str) -> None:  # noqa: F811
+def test_untrusted_base_refused_on_remove(pool_users: tuple[User, User], private_tree: str) -> None:
     a, _b = pool_users
     t = private_tree
     os.mkdir(f"{t}/ub")

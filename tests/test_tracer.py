@@ -16,14 +16,17 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))   # tracefixtures / jctest, package or not
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # jctest, package or not
 
-import tracefixtures as tf  # noqa: E402
-from jctest import require  # noqa: E402
-from tracefixtures import PYTHON, GatedJob, Helpers, TraceUsers, drive, shell_job  # noqa: E402
-
-# the fixtures of tracefixtures, visible to this module's tests
-trace_users, helpers, make_cgroup, make_tracer = tf.trace_users, tf.helpers, tf.make_cgroup, tf.make_tracer
+from jctest import (  # noqa: E402
+    PYTHON,
+    GatedJob,
+    Helpers,
+    TraceUsers,
+    drive,
+    require,  # noqa: E402
+    shell_job,
+)
 
 from jobcage.agent.errors import InvalidArgument, NoSuchJob, Unsupported  # noqa: E402
 from jobcage.agent.events import TraceEvent  # noqa: E402

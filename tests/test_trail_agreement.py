@@ -26,8 +26,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import tracefixtures as tf  # noqa: E402
-from jctest import JOBCAGE, AgentProc, JcEnv, wait_for  # noqa: E402
+from jctest import JOBCAGE, AgentProc, Helpers, JcEnv, wait_for  # noqa: E402
 from test_identity import (  # noqa: E402
     BOTH,
     PYTHON,
@@ -48,8 +47,7 @@ from test_identity import (  # noqa: E402
     workdir,
 )
 
-helpers = tf.helpers
-__all__ = ["ids", "helpers"]   # fixtures used by name
+__all__ = ["ids"]   # a fixture used by name
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
 
@@ -198,7 +196,7 @@ def cpu_sum_ok(s: dict) -> tuple[bool, str]:
 
 @pytest.mark.parametrize("jc_env", BOTH, indirect=True)
 def test_identity_cpu_is_a_split_of_the_cgroup(jc_env: JcEnv, agent_proc: AgentProc, ids: Ids,
-                                               helpers: tf.Helpers, sudoers: Callable[..., Path]) -> None:
+                                               helpers: Helpers, sudoers: Callable[..., Path]) -> None:
     """Short job (`sh -c 'sudo -u pool sleep 300 & sleep 300'`, killed at once) and a long one (0.6 s of CPU
     burnt *before* `jobcage run` adopted it, then 0.4 s as the pilot and 0.4 s as the pool uid): the identities'
     CPU adds up to the cgroup's within max(1 %, 5 ms), in `show` and in the epilogue's summary; the CPU before
@@ -240,7 +238,7 @@ def test_identity_cpu_is_a_split_of_the_cgroup(jc_env: JcEnv, agent_proc: AgentP
 
 @pytest.mark.parametrize("jc_env", BOTH, indirect=True)
 def test_reused_batch_id_starts_from_zero(jc_env: JcEnv, agent_proc: AgentProc, ids: Ids,
-                                          helpers: tf.Helpers) -> None:
+                                          helpers: Helpers) -> None:
     """Run 1 of batch id J burns 1 s as the pilot and ends; run 2 of the same id runs /bin/true: its identities
     do not inherit run 1's CPU (they add up to run 2's own cgroup usage)."""
     pilot = ids.pilot

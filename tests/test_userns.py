@@ -23,10 +23,9 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))   # tracefixtures / jctest, package or not
+sys.path.insert(0, str(Path(__file__).resolve().parent))   # jctest, package or not
 
-import tracefixtures as tf  # noqa: E402
-from jctest import AgentProc, JcEnv, User, alive, create_user, delete_user, require, wait_for  # noqa: E402
+from jctest import PYTHON, AgentProc, Helpers, JcEnv, User, alive, create_user, delete_user, require, wait_for  # noqa: E402  # noqa: E402
 from test_identity import (  # noqa: E402
     BOTH,
     JOBTRACE,
@@ -44,9 +43,6 @@ from test_identity import (  # noqa: E402
     whois,
     workdir,
 )
-from tracefixtures import PYTHON, Helpers  # noqa: E402
-
-helpers = tf.helpers
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
 
