@@ -103,7 +103,8 @@ class Observer(Protocol):
     def job_started(self, job: dict, cgroup_id: int | None, pids: list[int], level: int | None = None,
                     members: Callable[[], list[int]] | None = None) -> None: ...
     def job_adopted(self, job_id: str, pid: int) -> None: ...
-    def job_cpu_by_uid(self, job_id: str, pids: list[int]) -> dict[int, float] | None: ...
+    # flushed: the caller (a writer) has just had the tracer's events written (flush_events)
+    def job_cpu_by_uid(self, job_id: str, pids: list[int], flushed: bool = False) -> dict[int, float] | None: ...
     def job_lineage(self, job_id: str) -> dict[int, dict] | None: ...   # the tracer's, read only
     def job_ended(self, job_id: str) -> None: ...
 
@@ -298,7 +299,7 @@ class JobManager:
                                           members=_members_of(Named(self.driver, job_id)))
         if pid is not None:
             self.adopt(job_id, pid, 0)
-        return self.show(job_id)
+        return self._prologue_view(job_id)
 
     def _attach(self, job_id: str, uid: int, gid: int | None, pids_max: int | None, pid: int | None,
                 cgroup: str | None, from_pid: int | None) -> dict:
@@ -340,7 +341,7 @@ class JobManager:
         old = self.store.job(job_id)
         if old is not None and old["state"] != "ended":
             if old.get("mode") == "attach" and old["cgroup_ino"] == target.ino and old["owner_uid"] == uid:
-                return self.show(job_id)   # a retried prologue
+                return self._prologue_view(job_id)   # a retried prologue
             raise JobExists(f"job {job_id} already exists ({old.get('mode') or 'own'} mode, uid "
                             f"{old['owner_uid']}, {old['cgroup']})", job_id=job_id)
         for other in self.store.jobs("active"):
@@ -381,7 +382,7 @@ class JobManager:
         if self.observer:
             self.observer.job_started(self.store.job(job_id) or {}, target.cgroup_id(), target.pids(),
                                       target.level, members=_members_of(target))
-        return self.show(job_id)
+        return self._prologue_view(job_id)
 
     def _make_tmpdir(self, job_id: str, uid: int, gid: int | None) -> str | None:
         if not self.config.tmpdir_base:
@@ -792,7 +793,12 @@ class JobManager:
             return "ended"
         return "suspended" if cg.has_freeze and cg.frozen() else "running"
 
-    def _view(self, job: dict, write: bool = False) -> dict:
+    def _prologue_view(self, job_id: str) -> dict:
+        """The prologue's answer: a job that has just begun has no CPU worth asking the accounting for
+        (the hook returns without waiting for the agent's loop)."""
+        return self._view(self._lookup(job_id), account=False)
+
+    def _view(self, job: dict, write: bool = False, account: bool = True) -> dict:
         """The job as the kernel and the store show it now.  write=True (the epilogue's final
         accounting, a vanished attached job's end): the per-identity CPU is stored too."""
         job_id = job["job_id"]
@@ -811,8 +817,8 @@ class JobManager:
             cpu = job["cpu_seconds"]
         stored = self.store.identities(job["jid"])
         # an attached cgroup the batch system removed first: its exited tasks' CPU is still known
-        if self.observer and (live or (job["state"] != "ended" and job.get("mode") == "attach")):
-            live_cpu = self.observer.job_cpu_by_uid(job_id, pids)
+        if account and self.observer and (live or (job["state"] != "ended" and job.get("mode") == "attach")):
+            live_cpu = self.observer.job_cpu_by_uid(job_id, pids, flushed=write)
             if live_cpu is not None and cpu is not None:
                 if live:
                     live_cpu = split_cpu(live_cpu, cpu, job["owner_uid"])
@@ -1073,6 +1079,9 @@ class JobManager:
     def _end_vanished(self, job: dict) -> None:
         """The batch system removed an attached job's cgroup (so every process is gone): end the
         job with its final accounting; the epilogue, if it comes, still does the file cleanup."""
+        flush = getattr(self.observer, "flush_events", None)
+        if flush is not None:
+            flush()   # what the tracer holds of the job's last exits, before the final accounting
         summary = self._view(job, write=True)
         ended = time.time()
         summary.update(state="ended", ended=iso(ended), cleanup=None, ended_by="batch system removed the cgroup")

@@ -102,11 +102,13 @@ class Agent:
                 self.tracer.poll(0)
             self._flush()
 
-    def job_cpu_by_uid(self, job_id: str, pids: list[int]) -> dict[int, float] | None:
+    def job_cpu_by_uid(self, job_id: str, pids: list[int], flushed: bool = False) -> dict[int, float] | None:
         """CPU per uid of a job, for a view (show, list, the epilogue's summary).  It writes nothing:
-        it waits for the main loop's next turn, which writes what the tracer already holds (the
-        identities the events show come before any uid the accounting sees)."""
-        self._await_turn()
+        unless the caller has just flushed (a writer), it waits for the main loop's next turn, which
+        writes what the tracer already holds (the identities the events show come before any uid the
+        accounting sees)."""
+        if not flushed:
+            self._await_turn()
         with self._lock:
             if self.accounting is None:
                 return None
