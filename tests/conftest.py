@@ -17,6 +17,15 @@ Fixtures (helpers and their classes live in tests/jctest.py):
 - ``sudoers(line)``            a validated /etc/sudoers.d drop-in for the test, removed at teardown.
 - ``agent_proc`` -> AgentProc   `jobcage agent --config ...` running, answering ping; ``.stop() .start()
                                .restart() .call(method, **params) .result(...) .log()``; stopped at teardown.
+- ``pool_users`` / ``user_procs``  two home-less users ``jccl<hex>`` per module (user_procs: their processes
+                               killed after each test); ``private_tree``: a /tmp/jctest-* dir (mode 1777),
+                               mounts inside unmounted after; ``job_cgroup``: a raw cgroup2 dir standing in
+                               for a job, emptied (through the cgroup) and removed after.
+- ``make_cgroup(pids_max=None)`` -> TestCgroup, ``trace_users``, ``helpers`` (sutest setuid root, forkbomb,
+                               daemonize/burn/idloop), ``make_tracer(backend)`` -> (Tracer, Collector): the
+                               tracer scenarios' real kernel objects, all removed at teardown.
+
+Every fixture lives here and every helper in tests/jctest.py: test modules import helpers, never fixtures.
 """
 
 from __future__ import annotations
