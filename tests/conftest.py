@@ -25,7 +25,9 @@ Fixtures (helpers and their classes live in tests/jctest.py):
                                daemonize/burn/idloop), ``make_tracer(backend)`` -> (Tracer, Collector): the
                                tracer scenarios' real kernel objects, all removed at teardown.
 
-Every fixture lives here and every helper in tests/jctest.py: test modules import helpers, never fixtures.
+Helpers live in tests/jctest.py only (slurmcluster.py and sshdfixtures.py hold their peers' set-up) and the
+shared fixtures here; still imported across test modules: test_identity's ``ids`` (by test_userns and
+test_trail_agreement) and test_slurm_jobcage's ``slurm``/``users`` (by test_slurm_site).
 """
 
 from __future__ import annotations
