@@ -15,6 +15,7 @@ import os
 import pwd
 import re
 import signal
+import threading
 import time
 from collections.abc import Callable
 from typing import Protocol
@@ -121,6 +122,9 @@ class JobManager:
         self.driver = driver
         self._store = store
         self.observer = observer
+        # held while a writer freezes, thaws or kills a job and records it: the reconcile's look at the
+        # kernel's freeze state (_note_kernel_state) never takes a writer's change for someone else's
+        self._changing = threading.RLock()
 
     @property
     def store(self) -> Store:
@@ -595,11 +599,12 @@ class JobManager:
         cg = self.held(job)
         if not cg.has_freeze:
             raise Unsupported(f"no freezer for {cg.path}: cannot suspend", job_id=job_id)
-        cg.freeze(self.config.freeze_timeout)
-        with self.store.transaction():
-            if job["state"] != "suspended":
-                self.store.set_state(job["jid"], "suspended")
-            self._record(job["jid"], job_id, "suspend")
+        with self._changing:
+            cg.freeze(self.config.freeze_timeout)
+            with self.store.transaction():
+                if job["state"] != "suspended":
+                    self.store.set_state(job["jid"], "suspended")
+                self._record(job["jid"], job_id, "suspend")
         return self.show(job_id)
 
     def resume(self, job_id: str) -> dict:
@@ -607,16 +612,21 @@ class JobManager:
         cg = self.held(job)
         if not cg.has_freeze:
             raise Unsupported(f"no freezer for {cg.path}: cannot resume", job_id=job_id)
-        cg.thaw(self.config.freeze_timeout)
-        with self.store.transaction():
-            if job["state"] != "running":
-                self.store.set_state(job["jid"], "running")
-            self._record(job["jid"], job_id, "resume")
+        with self._changing:
+            cg.thaw(self.config.freeze_timeout)
+            with self.store.transaction():
+                if job["state"] != "running":
+                    self.store.set_state(job["jid"], "running")
+                self._record(job["jid"], job_id, "resume")
         return self.show(job_id)
 
     def kill(self, job_id: str, sig: int = signal.SIGKILL) -> dict:
         """SIGKILL: return when the job is empty.  Other signals: delivered to every
         process at one frozen instant, then return (the job may handle them)."""
+        with self._changing:
+            return self._kill(job_id, sig)
+
+    def _kill(self, job_id: str, sig: int) -> dict:
         job = self._active(job_id)
         cg = self.held(job)
         if sig == signal.SIGKILL:
@@ -634,6 +644,10 @@ class JobManager:
     def epilogue(self, job_id: str, keep: list[str] | None = None) -> dict:
         """Kill what is left, final accounting, cleanup, remove the cgroup, summary.
         Idempotent: a second epilogue returns the first one's summary."""
+        with self._changing:
+            return self._epilogue(job_id, keep)
+
+    def _epilogue(self, job_id: str, keep: list[str] | None) -> dict:
         job = self._job(job_id)
         if job["state"] == "ended":
             summary = json.loads(job["summary"]) if job["summary"] else self.show(job_id)
@@ -1065,16 +1079,30 @@ class JobManager:
         return live
 
     def _note_kernel_state(self, job: dict) -> None:
-        """A job frozen or thawed by someone else (a batch system's own freezer): recorded as such."""
-        try:
-            state = self._kernel_state(job)
-        except CgroupError:
+        """A job frozen or thawed by someone else (a batch system's own freezer): recorded as such.
+        Not while one of our writers is at it (the next reconcile looks again); the record is read anew,
+        after the kernel: a writer that just finished has recorded its own change."""
+        if not self._changing.acquire(blocking=False):
             return
-        if state != "ended" and state != job["state"]:
-            with self.store.transaction():
-                self.store.set_state(job["jid"], state, "seen in the kernel")
-                self._record(job["jid"], job["job_id"], "suspend" if state == "suspended" else "resume",
-                             detail={"seen_in_kernel": True})
+        try:
+            try:
+                state = self._kernel_state(job)
+            except CgroupError:
+                return
+            now = self.store.job(job["job_id"])
+            if now is None or now["jid"] != job["jid"] or now["state"] == "ended":
+                return
+            job = now
+            if state != "ended" and state != job["state"]:
+                self._record_kernel_state(job, state)
+        finally:
+            self._changing.release()
+
+    def _record_kernel_state(self, job: dict, state: str) -> None:
+        with self.store.transaction():
+            self.store.set_state(job["jid"], state, "seen in the kernel")
+            self._record(job["jid"], job["job_id"], "suspend" if state == "suspended" else "resume",
+                         detail={"seen_in_kernel": True})
 
     def _end_vanished(self, job: dict) -> None:
         """The batch system removed an attached job's cgroup (so every process is gone): end the
