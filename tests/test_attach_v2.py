@@ -20,8 +20,20 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from jctest import AgentProc, JcEnv, User, alive, pids_of_uid, proc, proc_cgroups, read_int, require, wait_for
-from tracefixtures import PYTHON, Helpers, helpers  # noqa: F401 (a fixture)
+from jctest import (
+    PYTHON,
+    AgentProc,
+    Helpers,
+    JcEnv,
+    User,
+    alive,
+    pids_of_uid,
+    proc,
+    proc_cgroups,
+    read_int,
+    require,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.v2guest, pytest.mark.root, pytest.mark.bpf,
               pytest.mark.jc_config({"tracer": {"backend": "bpf"}})]
