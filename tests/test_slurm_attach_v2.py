@@ -27,7 +27,9 @@ from pathlib import Path
 import pytest
 from jctest import (
     JOBCAGE,
+    PYTHON,
     AgentProc,
+    Helpers,
     JcEnv,
     User,
     alive,
@@ -40,7 +42,6 @@ from jctest import (
 )
 from slurmcluster import SlurmCluster
 from test_slurm_jobcage import _require_slurm, _slurm_plugin_dir, plugin_so  # noqa: F401 (a fixture)
-from tracefixtures import PYTHON, Helpers, helpers  # noqa: F401 (a fixture)
 
 PIDS_MAX = 64          # jobcage's limit in Slurm's job cgroup (the site's opt-in): the fork bomb stays under it
 MEM = 128 << 20        # sbatch --mem: Slurm's limit (task/cgroup, ConstrainRAMSpace)
