@@ -992,6 +992,12 @@ class JobManager:
     def record_events_lost(self, jid: int, total: int) -> None:
         self.store.add_events_lost(jid, total)
 
+    def sync(self, job_id: str) -> None:
+        """Repair membership of jobcage's own cgroup (a child forked between the hierarchies' attach);
+        an attached job's anchor holds no process, and the batch system's cgroup is not ours to move."""
+        if self.driver.exists(job_id):
+            self.driver.sync(job_id)
+
     def heartbeat(self) -> None:
         """The agent is alive now (the next start measures its downtime from here)."""
         self.store.set_meta("heartbeat", str(time.time()))

@@ -191,8 +191,7 @@ class Agent:
         live = self.manager.reconcile()
         for job_id in live:
             try:
-                if self.manager.driver.exists(job_id):   # own mode (an attached job's anchor is empty)
-                    self.manager.driver.sync(job_id)
+                self.manager.sync(job_id)
             except JobcageError:
                 pass
             jid = self._jids.get(job_id)
