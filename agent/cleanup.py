@@ -32,6 +32,8 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from collections.abc import Set as AbstractSet
 
+from jobcage.cgroups import proc
+
 from .errors import InvalidArgument
 
 DEFAULT_DIRS: tuple[str, ...] = ("/tmp", "/var/tmp", "/dev/shm")
@@ -157,17 +159,9 @@ class CleanupReport:
 
 
 def mount_points() -> frozenset[str]:
-    """Every mount point of this mount namespace (``/proc/self/mountinfo``, octal escapes decoded)."""
-    points: set[str] = set()
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                fields = line.split(" ", 5)
-                if len(fields) > 4:
-                    points.add(_unescape_mountinfo(fields[4]))
-    except OSError:
-        pass  # no /proc: the st_dev check alone still guards against other filesystems
-    return frozenset(points)
+    """Every mount point of this mount namespace (no /proc: empty, and the st_dev check alone still guards
+    against other filesystems)."""
+    return frozenset(point for point, _fstype in proc.mountinfo())
 
 
 # Filesystems where a directory's st_nlink is 2 + its subdirectories (ext4 says 1 past 65,000 of them; btrfs
@@ -178,31 +172,10 @@ NLINK_COUNTS_SUBDIRS = frozenset({"ext2", "ext3", "ext4", "xfs", "tmpfs"})
 def _counts_subdirs(top: str) -> bool:
     """Whether the filesystem mounted at or above ``top`` (a real path) is one of NLINK_COUNTS_SUBDIRS."""
     best, fstype = "", ""
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                fields, _, tail = line.partition(" - ")
-                point = _unescape_mountinfo(fields.split(" ")[4]) if fields.count(" ") >= 4 else ""
-                if (top == point or top.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
-                    best, fstype = point, tail.split(" ", 1)[0]   # the last of equal mounts is the visible one
-    except OSError:
-        return False
+    for point, kind in proc.mountinfo():
+        if (top == point or top.startswith(point.rstrip("/") + "/")) and len(point) >= len(best):
+            best, fstype = point, kind   # the last of equal mounts is the visible one
     return fstype in NLINK_COUNTS_SUBDIRS
-
-
-def _unescape_mountinfo(s: str) -> str:
-    # The kernel escapes space, tab, newline and backslash as \ooo.
-    if "\\" not in s:
-        return s
-    out, i = [], 0
-    while i < len(s):
-        if s[i] == "\\" and i + 3 < len(s) and all(c in "01234567" for c in s[i + 1:i + 4]):
-            out.append(chr(int(s[i + 1:i + 4], 8)))
-            i += 4
-        else:
-            out.append(s[i])
-            i += 1
-    return "".join(out)
 
 
 # What walks of this process found in directories untouched since their job began, by (st_dev, st_ino):

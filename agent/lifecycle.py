@@ -200,9 +200,7 @@ class JobManager:
     def _batch_daemon(self, pid: int) -> bool:
         """A root process named in [attach] batch_daemons: the batch system's own, passed by.  Root only:
         any user can name a process slurmstepd."""
-        with open(f"/proc/{pid}/comm") as f:
-            comm = f.read().rstrip("\n")
-        return comm in self.config.attach_batch_daemons and proc_uids(pid) == (0, 0)
+        return proc.comm(pid) in self.config.attach_batch_daemons and proc.uids(pid) == (0, 0)
 
     def trace_target(self, job: dict) -> tuple[int | None, list[int], int | None, Callable[[], list[int]] | None]:
         """(cgroup2 id, current pids, level, members) for the tracer: an attached cgroup is matched with
@@ -765,7 +763,9 @@ class JobManager:
 
     def prune(self, kill: bool = False, min_uid: int | None = None, uids: list[int] | None = None) -> dict:
         """Processes in no job's cgroup (uid >= min_uid, not exempt); killed with kill."""
-        from .prune import find_strays, kill_strays, pids_in_cgroup_tree
+        from jobcage.cgroups.path import pids_in_cgroup_tree
+
+        from .prune import find_strays, kill_strays
 
         cfg = self.config
         self.driver.ensure_subtree()

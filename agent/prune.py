@@ -23,7 +23,6 @@ whatever still qualifies gets SIGKILL through its pidfd; the rest is continued.
 
 from __future__ import annotations
 
-import errno
 import fnmatch
 import os
 import pwd
@@ -39,8 +38,9 @@ from datetime import UTC, datetime
 import psutil
 
 from jobcage.cgroups import proc
+from jobcage.cgroups.path import pids_in_cgroup_tree  # noqa: F401 - callers find it here too
 
-from .errors import CgroupError, InvalidArgument, NoSuchCgroup
+from .errors import InvalidArgument
 from .fmt import user_name
 
 DEFAULT_MIN_UID = 1000
@@ -517,29 +517,3 @@ def kill_strays(strays: Sequence[Stray], timeout: float = 5.0) -> KillResult:
     finally:
         for h in held.values():
             os.close(h.fd)
-
-
-def pids_in_cgroup_tree(root_path: str) -> set[int]:
-    """Every pid in ``cgroup.procs`` of ``root_path`` and all cgroups below it (read-only).
-
-    Cgroups that disappear while we walk are skipped.  Raises NoSuchCgroup when ``root_path`` is not a cgroup.
-    """
-    if not os.path.isfile(os.path.join(root_path, "cgroup.procs")):
-        raise NoSuchCgroup(f"not a cgroup: {root_path}", path=root_path)
-    pids: set[int] = set()
-
-    def walk_error(e: OSError) -> None:
-        if e.filename == root_path:
-            raise NoSuchCgroup(f"cannot read cgroup {root_path}: {e.strerror}", path=root_path) from e
-
-    for dirpath, _dirs, _files in os.walk(root_path, onerror=walk_error):
-        try:
-            with open(os.path.join(dirpath, "cgroup.procs")) as f:
-                pids.update(int(x) for x in f.read().split())
-        except (FileNotFoundError, ProcessLookupError):
-            continue  # removed while we walked
-        except OSError as e:
-            if e.errno == errno.ENODEV:  # cgroup being destroyed
-                continue
-            raise CgroupError(f"cannot read {dirpath}/cgroup.procs: {e.strerror}", path=dirpath) from e
-    return pids

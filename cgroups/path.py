@@ -15,6 +15,7 @@ so a caller can hold either kind the same way.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import signal as _signal
@@ -24,7 +25,7 @@ from collections.abc import Callable, Iterable
 from . import proc
 from .detect import Layout
 from .driver import Driver, describe_pids, read, read_keyed, signal_frozen, write
-from .errors import InvalidArgument, NoSuchCgroup, NoSuchProcess, Timeout, Unsupported
+from .errors import CgroupError, InvalidArgument, NoSuchCgroup, NoSuchProcess, Timeout, Unsupported
 
 MEMBERSHIP_KINDS = ("cgroup2", "freezer")   # hierarchies whose cgroups can hold a job (freeze, kill)
 COMPANIONS = ("pids", "cpuacct")           # v1 hierarchies read at the same relative path when present
@@ -98,6 +99,32 @@ def find_ancestor(layout: Layout, pid: int, patterns: Iterable[str]) -> str:
                         for p in paths) or "none"
     raise InvalidArgument(f"process {pid} is in no cgroup matching the configured job patterns "
                           f"(it is in {shown}); give --cgroup PATH or set [attach] job_patterns", pid=pid)
+
+
+def pids_in_cgroup_tree(root_path: str) -> set[int]:
+    """Every pid in ``cgroup.procs`` of ``root_path`` and all cgroups below it (read-only).
+
+    Cgroups that disappear while we walk are skipped.  Raises NoSuchCgroup when ``root_path`` is not a cgroup.
+    """
+    if not os.path.isfile(os.path.join(root_path, "cgroup.procs")):
+        raise NoSuchCgroup(f"not a cgroup: {root_path}", path=root_path)
+    pids: set[int] = set()
+
+    def walk_error(e: OSError) -> None:
+        if e.filename == root_path:
+            raise NoSuchCgroup(f"cannot read cgroup {root_path}: {e.strerror}", path=root_path) from e
+
+    for dirpath, _dirs, _files in os.walk(root_path, onerror=walk_error):
+        try:
+            with open(os.path.join(dirpath, "cgroup.procs")) as f:
+                pids.update(int(x) for x in f.read().split())
+        except (FileNotFoundError, ProcessLookupError):
+            continue  # removed while we walked
+        except OSError as e:
+            if e.errno == errno.ENODEV:  # cgroup being destroyed
+                continue
+            raise CgroupError(f"cannot read {dirpath}/cgroup.procs: {e.strerror}", path=dirpath) from e
+    return pids
 
 
 def _split_loose(layout: Layout, path: str) -> tuple[str, str, str]:

@@ -306,6 +306,32 @@ def parse_mounts(text: str) -> list[tuple[str, str, list[str]]]:
     return out
 
 
+def mountinfo() -> list[tuple[str, str]]:
+    """(mount point, fstype) of every mount of this mount namespace, in /proc/self/mountinfo's order (of
+    equal mount points the last is the visible one); octal escapes (space, tab, newline, backslash) decoded."""
+    out = []
+    for line in (read_all("/proc/self/mountinfo") or b"").decode("utf-8", "surrogateescape").splitlines():
+        fields, _, tail = line.partition(" - ")
+        f = fields.split(" ")
+        if len(f) > 4 and tail:
+            out.append((_unescape_octal(f[4]), tail.split(" ", 1)[0]))
+    return out
+
+
+def _unescape_octal(s: str) -> str:
+    if "\\" not in s:
+        return s
+    out, i = [], 0
+    while i < len(s):
+        if s[i] == "\\" and i + 3 < len(s) and all(c in "01234567" for c in s[i + 1:i + 4]):
+            out.append(chr(int(s[i + 1:i + 4], 8)))
+            i += 4
+        else:
+            out.append(s[i])
+            i += 1
+    return "".join(out)
+
+
 def cgroup_mounts() -> list[tuple[str, str, list[str]]]:
     """This process's cgroup mounts (see parse_mounts)."""
     return parse_mounts(read_text("/proc/self/mounts") or "")
