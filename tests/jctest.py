@@ -581,6 +581,47 @@ def read_int(path: Path | str) -> int | None:
         return None
 
 
+def pid_file(path: Path, timeout: float = 60.0) -> int:
+    """The pid a test process writes to `path`, once it is there."""
+    return wait_for(lambda: read_int(path), timeout, f"{path.name} to be written")
+
+
+def ticks(path: Path) -> int:
+    """Lines a test loop appended to `path` so far (0 while it is missing)."""
+    try:
+        return len(path.read_text().splitlines())
+    except FileNotFoundError:
+        return 0
+
+
+def keyed(path: Path) -> dict[str, str]:
+    """A cgroup 'key value' file (cgroup.events, memory.events) as a dict."""
+    return dict(line.split() for line in path.read_text().splitlines())
+
+
+def fifo(d: Path, name: str) -> Path:
+    """A FIFO every test user may open: a job's shell blocks on it (`read _ < fifo`) until open_gate."""
+    p = d / name
+    os.mkfifo(p)
+    p.chmod(0o666)
+    return p
+
+
+def open_gate(path: Path, timeout: float = 30.0) -> None:
+    """Write a line into a FIFO a job reads; waits for the reader to open it (ENXIO until then)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                pytest.fail(f"nobody opened {path} for reading", pytrace=False)
+            time.sleep(0.02)
+    os.write(fd, b"go\n")
+    os.close(fd)
+
+
 def read_pid_files(paths: Iterable[Path]) -> list[int]:
     return [p for p in (read_int(x) for x in paths) if p]
 

@@ -22,7 +22,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from jctest import (  # noqa: E402  # noqa: E402
+from jctest import (
     PYTHON,
     SUBTREE_PREFIX,
     AgentProc,
@@ -30,12 +30,15 @@ from jctest import (  # noqa: E402  # noqa: E402
     JcEnv,
     User,
     alive,
+    fifo,
     hierarchies,
+    open_gate,
+    pid_file,
     proc,
     proc_cgroups,
     purge_subtree,
-    read_int,
     require,
+    ticks,
     wait_for,
 )
 
@@ -156,30 +159,6 @@ def workdir(env: JcEnv, name: str) -> Path:
     return d
 
 
-def fifo(d: Path, name: str) -> Path:
-    p = d / name
-    os.mkfifo(p)
-    p.chmod(0o666)
-    return p
-
-
-def open_gate(path: Path, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
-            break
-        except OSError:
-            assert time.monotonic() < deadline, f"nobody opened {path}"
-            time.sleep(0.02)
-    os.write(fd, b"go\n")
-    os.close(fd)
-
-
-def pid_file(path: Path) -> int:
-    return wait_for(lambda: read_int(path), 60, f"{path.name}")
-
-
 def show(env: JcEnv, job: str) -> dict:
     return env.jobcage("show", job, "--json").json()
 
@@ -194,13 +173,6 @@ def in_task(pid: int, task: dict[str, Path]) -> bool:
 def trail(env: JcEnv, job: str) -> list[dict]:
     out = env.run([JOBTRACE, job, "--events", "--json"]).ok().out
     return [json.loads(line) for line in out.splitlines() if line.strip()]
-
-
-def ticks(path: Path) -> int:
-    try:
-        return len(path.read_text().splitlines())
-    except FileNotFoundError:
-        return 0
 
 
 # -- the pilot job, end to end ----------------------------------------------------------------------------------

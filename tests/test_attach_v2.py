@@ -27,11 +27,14 @@ from jctest import (
     JcEnv,
     User,
     alive,
+    keyed,
+    open_gate,
+    pid_file,
     pids_of_uid,
     proc,
     proc_cgroups,
-    read_int,
     require,
+    ticks,
     wait_for,
 )
 
@@ -60,35 +63,6 @@ def slice_name() -> Iterator[str]:
         yield name
     finally:
         subprocess.run(["systemctl", "stop", f"{name}.slice"], capture_output=True, timeout=300)
-
-
-def pid_file(path: Path, timeout: float = 300) -> int:
-    return wait_for(lambda: read_int(path), timeout, path.name)
-
-
-def ticks(path: Path) -> int:
-    try:
-        return len(path.read_text().splitlines())
-    except FileNotFoundError:
-        return 0
-
-
-def open_gate(path: Path, timeout: float = 120.0) -> None:
-    """Write a line into a FIFO the job reads (open fails until the reader is there)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
-            break
-        except OSError:
-            assert time.monotonic() < deadline, f"nobody opened {path}"
-            time.sleep(0.05)
-    os.write(fd, b"go\n")
-    os.close(fd)
-
-
-def keyed(path: Path) -> dict[str, str]:
-    return dict(line.split() for line in path.read_text().splitlines())
 
 
 def test_systemd_scope_job_attached(jc_env: JcEnv, agent_proc: AgentProc, make_user: Callable[..., User],
@@ -120,7 +94,7 @@ def test_systemd_scope_job_attached(jc_env: JcEnv, agent_proc: AgentProc, make_u
     # the batch system's limits, on the slice (HTCondor's layout), before the job starts
     run = jc_env.popen(["systemd-run", "--scope", f"--slice={slice_name}.slice", f"--unit={scope}",
                         "-p", "OOMPolicy=continue", *pilot.argv([SH, "-c", script])], env=pilot.env(jc_env.env))
-    pilot_pid = pid_file(d / "pilot.pid")
+    pilot_pid = pid_file(d / "pilot.pid", 300)
     assert proc_cgroups(pilot_pid)[""] == f"/{slice_name}.slice/{scope}"
     sh("systemctl", "set-property", "--runtime", f"{slice_name}.slice", "MemoryMax=96M", "MemorySwapMax=0",
        f"TasksMax={TASKS_MAX}")
@@ -131,8 +105,8 @@ def test_systemd_scope_job_attached(jc_env: JcEnv, agent_proc: AgentProc, make_u
                        timeout=300).json()
     assert (s["mode"], s["cgroup"], s["processes"]) == ("attach", str(slice_dir), 1), s
     assert s["pids_max"] == TASKS_MAX, "the slice's TasksMax, read"
-    open_gate(gates["go"])
-    daemon, payload_pid = pid_file(d / "daemon.pid"), pid_file(d / "payload.pid")
+    open_gate(gates["go"], 120)
+    daemon, payload_pid = pid_file(d / "daemon.pid", 300), pid_file(d / "payload.pid", 300)
     p = proc(payload_pid)
     assert p is not None and p.uid == pool.uid
 
@@ -171,13 +145,13 @@ def test_systemd_scope_job_attached(jc_env: JcEnv, agent_proc: AgentProc, make_u
     assert [(r["job_id"], r["pilot_uid"]) for r in rows] == [(job, pilot.uid)], rows
 
     # a fork bomb under systemd's TasksMax: held, counted
-    open_gate(gates["bomb"])
+    open_gate(gates["bomb"], 120)
     wait_for(lambda: (d / "bomb.done").exists(), 300, "the fork bomb to stop by itself")
     s = jc_env.jobcage("show", job, "--json", timeout=300).json()
     assert s["pids_limit_hits"] > 0 and s["pids_max"] == TASKS_MAX, s
 
     # the sudo payload allocates past the slice's MemoryMax: OOM-killed in systemd's cgroup
-    open_gate(gates["oom"])
+    open_gate(gates["oom"], 120)
     wait_for(lambda: int(keyed(slice_dir / "memory.events")["oom_kill"]) >= 1, 300, "the OOM kill in the slice")
     wait_for(lambda: not alive(payload_pid), 60, "the payload to die")
     assert any(e["kind"] == "exec" and e["pid"] == payload_pid and e["uid"] == pool.uid for e in trail())

@@ -32,7 +32,7 @@ from jobcage.agent.api import EVENTS_PAGE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # jctest, package or not
 
-from jctest import (  # noqa: E402  # noqa: E402
+from jctest import (
     JOBCAGE,
     PYTHON,
     AgentProc,
@@ -41,7 +41,9 @@ from jctest import (  # noqa: E402  # noqa: E402
     User,
     create_user,
     delete_user,
-    read_int,
+    fifo,
+    open_gate,
+    pid_file,
     require,
     wait_for,
 )
@@ -147,31 +149,12 @@ def wait_events(agent: AgentProc, job: str, pred: Callable[[list[dict]], bool], 
     return wait_for(lambda: (evs := all_events()) and pred(evs) and evs, timeout, what, interval=0.1)
 
 
-def pid_file(path: Path, timeout: float = 60.0) -> int:
-    return wait_for(lambda: read_int(path), timeout, f"{path.name} to be written")
-
-
 def read_line(p: subprocess.Popen, timeout: float) -> str:
     assert p.stdout is not None
     r, _, _ = select.select([p.stdout], [], [], timeout)
     if not r:
         pytest.fail(f"no output from {p.args} within {timeout:g}s", pytrace=False)
     return p.stdout.readline().strip()
-
-
-def open_gate(fifo: Path, timeout: float = 30.0) -> None:
-    """Write to a fifo a job's shell blocks on (`read _ < fifo`); waits for the reader to open it."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            break
-        except OSError:   # ENXIO: nobody reads yet
-            if time.monotonic() > deadline:
-                pytest.fail(f"nobody opened {fifo} for reading", pytrace=False)
-            time.sleep(0.02)
-    os.write(fd, b"go\n")
-    os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -206,13 +189,6 @@ def script(d: Path, name: str, text: str) -> Path:
     p = d / name
     p.write_text(text)
     p.chmod(0o644)
-    return p
-
-
-def fifo(d: Path, name: str) -> Path:
-    p = d / name
-    os.mkfifo(p)
-    p.chmod(0o666)
     return p
 
 

@@ -33,11 +33,14 @@ from jctest import (
     JcEnv,
     User,
     alive,
+    keyed,
+    open_gate,
+    pid_file,
     pids_of_uid,
     proc,
     proc_cgroups,
-    read_int,
     require,
+    ticks,
     wait_for,
 )
 from slurmcluster import SlurmCluster
@@ -105,35 +108,6 @@ def cluster(jc_env: JcEnv, agent_proc: AgentProc, users: tuple[User, User], plug
                         (d / "cgroup.kill").write_text("1")
 
 
-def pid_file(path: Path, timeout: float = 300) -> int:
-    return wait_for(lambda: read_int(path), timeout, path.name)
-
-
-def ticks(path: Path) -> int:
-    try:
-        return len(path.read_text().splitlines())
-    except FileNotFoundError:
-        return 0
-
-
-def open_gate(path: Path, timeout: float = 120.0) -> None:
-    """Write a line into a FIFO the job reads (open fails until the reader is there)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)
-            break
-        except OSError:
-            assert time.monotonic() < deadline, f"nobody opened {path}"
-            time.sleep(0.05)
-    os.write(fd, b"go\n")
-    os.close(fd)
-
-
-def keyed(path: Path) -> dict[str, str]:
-    return dict(line.split() for line in path.read_text().splitlines())
-
-
 def test_slurm_cgroup_v2_job_attached(cluster: SlurmCluster, jc_env: JcEnv, users: tuple[User, User],
                                       helpers: Helpers) -> None:  # noqa: F811
     pilot, pool = users
@@ -162,7 +136,7 @@ read _ < {gates['end']}
     job = cluster.sbatch(script, pilot.name, f"--mem={MEM >> 20}M")
     cluster.test_jobs.append(job)  # type: ignore[attr-defined]
     cluster.wait_state(job, "RUNNING", timeout=300)
-    script_pid, daemon, payload_pid = (pid_file(w / f"{n}.pid") for n in ("script", "daemon", "payload"))
+    script_pid, daemon, payload_pid = (pid_file(w / f"{n}.pid", 300) for n in ("script", "daemon", "payload"))
 
     # Slurm's layout: the batch task in .../slurmstepd.scope/job_N/step_batch/user/task_0
     task_cg = proc_cgroups(script_pid)[""]
@@ -204,9 +178,9 @@ read _ < {gates['end']}
     assert proc_cgroups(script_pid)[""] == task_cg, "the task left Slurm's cgroup"
 
     # the sudo payload allocates past Slurm's limit: OOM-killed in Slurm's cgroup
-    open_gate(gates["oom"])
+    open_gate(gates["oom"], 120)
     wait_for(lambda: int(keyed(job_dir / "memory.events")["oom_kill"]) >= 1, 300, "the OOM kill in job_N")
-    rc = pid_file(w / "payload.rc")
+    rc = pid_file(w / "payload.rc", 300)
     assert rc != 0 and not alive(payload_pid), f"the payload survived past Slurm's memory limit (rc {rc})"
 
     # trail, identities, per-identity CPU, back-mapping
@@ -229,7 +203,7 @@ read _ < {gates['end']}
     assert [(r["job_id"], r["pilot_uid"]) for r in rows] == [(str(job), pilot.uid)], rows
 
     # a fork bomb: held at the pids limit jobcage wrote in Slurm's job cgroup (the site's opt-in)
-    open_gate(gates["bomb"])
+    open_gate(gates["bomb"], 120)
     wait_for(lambda: (w / "bomb.done").exists(), 300, "the fork bomb to stop by itself")
     s = jc_env.jobcage("show", str(job), "--json").json()
     assert s["pids_limit_hits"] > 0 and s["pids_max"] == PIDS_MAX, s
