@@ -10,7 +10,7 @@
 # 3. the guest (guest-run.sh, from the shared checkout) runs pytest with CI=true and powers off;
 # 4. exit code, pytest summary, junit XML and the guest's console come back in $JOBCAGE_V2_RESULTS
 #    (default build/v2guest/ in the checkout); this script exits non-zero when the guest suite failed or the
-#    guest did not answer within JOBCAGE_V2_TIMEOUT seconds (default 3000: boot + suite).
+#    guest did not answer within JOBCAGE_V2_TIMEOUT seconds (default 4200: boot + suite).
 set -uo pipefail
 # One brace group: bash reads all of it before running any, so editing (or `git pull`ing) this file
 # while it runs cannot make bash execute a shifted part of the new text.
@@ -18,7 +18,7 @@ set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/../.." && pwd)
 results=${JOBCAGE_V2_RESULTS:-$top/build/v2guest}
-limit=${JOBCAGE_V2_TIMEOUT:-3000}
+limit=${JOBCAGE_V2_TIMEOUT:-4200}
 log() { printf 'v2-guest: %s\n' "$*" >&2; }
 [ "$(id -u)" = 0 ] || { echo "v2-guest: run as root (sudo make test-v2)" >&2; exit 1; }
 command -v qemu-system-x86_64 >/dev/null || { echo "v2-guest: qemu-system-x86_64 missing: sudo make bootstrap" >&2; exit 1; }
