@@ -269,13 +269,14 @@ class CgroupAt:
     def has_kill(self) -> bool:
         return self.kind == "cgroup2" and os.path.exists(os.path.join(self.path, "cgroup.kill"))
 
-    def _set_frozen(self, frozen: bool) -> None:
+    def _set_frozen(self, frozen: bool) -> list[str]:
+        """Write the freeze state; returns the cgroups whose state says whether the job is frozen (the
+        whole cgroup, or with `spare` the largest parts holding no spared process)."""
         if not self.has_freeze:
             raise Unsupported(f"{self.path} has no freezer", path=self.path)
         whole, _loose = self._parts()
-        if not frozen and self.spare is not None:
-            whole = [d for d, _s, _f in os.walk(self.path)]   # thaw: whatever an earlier freeze left
-        for d in whole:
+        written = whole if frozen or self.spare is None else [d for d, _s, _f in os.walk(self.path)]
+        for d in written:   # thaw with `spare`: every cgroup, whatever an earlier freeze left
             try:
                 if self.kind == "freezer":
                     write(os.path.join(d, "freezer.state"), "FROZEN" if frozen else "THAWED")
@@ -284,22 +285,23 @@ class CgroupAt:
             except NoSuchCgroup:
                 if d == self.path:
                     raise
+        return whole
 
     def _frozen_at(self, d: str) -> bool:
         if self.kind == "freezer":
             return read(os.path.join(d, "freezer.state")).strip() == "FROZEN"
         return read_keyed(os.path.join(d, "cgroup.events")).get("frozen") == "1"
 
+    def _all_frozen(self, dirs: list[str]) -> bool:
+        try:
+            return bool(dirs) and all(self._frozen_at(d) for d in dirs)
+        except NoSuchCgroup:
+            return False
+
     def frozen(self) -> bool:
         """The kernel says the whole subtree (but what it spares) is frozen (v2: cgroup.events; v1: FROZEN,
         not FREEZING)."""
-        if not self.has_freeze:
-            return False
-        whole, _loose = self._parts()
-        try:
-            return bool(whole) and all(self._frozen_at(d) for d in whole)
-        except NoSuchCgroup:
-            return False
+        return self.has_freeze and self._all_frozen(self._parts()[0])
 
     def _wait(self, what: str, cond: Callable[[], bool], timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -311,15 +313,17 @@ class CgroupAt:
             time.sleep(delay)
             delay = min(delay * 2, 0.02)
 
+    # The waits poll only the cgroups written, found once: with `spare`, finding them reads every
+    # process of the subtree.
     def freeze(self, timeout: float = 10.0) -> None:
         self._check()
-        self._set_frozen(True)
-        self._wait("freeze", self.frozen, timeout)
+        dirs = self._set_frozen(True)
+        self._wait("freeze", lambda: self._all_frozen(dirs), timeout)
 
     def thaw(self, timeout: float = 10.0) -> None:
         self._check()
-        self._set_frozen(False)
-        self._wait("thaw", lambda: not self.frozen(), timeout)
+        dirs = self._set_frozen(False)
+        self._wait("thaw", lambda: not self._all_frozen(dirs), timeout)
 
     # -- signals ------------------------------------------------------------------------------
     def signal(self, sig: int) -> int:
