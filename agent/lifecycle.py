@@ -505,10 +505,8 @@ class JobManager:
         """Move pid into jobcage's leaf cgroup inside an attached job's cgroup ([pam] attached = "leaf"),
         made on first use: the batch system's limits, freezer and kill still hold it; the epilogue removes
         the leaf.  Returns the leaf's path."""
-        cg = self.held(job)
+        cg = self.held(job)   # the caller (sshd_adopt) found pid in no job
         assert isinstance(cg, CgroupAt)
-        if self.attached_holder(pid) is not None or self.driver.cgroup_of(pid) is not None:
-            raise AccessDenied(f"process {pid} already belongs to a job", pid=pid)
         target = cg.make_leaf(self.config.pam_leaf)
         target.move(pid)
         if self.observer:
@@ -593,29 +591,23 @@ class JobManager:
         self.store.touch_identity(job["jid"], uid, ev.ts, "sshd")
 
     def suspend(self, job_id: str) -> dict:
-        job = self._active(job_id)
-        cg = self.held(job)
-        if not cg.has_freeze:
-            raise Unsupported(f"no freezer for {cg.path}: cannot suspend", job_id=job_id)
-        with self._changing:
-            cg.freeze(self.config.freeze_timeout)
-            with self.store.transaction():
-                if job["state"] != "suspended":
-                    self.store.set_state(job["jid"], "suspended")
-                self._record(job["jid"], job_id, "suspend")
-        return self.show(job_id)
+        return self._freeze(job_id, True)
 
     def resume(self, job_id: str) -> dict:
+        return self._freeze(job_id, False)
+
+    def _freeze(self, job_id: str, frozen: bool) -> dict:
         job = self._active(job_id)
         cg = self.held(job)
+        verb, state = ("suspend", "suspended") if frozen else ("resume", "running")
         if not cg.has_freeze:
-            raise Unsupported(f"no freezer for {cg.path}: cannot resume", job_id=job_id)
+            raise Unsupported(f"no freezer for {cg.path}: cannot {verb}", job_id=job_id)
         with self._changing:
-            cg.thaw(self.config.freeze_timeout)
+            cg.freeze(self.config.freeze_timeout) if frozen else cg.thaw(self.config.freeze_timeout)
             with self.store.transaction():
-                if job["state"] != "running":
-                    self.store.set_state(job["jid"], "running")
-                self._record(job["jid"], job_id, "resume")
+                if job["state"] != state:
+                    self.store.set_state(job["jid"], state)
+                self._record(job["jid"], job_id, verb)
         return self.show(job_id)
 
     def kill(self, job_id: str, sig: int = signal.SIGKILL) -> dict:
