@@ -76,15 +76,16 @@ def _print_summary(s: dict) -> None:
           f"identities: {idents or '-'}")
 
 
-def in_cgroup(pid: int, cgroup: str) -> bool:
-    """Whether the kernel (/proc/PID/cgroup) has pid in the cgroupfs directory `cgroup` or below it."""
+def in_cgroup(pid: int, *cgroups: str) -> bool:
+    """Whether the kernel (/proc/PID/cgroup) has pid in one of the cgroupfs directories `cgroups` or below."""
     from jobcage.cgroups import proc
 
     lines = proc.cgroups(pid)
     if lines is None:
         return False
     paths = set(lines.values())
-    rels = [cgroup[len(m.rstrip("/")):] for _t, m, _o in proc.cgroup_mounts() if cgroup.startswith(m.rstrip("/") + "/")]
+    mounts = [m.rstrip("/") for _t, m, _o in proc.cgroup_mounts()]
+    rels = [c[len(m):] for c in cgroups for m in mounts if c.startswith(m + "/")]
     return any(r and (p == r or p.startswith(r + "/")) for r in rels for p in paths)
 
 
@@ -99,9 +100,9 @@ def _verify_joined(job_id: str, pid: int, result: object) -> str | None:
         from jobcage.cgroups import proc
 
         cgroup = None
-        for _t, mnt, _o in proc.cgroup_mounts():
-            if in_cgroup(pid, f"{mnt.rstrip('/')}/{cfg.cgroup_subtree.strip('/')}/{job_id}"):
-                return None
+        if in_cgroup(pid, *(f"{mnt.rstrip('/')}/{cfg.cgroup_subtree.strip('/')}/{job_id}"
+                            for _t, mnt, _o in proc.cgroup_mounts())):
+            return None
     elif in_cgroup(pid, cgroup):
         return None
     return f"the kernel does not show process {pid} in job {job_id}'s cgroup ({cgroup or 'unknown'}): not contained"
