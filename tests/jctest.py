@@ -622,6 +622,18 @@ def open_gate(path: Path, timeout: float = 30.0) -> None:
     os.close(fd)
 
 
+def freeze_directly(env: JcEnv, job: str, frozen: bool) -> None:
+    """Freeze or thaw the job's cgroup the way a batch system's own freezer does, and wait for the kernel."""
+    d = env.member_dir(job)
+    if (d / "cgroup.freeze").exists():
+        (d / "cgroup.freeze").write_text("1" if frozen else "0")
+        wait_for(lambda: f"frozen {int(frozen)}" in (d / "cgroup.events").read_text(), 30, "the freezer")
+    else:
+        (d / "freezer.state").write_text("FROZEN" if frozen else "THAWED")
+        wait_for(lambda: (d / "freezer.state").read_text().strip() == ("FROZEN" if frozen else "THAWED"), 30,
+                 "the freezer")
+
+
 def read_pid_files(paths: Iterable[Path]) -> list[int]:
     return [p for p in (read_int(x) for x in paths) if p]
 

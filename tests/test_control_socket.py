@@ -256,23 +256,28 @@ def test_busy_job_not_refused(jc_env: JcEnv, agent_proc: AgentProc, make_user: C
     assert "refused" not in log, log
 
 
+def hold_connections(env: JcEnv, user: User, n: int) -> subprocess.Popen:
+    """A process of `user` holding n connections to the agent's socket open; returns once they are made."""
+    script = env.scratch / f"hold{n}.py"
+    script.write_text(
+        "import socket, sys, time\n"
+        "conns = []\n"
+        f"for i in range({n}):\n"
+        "    s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); conns.append(s)\n"
+        "print('held', flush=True)\n"
+        "time.sleep(300)\n")
+    holder = env.popen([PY, "-I", str(script), env.socket_path], user=user, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    return holder
+
+
 @pytest.mark.jc_config({"agent": {"request_timeout": 120.0}})   # the held connections do not expire meanwhile
 def test_refusals_are_one_line(jc_env: JcEnv, agent_proc: AgentProc, make_user: Callable[..., User]) -> None:
     """A uid over its cap and queue (the defaults) gets one clear line from the CLI; other uids and root
     are served meanwhile; once its connections are gone, it is served again."""
     user, other = make_user(), make_user()
     cfg = jc_env.config()
-    script = jc_env.scratch / "hold.py"
-    script.write_text(
-        "import socket, sys, time\n"
-        "conns = []\n"
-        f"for i in range({cfg.uid_connections + cfg.uid_queue}):\n"
-        "    s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); conns.append(s)\n"
-        "print('held', flush=True)\n"
-        "time.sleep(300)\n")
-    holder = jc_env.popen([PY, "-I", str(script), jc_env.socket_path], user=user, stdout=subprocess.PIPE,
-                          text=True)
-    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    holder = hold_connections(jc_env, user, cfg.uid_connections + cfg.uid_queue)
     # the agent accepted them all: wait until it has seen them (its queue is full)
     r = wait_for(lambda: (x := jc_env.jobcage("list", user=user)).rc == 1 and x, 30, "the uid to be at its cap")
     line = r.clean_error(1, "agent busy")
@@ -369,17 +374,7 @@ def test_connection_limit_spares_root(jc_env: JcEnv, agent_proc: AgentProc, make
     """Users holding max_connections in all: another user is refused with one line, root is still served
     (on both listeners), and the count is in the log once, not per refusal."""
     holder_user, other = make_user(), make_user()
-    script = jc_env.scratch / "hold3.py"
-    script.write_text(
-        "import socket, sys, time\n"
-        "conns = []\n"
-        "for i in range(3):\n"
-        "    s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); conns.append(s)\n"
-        "print('held', flush=True)\n"
-        "time.sleep(300)\n")
-    holder = jc_env.popen([PY, "-I", str(script), jc_env.socket_path], user=holder_user, stdout=subprocess.PIPE,
-                          text=True)
-    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    holder = hold_connections(jc_env, holder_user, 3)
     results = [jc_env.jobcage("list", user=other) for _ in range(5)]
     for r in results:
         r.clean_error(1, "agent busy")

@@ -21,7 +21,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from jctest import JOBCAGE, AgentProc, JcEnv, User, free_port, proc, read_int, require, wait_for
+from jctest import (
+    JOBCAGE,
+    AgentProc,
+    JcEnv,
+    User,
+    free_port,
+    freeze_directly,
+    proc,
+    read_int,
+    require,
+    wait_for,
+)
 
 RECORD_KEYS = ["ts", "node", "event_id", "jid", "job_id", "kind", "pid", "ppid", "uid", "euid", "comm",
                "filename", "detail"]
@@ -72,18 +83,6 @@ def job_run(env: JcEnv, job: str, user: User, scratch: Path) -> int:
     pidf = scratch / f"{job}.pid"
     env.start_job(job, f"echo $$ > {pidf}; exec sleep 300", user=user)
     return wait_for(lambda: read_int(pidf), 30, f"{job}'s payload")
-
-
-def freeze_directly(env: JcEnv, job: str, frozen: bool) -> None:
-    """Freeze or thaw the job's cgroup the way a batch system's own freezer does, and wait for the kernel."""
-    d = env.member_dir(job)
-    if (d / "cgroup.freeze").exists():
-        (d / "cgroup.freeze").write_text("1" if frozen else "0")
-        wait_for(lambda: f"frozen {int(frozen)}" in (d / "cgroup.events").read_text(), 30, "the freezer")
-    else:
-        (d / "freezer.state").write_text("FROZEN" if frozen else "THAWED")
-        wait_for(lambda: (d / "freezer.state").read_text().strip() == ("FROZEN" if frozen else "THAWED"), 30,
-                 "the freezer")
 
 
 def test_file_export_lifecycle_restart_and_direct_path(jc_env: JcEnv, tmp_path: Path, make_user) -> None:

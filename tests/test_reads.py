@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from jctest import AgentProc, JcEnv, User, hierarchies, wait_for
+from jctest import AgentProc, JcEnv, User, freeze_directly, hierarchies, wait_for
 
 JOBTRACE = str(Path(sys.executable).parent / "jobtrace")
 
@@ -95,17 +95,6 @@ def assert_reads_change_nothing(env: JcEnv, job: str, user: User, agent_up: bool
     assert now == cgfs, ("a read changed cgroupfs", {d: {k: (v, now[d].get(k)) for k, v in cgfs[d].items()  # type: ignore[attr-defined]
                                                          if now.get(d, {}).get(k) != v} for d in cgfs if now.get(d) != cgfs[d]})
     return outs
-
-
-def freeze_directly(env: JcEnv, job: str, frozen: bool) -> None:
-    d = env.member_dir(job)
-    if (d / "cgroup.freeze").exists():
-        (d / "cgroup.freeze").write_text("1" if frozen else "0")
-        wait_for(lambda: f"frozen {int(frozen)}" in (d / "cgroup.events").read_text(), 30, "the freezer")
-    else:
-        (d / "freezer.state").write_text("FROZEN" if frozen else "THAWED")
-        wait_for(lambda: (d / "freezer.state").read_text().strip() == ("FROZEN" if frozen else "THAWED"), 30,
-                 "the freezer")
 
 
 def vanish(env: JcEnv, job: str) -> None:
