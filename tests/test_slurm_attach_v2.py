@@ -70,7 +70,7 @@ CGROUP_CONF = {"CgroupPlugin": "cgroup/v2", "ConstrainCores": "yes", "ConstrainR
 
 
 @pytest.fixture
-def cluster(jc_env: JcEnv, agent_proc: AgentProc, users: tuple[User, User],  # noqa: F811 plugin_so: Path  # noqa: F811
+def cluster(jc_env: JcEnv, agent_proc: AgentProc, users: tuple[User, User], plugin_so: Path  # noqa: F811
             ) -> Iterator[SlurmCluster]:
     """slurmd as a systemd unit with Slurm's cgroup/v2 containment, task/jobcage and the Epilog from a hook dir
     next to a `jobcage` that uses the test's config (the plugin and the hooks prefer a jobcage beside them)."""
