@@ -21,7 +21,7 @@ import secrets
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -44,7 +44,7 @@ from jctest import (
     wait_for,
 )
 from slurmcluster import SlurmCluster
-from test_slurm_jobcage import _require_slurm, _slurm_plugin_dir, plugin_so, users  # noqa: F401 (fixtures)
+from test_slurm_jobcage import _require_slurm, _slurm_plugin_dir, plugin_so  # noqa: F401 (a fixture)
 
 PIDS_MAX = 64          # jobcage's limit in Slurm's job cgroup (the site's opt-in): the fork bomb stays under it
 MEM = 128 << 20        # sbatch --mem: Slurm's limit (task/cgroup, ConstrainRAMSpace)
@@ -67,6 +67,14 @@ SLURM_CONF = {
     "KillWait": "5",
 }
 CGROUP_CONF = {"CgroupPlugin": "cgroup/v2", "ConstrainCores": "yes", "ConstrainRAMSpace": "yes"}
+
+
+@pytest.fixture
+def users(make_user: Callable[..., User], sudoers: Callable[..., Path]) -> tuple[User, User]:
+    _require_slurm()
+    pilot, pool = make_user("jcp"), make_user("jcq")
+    sudoers(f"{pilot.name} ALL=({pool.name}) NOPASSWD: ALL")
+    return pilot, pool
 
 
 @pytest.fixture
@@ -100,8 +108,8 @@ def cluster(jc_env: JcEnv, agent_proc: AgentProc, users: tuple[User, User], plug
                         (d / "cgroup.kill").write_text("1")
 
 
-def test_slurm_cgroup_v2_job_attached(cluster: SlurmCluster, jc_env: JcEnv, users: tuple[User, User],  # noqa: F811
-                                      helpers: Helpers) -> None:
+def test_slurm_cgroup_v2_job_attached(cluster: SlurmCluster, jc_env: JcEnv, users: tuple[User, User],
+                                      helpers: Helpers) -> None:  # noqa: F811
     pilot, pool = users
     w = cluster.jobs_dir / "w"
     w.mkdir()
