@@ -2,7 +2,11 @@
 
 Two sources, no overlap:
 
-* **exited tasks** -- taskstats exit records (netlink, one per task, threads included), with
+* **exited tasks** -- with the BPF tracer on a kernel with BTF (``Tracer.exit_cpu``), the
+  tracer's exit program records each job task's real uid and ``sum_exec_runtime`` at exit, and
+  the accounting takes them in one batch per poll (``Tracer.take_exits``): nothing is read for
+  the exits of the rest of the node, and no taskstats record is even built.  Otherwise
+  taskstats exit records (netlink, one per task, threads included), with
   the task's real uid at exit (``ac_uid``) and its CPU time.  ``cpu_run_virtual_total`` is
   the scheduler's ``sum_exec_runtime`` in ns -- the very quantity the cgroup's
   ``cpu.stat usage_usec`` adds up -- and is filled whenever the kernel has
@@ -249,10 +253,20 @@ class Accounting:
     that function itself.  Call :meth:`poll` from the agent's loop (it keeps the netlink socket
     drained), on the tracer's thread; not thread safe."""
 
-    def __init__(self, membership: Callable[[int], str | None] | Any, *, pending_s: float = 2.0) -> None:
+    def __init__(self, membership: Callable[[int], str | None] | Any, *, pending_s: float = 2.0,
+                 source: str = "auto") -> None:
         self._job_of_exited: Callable[[int], str | None] = getattr(membership, "job_of_exited", membership)
         if not callable(self._job_of_exited):
             raise TypeError("Accounting needs the tracer or a job_of_exited(tid) function")
+        if source not in ("auto", "kernel", "taskstats"):
+            raise ValueError(f"unknown accounting source {source!r}")
+        kernel = bool(getattr(membership, "exit_cpu", False))
+        if source == "kernel" and not kernel:
+            raise Unsupported("the tracer does not record CPU times at exit (no BPF, or no kernel BTF)")
+        # "kernel": exits come with their CPU time from the tracer; "taskstats": from exit records
+        self.source = "kernel" if kernel and source != "taskstats" else "taskstats"
+        self._take: Callable[[], list[tuple[int, str | None, int, int]]] | None = \
+            membership.take_exits if self.source == "kernel" else None
         self._pending_s = pending_s
         self._exited: dict[str, dict[int, int]] = collections.defaultdict(lambda: collections.defaultdict(int))
         # Records no job was known for yet (the record comes a little before the exit tracepoint), one
@@ -271,12 +285,17 @@ class Accounting:
         self._base: dict[int, tuple[str, int]] = {}
         self._nl: Any = None
         self._sock: socket.socket | None = None
+        self._started = False
         self.records = 0          # exit records read
         self.records_lost = 0     # socket overruns (ENOBUFS): records the kernel dropped
         self.unattributed = 0     # records of tasks that belonged to no job
 
     def start(self) -> None:
-        """Open the taskstats family and listen for exit records on every CPU."""
+        """Open the taskstats family and listen for exit records on every CPU (not needed, and not
+        done, when the tracer records CPU times at exit)."""
+        if self._take is not None:
+            self._started = True
+            return
         try:
             from pyroute2 import TaskStats
         except ImportError as e:
@@ -303,6 +322,10 @@ class Accounting:
 
     def poll(self, timeout_ms: int = 0) -> int:
         """Read the exit records that arrived, attribute them; return how many were read."""
+        if self._take is not None:
+            if not self._started:
+                raise Unsupported("accounting not started")
+            return self._poll_kernel()
         if self._sock is None:
             raise Unsupported("accounting not started")
         r, _, _ = select.select([self._sock], [], [], max(timeout_ms, 0) / 1000)
@@ -365,6 +388,20 @@ class Accounting:
         self.records += n
         return n
 
+    def _poll_kernel(self) -> int:
+        """The exits the tracer's exit program recorded since the last poll, each with its CPU time."""
+        assert self._take is not None
+        exits = self._take()
+        exited, base_of = self._exited, self._base
+        for tid, job, uid, ns in exits:
+            base = base_of.pop(tid, None) if base_of else None
+            if job is None:
+                self.unattributed += 1
+                continue
+            exited[job][uid] += max(0, ns - base[1]) if base and base[0] == job else ns
+        self.records += len(exits)
+        return len(exits)
+
     def _read_all(self) -> list[bytes]:
         assert self._sock is not None
         got: list[bytes] = []
@@ -425,6 +462,7 @@ class Accounting:
             del self._base[tid]
 
     def close(self) -> None:
+        self._started = False
         if self._sock is not None:
             self._sock.close()
             self._sock = None

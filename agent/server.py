@@ -171,6 +171,7 @@ class Agent:
 
             self.accounting = Accounting(self.tracer)
             self.accounting.start()
+            log.info("per-identity accounting: exited tasks' CPU from %s", self.accounting.source)
         except Exception as e:
             log.warning("per-identity accounting disabled: %s", e)
             self.accounting = None

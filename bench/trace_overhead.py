@@ -28,12 +28,14 @@ setuid calls/s, and the agent's CPU while a job execs 1,000 times a second.
 5. In-kernel cost (`bpf`).  The tracer's own BPF programs loaded in this process, kernel.bpf_stats_enabled=1
    for the runs only: run_time_ns / run_cnt of each program from /proc/self/fdinfo, per call and per exec of
    the spawner, in a job and outside any job (other processes of the node run the programs too).
-6. Real jobs (`real`).  `make -j2` of a generated tree of C files and a shell loop running coreutils (6 execs
-   an iteration), inside a job, without a tracer and under the agent, interleaved rounds; the ratio is
-   untraced time / traced time (>= 0.98 means tracing costs the job under 2%).
+6. Real jobs (`real`).  The build of a Debian source package (zlib's ./configure + `make -j2`; its source is
+   downloaded once with `apt-get source` into /var/cache/jobcage/bench-src), `make -j2` of a generated tree of C
+   files and a shell loop running coreutils (6 execs an iteration), inside a job, without a tracer and under the
+   agent, interleaved rounds; the ratio is untraced time / traced time (>= 0.98 means tracing costs the job under 2%).
 7. Outside-job floor (`floor`, not in the default set).  The spawner in no job with nothing, with the tracer's BPF
-   programs only, with a taskstats exit listener only (the agent's Accounting), and with both: what each part
-   costs the node (paired ratios), and the consumer's CPU per exec.
+   programs only, with a taskstats exit listener only, with both (the agent on a kernel without BTF), and with the
+   BPF programs whose exits carry their CPU time (the agent's default): what each part costs the node (paired
+   ratios), and the consumer's CPU per exec.  `work` runs once per accounting source.
 8. Idle (`idle`, not in the default set).  The agent with the node's default reconcile_interval and one job that
    runs nothing: its CPU over 30 s.
 
@@ -55,6 +57,7 @@ import os
 import platform
 import pstats
 import random
+import re
 import secrets
 import shutil
 import signal
@@ -668,7 +671,9 @@ def bpf_cost(b: Bench, secs: float) -> dict:
     return {"seconds": secs, "rows": rows}
 
 
-FLOOR_CONFIGS = ("none", "bpf programs", "taskstats listener", "both")
+# "bpf + exit cpu" is the agent now (exits carry their CPU time, no taskstats); "bpf + taskstats" before, and on
+# kernels without BTF
+FLOOR_CONFIGS = ("none", "bpf programs", "taskstats listener", "bpf + taskstats", "bpf + exit cpu")
 
 
 class _NoExits:
@@ -700,11 +705,15 @@ def floor_parts(b: Bench, rounds: int, secs: float, rng: random.Random) -> dict:
         order = list(FLOOR_CONFIGS)
         rng.shuffle(order)
         for conf in order:
-            tr = Tracer(lambda ev: None, backend="bpf") if conf in ("bpf programs", "both") else None
+            tr = Tracer(lambda ev: None, backend="bpf") if conf.startswith("bpf") else None
             if tr is not None:
                 tr.add_job("floor-elsewhere", 0, (1 << 62) + 1)   # a cgroup id no task has (1 is the root!): one job in the maps
             # the agent's path for other tasks' records: the tracer's known exits (none here) decide
-            acc = Accounting(tr if tr is not None else _NoExits()) if conf in ("taskstats listener", "both") else None
+            acc = None
+            if conf == "taskstats listener":
+                acc = Accounting(_NoExits())
+            elif conf in ("bpf + taskstats", "bpf + exit cpu"):
+                acc = Accounting(tr, source="taskstats" if conf == "bpf + taskstats" else "kernel")
             if acc is not None:
                 acc.start()
             stop = threading.Event()
@@ -743,7 +752,7 @@ def floor_parts(b: Bench, rounds: int, secs: float, rng: random.Random) -> dict:
     return {"rounds": rounds, "run_seconds": secs, "rows": rows}
 
 
-def agent_work(b: Bench, secs: float, profile: bool = False) -> dict:
+def agent_work(b: Bench, secs: float, profile: bool = False, acct_source: str = "kernel") -> dict:
     """The agent's own CPU time per traced exec, in-process and load-robust: the tracer, accounting and store
     the agent uses, fed a batch of execs that waited in the kernel (ring buffer, taskstats socket) while the
     spawner ran, then worked off in one timed pass per stage, as the agent's loop does (poll the tracer, write
@@ -758,7 +767,7 @@ def agent_work(b: Bench, secs: float, profile: bool = False) -> dict:
     b.prologue(job)
     evs: list = []
     tr = Tracer(evs.append, backend="bpf")
-    acc = Accounting(tr)
+    acc = Accounting(tr, source=acct_source)
     acc.start()
     store = Store(str(b.dir / "work.db"))
     jid = store.add_job(job, 0, 0, job, 256, time.time())
@@ -796,7 +805,7 @@ def agent_work(b: Bench, secs: float, profile: bool = False) -> dict:
                 print(f"== work, {phase}: {n} execs", file=sys.stderr)
                 pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(20)
             recs = acc.records - r0
-            rows[phase] = {"execs": n, "events": len(evs), "taskstats_records": recs,
+            rows[phase] = {"execs": n, "events": len(evs), "exit_records": recs,
                            "tracer_us_per_exec": 1e6 * (c1 - c0) / n, "store_us_per_exec": 1e6 * (c2 - c1) / n,
                            "accounting_us_per_exec": 1e6 * (c3 - c2) / n,
                            "accounting_us_per_record": 1e6 * (c3 - c2) / max(recs, 1),
@@ -836,15 +845,67 @@ def make_ctree(d: Path, files: int) -> None:
                                   "clean:\n\trm -f prog *.o\n")
 
 
+DEBIAN_SOURCE = "zlib"    # C, ./configure (dozens of compiler probes) + make: ~5 s, ~1,000 execs on this kind
+SRC_CACHE = Path("/var/cache/jobcage/bench-src")
+
+
+def _debian_mirror() -> tuple[str, str]:
+    """(URIs, suite) of the node's first Debian archive stanza; deb.debian.org bookworm if none is found."""
+    try:
+        text = Path("/etc/apt/sources.list.d/debian.sources").read_text()
+        uris = re.search(r"^URIs:\s*(\S+)", text, re.M)
+        suite = re.search(r"^Suites:\s*(\S+)", text, re.M)
+        if uris and suite:
+            return uris.group(1), suite.group(1)
+    except OSError:
+        pass
+    return "http://deb.debian.org/debian", "bookworm"
+
+
+def debian_source_tree(pkg: str, dest: Path) -> Path:
+    """Debian source package `pkg` unpacked (dpkg-source -x) at dest/pkg.  Downloaded once into SRC_CACHE with
+    `apt-get source --download-only` through a private apt state, so the node's sources and lists stay as they
+    are (apt checks the files against the signed Sources index; the .dsc's uploader signature is not checked)."""
+    cache = SRC_CACHE / pkg
+    dscs = sorted(cache.glob("*.dsc"))
+    if not dscs:
+        state = SRC_CACHE / ".apt"
+        for d in ("lists/partial", "cache/archives/partial", "parts"):
+            (state / d).mkdir(parents=True, exist_ok=True)
+        uris, suite = _debian_mirror()
+        (state / "parts" / "src.sources").write_text(
+            f"Types: deb-src\nURIs: {uris}\nSuites: {suite}\nComponents: main\n"
+            "Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg\n")
+        opts = ["-o", "Dir::Etc::SourceList=/dev/null", "-o", f"Dir::Etc::SourceParts={state / 'parts'}",
+                "-o", f"Dir::State::Lists={state / 'lists'}", "-o", f"Dir::Cache={state / 'cache'}",
+                "-o", "APT::Sandbox::User=root"]
+        log(f"downloading the Debian source of {pkg} into {cache} (once)")
+        run(["apt-get", "-q", *opts, "update"])
+        cache.mkdir(parents=True, exist_ok=True)
+        run(["apt-get", "-q", *opts, "source", "--download-only", pkg], cwd=cache)
+        dscs = sorted(cache.glob("*.dsc"))
+        if not dscs:
+            raise RuntimeError(f"apt-get source {pkg} left no .dsc in {cache}")
+    out = dest / pkg
+    run(["dpkg-source", "-x", "--no-check", str(dscs[-1]), str(out)])
+    return out
+
+
 def real_jobs(b: Bench, rounds: int, loop_n: int, rng: random.Random) -> dict:
-    """Real exec-heavy jobs, with and without tracing, interleaved: `make -j2` of a generated C tree and a shell
-    loop running coreutils.  Wall time measured inside the job (date +%s%N around the workload)."""
+    """Real exec-heavy jobs, with and without tracing, interleaved: the build of a Debian source package (its
+    ./configure and `make -j2`), `make -j2` of a generated C tree, and a shell loop running coreutils.  Wall time
+    measured inside the job (date +%s%N around the workload); each build starts from a fresh copy of its tree,
+    made outside the timed part."""
     job = "real"
     b.prologue(job)
     tree = b.dir / "ctree"
     make_ctree(tree, CTREE_FILES)
+    pristine = debian_source_tree(DEBIAN_SOURCE, b.dir / "debsrc")
+    build = b.dir / "debbuild"
     sh = os.path.realpath("/bin/sh")
-    scripts = {"make -j2": f"make -s -j2 -C {tree / 'src'} >/dev/null",
+    deb = f"{DEBIAN_SOURCE} configure + make -j2"
+    scripts = {deb: f"cd {build} && ./configure >/dev/null && make -s -j2 >/dev/null",
+               "make -j2": f"make -s -j2 -C {tree / 'src'} >/dev/null",
                "coreutils loop": COREUTILS_LOOP.format(n=loop_n)}
     for name, body in scripts.items():
         (b.dir / f"{name.split()[0]}.sh").write_text(TIMED_SH.format(body=body))
@@ -861,6 +922,8 @@ def real_jobs(b: Bench, rounds: int, loop_n: int, rng: random.Random) -> dict:
                 rng.shuffle(names)
                 for name in names:
                     run(["make", "-s", "-C", str(tree / "src"), "clean"])
+                    shutil.rmtree(build, ignore_errors=True)
+                    shutil.copytree(pristine, build, symlinks=True)
                     if conf == "jobcage":
                         b.settle_agent()
                         e0, a0 = b.store_count(job, "exec"), b.agent_cpu()
@@ -885,7 +948,9 @@ def real_jobs(b: Bench, rounds: int, loop_n: int, rng: random.Random) -> dict:
                      "paired_ratio": median([x / y for x, y in zip(base, traced, strict=True)]),
                      "execs": median(execs[name]), "agent_cpu_us_per_exec": median(agent_us[name]),
                      "none_runs": [round(x, 3) for x in base], "jobcage_runs": [round(x, 3) for x in traced]})
-    return {"rounds": rounds, "rows": rows, "ctree_files": CTREE_FILES, "loop_iterations": loop_n}
+    return {"rounds": rounds, "rows": rows, "ctree_files": CTREE_FILES, "loop_iterations": loop_n,
+            "debian_source": pristine.name, "debian_source_version": run(
+                ["dpkg-parsechangelog", "-l", str(pristine / "debian" / "changelog"), "-S", "Version"]).strip()}
 
 
 def report(res: dict) -> None:
@@ -909,14 +974,14 @@ def report(res: dict) -> None:
               f"(target {s['target_rate']:g}) for {s['seconds']:.1f} s, {s['failed']} failed: "
               f"{s['setuid_events_in_trail']} setuid events in the trail, events_lost {s['events_lost']}, "
               f"identity recorded: {s['identity_recorded']}, agent CPU {s['agent_cpu_seconds']:.2f} s")
-    w = res.get("work")
-    if w:
-        print(f"\nagent work per exec, in-process CPU time over {w['seconds']:g} s of spawner execs worked off at once:")
-        print(f"  {'where':<17}{'execs':>7}{'tracer':>9}{'store':>9}{'acct':>9}{'total':>9}  taskstats records, us each")
+    for src, w in (res.get("work") or {}).items():
+        print(f"\nagent work per exec, accounting from {src}, in-process CPU time over {w['seconds']:g} s of spawner "
+              "execs worked off at once:")
+        print(f"  {'where':<17}{'execs':>7}{'tracer':>9}{'store':>9}{'acct':>9}{'total':>9}  exit records read, us each")
         for where, row in w["rows"].items():
             print(f"  {where:<17}{row['execs']:7d}{row['tracer_us_per_exec']:9.1f}{row['store_us_per_exec']:9.1f}"
                   f"{row['accounting_us_per_exec']:9.1f}{row['total_us_per_exec']:9.1f}  "
-                  f"{row['taskstats_records']} x {row['accounting_us_per_record']:.1f}")
+                  f"{row['exit_records']} x {row['accounting_us_per_record']:.1f}")
     bc = res.get("bpf")
     if bc:
         print(f"\nin-kernel cost (kernel.bpf_stats_enabled), spawner runs of {bc['seconds']:g} s:")
@@ -937,11 +1002,12 @@ def report(res: dict) -> None:
                   f"{row['consumer_cpu_us_per_exec']:.1f}")
     rj = res.get("real")
     if rj:
-        print(f"\nreal jobs, {rj['rounds']} interleaved rounds (make -j2 of {rj['ctree_files']} generated C files; "
+        print(f"\nreal jobs, {rj['rounds']} interleaved rounds (Debian source {rj['debian_source']} "
+              f"{rj['debian_source_version']}; make -j2 of {rj['ctree_files']} generated C files; "
               f"coreutils loop of {rj['loop_iterations']} iterations), medians:")
-        print(f"  {'workload':<16}{'none':>9}{'jobcage':>9}{'ratio':>8}{'paired':>8}{'execs':>8}  agent us/exec")
+        print(f"  {'workload':<30}{'none':>9}{'jobcage':>9}{'ratio':>8}{'paired':>8}{'execs':>8}  agent us/exec")
         for row in rj["rows"]:
-            print(f"  {row['workload']:<16}{row['none_s']:8.3f}s{row['jobcage_s']:8.3f}s{row['ratio']:8.3f}"
+            print(f"  {row['workload']:<30}{row['none_s']:8.3f}s{row['jobcage_s']:8.3f}s{row['ratio']:8.3f}"
                   f"{row['paired_ratio']:8.3f}{row['execs']:8.0f}  {row['agent_cpu_us_per_exec']:.1f}")
     c = res.get("cpu")
     if c:
@@ -991,7 +1057,8 @@ def main(argv: list[str] | None = None) -> int:
         if "cpu" in only:
             res["cpu"] = agent_cpu(b, args.exec_rate, args.cpu_seconds)
         if "work" in only:
-            res["work"] = agent_work(b, args.run_seconds, args.profile)
+            # the agent's default (exit CPU from the tracer) and the taskstats path beside it, same run
+            res["work"] = {src: agent_work(b, args.run_seconds, args.profile, src) for src in ("kernel", "taskstats")}
         if "bpf" in only:
             res["bpf"] = bpf_cost(b, args.run_seconds)
         if "idle" in only:

@@ -9,7 +9,8 @@
 #ifndef JOBCAGE_H
 #define JOBCAGE_H
 
-#define JC_ABI 2   /* 2: every event carries the process's mark bits; JC_MARK_USERNS; struct jc_filter */
+#define JC_ABI 3   /* 2: every event carries the process's mark bits; JC_MARK_USERNS; struct jc_filter;
+                      3: struct jc_exited carries the task's CPU time */
 
 #define JC_MAX_JOBS 1024          /* counter slots; a node runs far fewer jobs */
 #define JC_COMM_LEN 16
@@ -95,12 +96,15 @@ struct jc_lineage {
 	u32 cookie;
 };
 
-/* Exited task -> job, read (and deleted) by the accounting when the taskstats exit
- * record of that task arrives. */
+/* Exited task -> job, read (and deleted) by the accounting once per poll.  cpu_ns is the task's
+ * sum_exec_runtime at exit (the quantity cgroup cpu.stat adds up), read only when the agent
+ * found its offset in the running kernel's BTF (JC_OFF_RUNTIME); then the accounting needs no
+ * taskstats record, otherwise 0 and the record of that task arrives over taskstats. */
 struct jc_exited {
 	u64 ts_ns;
 	u32 cookie;
 	u32 uid;
+	u64 cpu_ns;
 };
 
 /* A set*id syscall in flight: filled at sys_enter, completed at sys_exit. */

@@ -1,15 +1,19 @@
 /* tracer.bpf.c - jobcage identity tracer (bcc).
  *
- * Portability rule (docs: design.md): read NO kernel struct.  Everything comes from
- * tracepoint arguments (layouts read from tracefs at load time) and the helpers
- * bpf_get_current_{pid_tgid,uid_gid,cgroup_id,comm} and bpf_ktime_get_ns.
+ * Portability rule (docs: design.md): no kernel struct layout from a header.  Everything comes
+ * from tracepoint arguments (layouts read from tracefs at load time) and the helpers
+ * bpf_get_current_{pid_tgid,uid_gid,cgroup_id,comm} and bpf_ktime_get_ns -- except one
+ * u64, a job task's CPU time at exit, read at the offset the running kernel's BTF names
+ * (JC_OFF_RUNTIME, set by agent/tracer/btf.py; left out when there is no BTF).
  *
- * Configuration is by -D flags set by agent/tracer.py, never by editing this text:
+ * Configuration is by -D flags set by agent/tracer/bpf_backend.py, never by editing this text:
  *   JC_PID_FILTER        also match jobs by a tgid -> job map that forks inherit (nodes
  *                        without a usable cgroup2 hierarchy)
  *   JC_PERFBUF           perf buffer instead of a ring buffer (kernels without ringbuf)
  *   JC_RINGBUF_PAGES     ring buffer size in pages (power of two)
  *   JC_HAVE_GROUP_DEAD   sched_process_exit has the group_dead field
+ *   JC_OFF_RUNTIME       byte offset of task_struct.se.sum_exec_runtime (from BTF): exits carry
+ *                        their CPU time, and the accounting needs no taskstats listener
  *   JC_TP_<SYSCALL>      the syscalls:sys_{enter,exit}_<syscall> tracepoints exist
  *   JC_TP_CLONE_ENTER    sys_enter_clone/clone3 exist (CLONE_NEWUSER is seen at entry)
  *   JC_SUBTREE           jobs that hold a whole cgroup subtree (attach mode: a batch system's
@@ -271,6 +275,11 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 	x.ts_ns = bpf_ktime_get_ns();
 	x.cookie = j.cookie;
 	x.uid = (u32)bpf_get_current_uid_gid();
+#ifdef JC_OFF_RUNTIME
+	/* task_struct.se.sum_exec_runtime: the offset is the running kernel's, from its BTF (what
+	 * CO-RE would relocate), so no header's struct layout is trusted; read as plain memory */
+	bpf_probe_read_kernel(&x.cpu_ns, sizeof(x.cpu_ns), (void *)(bpf_get_current_task() + JC_OFF_RUNTIME));
+#endif
 	exited.update(&tid, &x);
 
 	if (tid != tgid) {   /* a thread: its fork-time entries are of no further use */

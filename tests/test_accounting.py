@@ -33,12 +33,15 @@ BURN_S = 1.5
 
 
 @pytest.mark.bpf
-@pytest.mark.parametrize("backend", ["bpf", "proc"])
-def test_cpu_per_identity_matches_cgroup(backend: str, trace_users: TraceUsers, helpers: Helpers, make_cgroup,
-                                         make_tracer) -> None:
+@pytest.mark.parametrize(("backend", "source"), [("bpf", "kernel"), ("bpf", "taskstats"), ("proc", "taskstats")])
+def test_cpu_per_identity_matches_cgroup(backend: str, source: str, trace_users: TraceUsers, helpers: Helpers,
+                                         make_cgroup, make_tracer) -> None:
+    """bpf/kernel is the default where the kernel has BTF (CPU times recorded by the tracer's exit program);
+    bpf/taskstats what a kernel without BTF gets; proc/taskstats the tracer's fallback."""
     pilot, pool = trace_users.pilot, trace_users.pool
     tracer, _ = make_tracer(backend)
-    acc = Accounting(tracer)
+    acc = Accounting(tracer, source=source if source == "taskstats" else "auto")
+    assert acc.source == source
     acc.start()
     try:
         cg = make_cgroup()

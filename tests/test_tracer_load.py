@@ -10,6 +10,7 @@ pids.max is set at prologue:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
@@ -160,3 +161,39 @@ def test_max_spawn_rate_every_exec_in_trail(jc_env: JcEnv, agent_proc: AgentProc
     assert len(evs) == n
     after_periodic(jc_env)
     assert show(jc_env, job)["events_lost"] == 0
+
+
+def _netlink_generic_inodes() -> set[int]:
+    """Socket inodes of this network namespace's generic netlink sockets (taskstats is a generic family)."""
+    lines = Path("/proc/net/netlink").read_text().splitlines()[1:]
+    return {int(c[9]) for c in (ln.split() for ln in lines) if len(c) >= 10 and c[1] == "16"}
+
+
+def test_exits_carry_their_cpu_and_the_agent_reads_no_taskstats(jc_env: JcEnv, agent_proc: AgentProc,
+                                                                 idloop: Path, ids: Ids) -> None:
+    """Where the kernel has BTF, the tracer's exit program records each job task's CPU time, so the agent opens
+    no taskstats socket (the kernel then builds no record for the node's exits) -- and the identities' CPU is
+    still a split of the cgroup's, with the children of the pool uid counted after they exited."""
+    require(Path("/sys/kernel/btf/vmlinux").exists(), "kernel BTF (/sys/kernel/btf/vmlinux)")
+    assert agent_proc.proc is not None
+    pid = agent_proc.proc.pid
+    socks = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if link.startswith("socket:["):
+                socks.add(int(link[8:-1]))
+    assert socks, "the agent holds no socket at all?"
+    assert not socks & _netlink_generic_inodes(), "the agent holds a generic netlink (taskstats) socket"
+    job = f"xcpu-{secrets.token_hex(2)}"
+    prologue(jc_env, job, ids.pilot, "--pids-max", "64")
+    # 200 children of the pool uid that burn 5 ms each and exit: CPU only the exit path can account
+    out = run_in_job(jc_env, job, [str(idloop), str(ids.pool.uid), "400", "1", "1", "5000"], timeout=300)
+    children = float(out.split()[2])
+    after_periodic(jc_env)
+    s = show(jc_env, job)
+    ok, why = cpu_sum_ok(s)
+    got = {u: i["cpu_seconds"] for u, i in idents(s).items()}
+    print(f"\n{children:.0f} children; per identity {got}, cgroup {s['cpu_seconds']} s: {why}")
+    assert ok, why
+    assert got.get(ids.pool.uid, 0) >= 0.8 * children * 0.005, got

@@ -14,7 +14,7 @@ DEB_PKGS=(python3 python3-venv python3-dev python3-bpfcc bpfcc-tools bpftrace li
           munge slurmctld slurmd slurm-client auditd openssh-server rsyslog)
 # The test host also builds and boots the pure-v2 guest (vagrant/v2guest, `make test-v2`); the guest itself
 # gets DEB_PKGS only (build-image.sh reads them with --print-node-packages).
-DEB_HOST_PKGS=(qemu-system-x86 mmdebstrap e2fsprogs git)
+DEB_HOST_PKGS=(qemu-system-x86 mmdebstrap e2fsprogs git dpkg-dev)   # dpkg-dev: bench/trace_overhead.py unpacks a Debian source
 if [ "${1:-}" = --print-node-packages ]; then printf '%s\n' "${DEB_PKGS[@]}"; exit 0; fi
 # ... and inside that guest (no network, boots no guest itself) only the node packages are checked.
 [ -e /etc/jobcage-v2guest ] && DEB_HOST_PKGS=()

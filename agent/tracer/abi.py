@@ -13,7 +13,7 @@ from jobcage.agent.events import KINDS
 
 from ..errors import JobcageError, Unsupported
 
-ABI = 2   # the struct layouts and meanings this code decodes; bpf/jobcage.h's JC_ABI must say the same
+ABI = 3   # the struct layouts and meanings this code decodes; bpf/jobcage.h's JC_ABI must say the same
 _HEADER = bpf_files.HEADER.read_text()
 
 
@@ -44,7 +44,7 @@ MARK_USERNS = define("JC_MARK_USERNS")
 KIND_NAMES = enum("jc_kind", "JC_EV_")                                      # 1 -> "exec", ...
 SYS_NAMES = {k: v for k, v in enum("jc_sys", "JC_SYS_").items() if k}    # 1 -> "setuid", ...; 0 = none
 NOARG = 0xFFFFFFFF          # (uid_t)-1: "leave unchanged" in set*id arguments
-_EXITED = struct.Struct("=QII")          # struct jc_exited: ts_ns, cookie, uid
+_EXITED = struct.Struct("=QIIQ")         # struct jc_exited: ts_ns, cookie, uid, cpu_ns
 
 
 def check() -> None:

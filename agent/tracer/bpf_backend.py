@@ -23,6 +23,7 @@ from .abi import (
     SYS_NAMES,
     EventLayout,
 )
+from .btf import task_runtime_offset
 from .procfs import _read, tracefs
 from .records import _Job, _Raw, _sid
 
@@ -79,6 +80,10 @@ class _BpfBackend:
         fmt = _read(f"{tracefs()}/events/sched/sched_process_exit/format") or ""
         if "group_dead" in fmt:
             flags.append("-DJC_HAVE_GROUP_DEAD")
+        # exits carry their CPU time where the kernel's BTF says where it is (no taskstats needed)
+        self.runtime_offset = task_runtime_offset()
+        if self.runtime_offset is not None:
+            flags.append(f"-DJC_OFF_RUNTIME={self.runtime_offset}")
         if pid_filter:
             flags.append("-DJC_PID_FILTER")
         flags.append("-DJC_SUBTREE")
@@ -222,8 +227,8 @@ class _BpfBackend:
     def kernel_lineage(self, job: _Job) -> dict[int, tuple[int, int]]:
         return {k.value: (v.ppid, v.ts_ns) for k, v in self.lineage_map.items() if v.cookie == job.cookie}
 
-    def drain_exited(self) -> list[tuple[int, int, int, int]]:
-        """(tid, ts_ns, cookie, uid) of every job task exit the kernel remembered, removed from the
+    def drain_exited(self) -> list[tuple[int, int, int, int, int]]:
+        """(tid, ts_ns, cookie, uid, cpu_ns) of every job task exit the kernel remembered, removed from the
         map in BPF_MAP_LOOKUP_AND_DELETE_BATCH calls of EXITED_BATCH entries: one syscall per poll
         instead of a map lookup per taskstats record (most records on a node are nobody's job).
         Own buffers: bcc's items_lookup_and_delete_batch allocates the whole map each call."""
@@ -233,7 +238,7 @@ class _BpfBackend:
             self._xkeys = (ct.c_uint32 * EXITED_BATCH)()
             self._xvals = ct.create_string_buffer(_EXITED.size * EXITED_BATCH)
         fd = self.exited_map.map_fd
-        out: list[tuple[int, int, int, int]] = []
+        out: list[tuple[int, int, int, int, int]] = []
         in_b, out_b, cnt = ct.c_uint32(0), ct.c_uint32(0), ct.c_uint32(0)
         first = True
         while True:
@@ -243,8 +248,8 @@ class _BpfBackend:
             err = ct.get_errno()
             n = cnt.value
             keys = self._xkeys
-            for i, (ts, cookie, uid) in enumerate(_EXITED.iter_unpack(memoryview(self._xvals)[:n * _EXITED.size])):
-                out.append((keys[i], ts, cookie, uid))
+            for i, (ts, cookie, uid, cpu) in enumerate(_EXITED.iter_unpack(memoryview(self._xvals)[:n * _EXITED.size])):
+                out.append((keys[i], ts, cookie, uid, cpu))
             if res != 0:
                 if err == errno.ENOENT:   # the whole map was walked
                     break

@@ -254,7 +254,7 @@ class Tracer(EnrichMixin, UsernsMixin):
             return new
         cache = self._exited
         new = []
-        for tid, ts, cookie, uid in self._be.drain_exited():
+        for tid, ts, cookie, uid, _cpu in self._be.drain_exited():
             cache.pop(tid, None)   # a reused tid: the newer exit wins
             cache[tid] = (ts, cookie, uid)
             new.append(tid)
@@ -266,6 +266,26 @@ class Tracer(EnrichMixin, UsernsMixin):
                 break
             del cache[tid]
         return new
+
+    @property
+    def exit_cpu(self) -> bool:
+        """Whether the kernel records each job task's CPU time at its exit (BPF, with the offset from
+        the kernel's BTF): then :meth:`take_exits` gives the accounting all it needs, no taskstats."""
+        return isinstance(self._be, _BpfBackend) and self._be.runtime_offset is not None
+
+    def take_exits(self) -> list[tuple[int, str | None, int, int]]:
+        """(tid, job id, uid, CPU ns) of every job task that exited since the last call, with its real
+        uid and ``sum_exec_runtime`` as the kernel saw them at exit (one batch read of the map; see
+        :attr:`exit_cpu`).  The job id is None for a task of a run no longer traced: an ended run's
+        accounting is final, and a later run of the same batch id must not get its CPU."""
+        if not isinstance(self._be, _BpfBackend):
+            return []
+        out: list[tuple[int, str | None, int, int]] = []
+        by_cookie, jobs = self._by_cookie, self._jobs
+        for tid, _ts, cookie, uid, cpu in self._be.drain_exited():
+            job = by_cookie.get(cookie)
+            out.append((tid, job.job_id if job is not None and jobs.get(job.job_id) is job else None, uid, cpu))
+        return out
 
     def known_exits(self) -> Container[int]:
         """The tids whose exit the tracer knows and no one asked about yet: a record of a tid not in it is
