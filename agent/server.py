@@ -42,7 +42,7 @@ def sd_notify(msg: str) -> None:
             pass
 
 
-POLL_WAIT_S = 0.05   # the longest a trail event waits in the kernel's buffer (it holds ~11,000)
+POLL_WAIT_S = 0.1    # the longest a trail event waits in the kernel's buffer (it holds ~11,000); a read waits less
 POLL_BATCH = 1024    # a poll that returns this many events is followed by another at once
 
 
@@ -280,7 +280,7 @@ class Agent:
                     self._turns += 1
                     self._turn.notify_all()
                 # Batch: between small polls wait as after an empty one, so one transaction, one ring-buffer
-                # poll and one accounting read cover ~50 ms of events instead of one or two (a job paced at
+                # poll and one accounting read cover ~100 ms of events instead of one or two (a job paced at
                 # 1,000 exec/s otherwise costs a commit per exec).  A full burst is worked off at once.  A
                 # view waiting for a turn (_await_turn) wakes the loop.
                 if n < POLL_BATCH:

@@ -759,7 +759,7 @@ def agent_work(b: Bench, secs: float, profile: bool = False, acct_source: str = 
     the batch in one transaction, read the accounting twice: records whose exit is learned late wait one
     poll).  A busy node's other exits reach the accounting too; they are counted per record."""
     from jobcage.agent.accounting import Accounting
-    from jobcage.agent.server import Agent
+    from jobcage.agent.lifecycle import JobManager
     from jobcage.agent.store import Store
     from jobcage.agent.tracer import Tracer
 
@@ -771,7 +771,7 @@ def agent_work(b: Bench, secs: float, profile: bool = False, acct_source: str = 
     acc.start()
     store = Store(str(b.dir / "work.db"))
     jid = store.add_job(job, 0, 0, job, 256, time.time())
-    shim = argparse.Namespace(store=store, _jids={job: jid}, _owner={job: 0})
+    shim = argparse.Namespace(store=store)   # record_trace needs only the store
     rows: dict[str, dict] = {}
     try:
         for phase, in_job, run_s in (("warm-up", True, 0.5), ("in a job", True, secs), ("outside any job", False, secs)):
@@ -794,8 +794,7 @@ def agent_work(b: Bench, secs: float, profile: bool = False, acct_source: str = 
             c0 = time.process_time()
             tr.poll(0)
             c1 = time.process_time()
-            with store.transaction():
-                Agent._write(shim, evs)  # type: ignore[arg-type]
+            JobManager.record_trace(shim, evs, {job: (jid, 0)})  # type: ignore[arg-type]   # one transaction
             c2 = time.process_time()
             acc.poll(0)
             acc.poll(0)
@@ -887,7 +886,8 @@ def debian_source_tree(pkg: str, dest: Path) -> Path:
         if not dscs:
             raise RuntimeError(f"apt-get source {pkg} left no .dsc in {cache}")
     out = dest / pkg
-    run(["dpkg-source", "-x", "--no-check", str(dscs[-1]), str(out)])
+    dest.mkdir(parents=True, exist_ok=True)
+    run(["dpkg-source", "-x", "--no-check", str(dscs[-1]), str(out)], cwd=dest)
     return out
 
 
