@@ -176,29 +176,10 @@ def live_cpu_by_uid(pids: Iterable[int], base: dict[int, tuple[str, int]] | None
     base = base or {}
     out: dict[int, int] = collections.defaultdict(int)
     for pid in pids:
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            tdir = f"/proc/{pid}/task/{tid}"
-            raw, sched = proc.read(f"{tdir}/status", 8192), proc.read(f"{tdir}/schedstat", 256)
-            try:
-                status, ns = raw.decode() if raw else "", int(sched.split()[0]) if sched else -1
-            except (ValueError, IndexError):
-                continue
-            if ns < 0 or not status:
-                continue   # exited meanwhile: its exit record counts it
-            uid = state = None
-            for line in status.splitlines():
-                if line.startswith("State:"):
-                    state = line.split()[1]
-                elif line.startswith("Uid:"):
-                    uid = int(line.split()[1])
-                    break
-            if uid is None or state in ("Z", "X"):
-                continue
-            b = base.get(int(tid)) if tid.isdigit() else None
+        for tid, uid, state, ns in proc.task_cpu(pid):
+            if state in ("Z", "X"):
+                continue   # exited: its exit record counts it
+            b = base.get(tid)
             out[uid] += max(0, ns - b[1]) if b else ns
     return dict(out)
 

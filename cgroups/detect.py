@@ -48,9 +48,10 @@ def _read(path: str) -> str:
         return ""
 
 
-def detect(mounts: str = "/proc/self/mounts") -> Layout:
-    """Probe the node.  Pure v2 = a cgroup2 mount and no v1 controller we use."""
-    v2_root, v1 = parse_mounts(_read(mounts))
+def detect(mounts: str | None = None) -> Layout:
+    """Probe the node (``mounts``: a mounts file to read instead of this process's).  Pure v2 = a
+    cgroup2 mount and no v1 controller we use."""
+    v2_root, v1 = parse_mounts(_read(mounts) if mounts else proc.mounts_text())
     ctrls = frozenset(_read(os.path.join(v2_root, "cgroup.controllers")).split()) if v2_root else frozenset()
     has_v1 = any(c in v1 for c in V1_WANTED)
     if v2_root and not has_v1:

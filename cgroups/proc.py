@@ -1,5 +1,5 @@
 """The one reader of /proc: a process's stat, status, comm, exe, cmdline, cgroups, user namespace,
-CPU time per thread; the node's boot time and its cgroup mounts.
+CPU time per thread; the node's live pids, boot time and cgroup mounts.
 
 Every reader returns None (or an empty value) for a process that is gone or unreadable: a process
 may exit between any two reads, and that is never an error here.  A pid can be reused, so where a
@@ -49,6 +49,11 @@ def read_text(path: str) -> str | None:
 def pids() -> list[int]:
     """Every process (thread group) the node has now."""
     return [int(n) for n in os.listdir("/proc") if n.isdigit()]
+
+
+def pid_set() -> set[int]:
+    """The same as a set: one readdir, for membership tests."""
+    return {int(n) for n in os.listdir("/proc") if n.isdigit()}
 
 
 # -- /proc/PID/stat -------------------------------------------------------------------------------------------
@@ -144,11 +149,48 @@ def cmdline(pid: int | str, size: int | None = 4096) -> list[str] | None:
     return data.rstrip(b"\0").decode("utf-8", "replace").split("\0") if data else []
 
 
+def exe_mode(pid: int | str) -> int | None:
+    """st_mode of the binary a process runs (the file, through /proc/PID/exe), None when gone."""
+    try:
+        return os.stat(f"/proc/{pid}/exe").st_mode
+    except OSError:
+        return None
+
+
+def cwd(pid: int | str) -> str | None:
+    """The process's working directory, None when gone."""
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return None
+
+
+def fd_path(pid: int | str, fd: int) -> str | None:
+    """What the process's descriptor ``fd`` names (/proc/PID/fd/N), None when it or the fd is gone."""
+    try:
+        return os.readlink(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return None
+
+
 def userns_inode(pid: int | str) -> int | None:
     try:
         return os.stat(f"/proc/{pid}/ns/user").st_ino
     except OSError:
         return None
+
+
+def userns_fd(pid: int | str) -> int | None:
+    """An open fd of the process's user namespace (for nsfs ioctls; the caller closes it), None when gone."""
+    try:
+        return os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def idmap_text(pid: int | str, which: str) -> str | None:
+    """/proc/PID/uid_map or gid_map (``which``) as text, None when gone."""
+    return read_text(f"/proc/{pid}/{which}")
 
 
 # -- CPU time ---------------------------------------------------------------------------------------------------
@@ -167,6 +209,35 @@ def thread_runtimes(pid: int) -> dict[int, int]:
         try:
             out[int(tid)] = int(data.split()[0])
         except (ValueError, IndexError):
+            continue
+    return out
+
+
+def task_cpu(pid: int) -> list[tuple[int, int, str, int]]:
+    """(tid, real uid, state letter, sum_exec_runtime ns) of each thread of a process now; a thread
+    that exits between the reads is left out."""
+    out: list[tuple[int, int, str, int]] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        tdir = f"/proc/{pid}/task/{tid}"
+        raw, sched = read(f"{tdir}/status", 8192), read(f"{tdir}/schedstat", 256)
+        if not raw or not sched:
+            continue
+        try:
+            ns = int(sched.split()[0])
+            uid = state = None
+            for line in raw.decode().splitlines():
+                if line.startswith("State:"):
+                    state = line.split()[1]
+                elif line.startswith("Uid:"):
+                    uid = int(line.split()[1])
+                    break
+            if uid is not None and state is not None:
+                out.append((int(tid), uid, state, ns))
+        except (ValueError, IndexError, UnicodeDecodeError):
             continue
     return out
 
@@ -332,9 +403,14 @@ def _unescape_octal(s: str) -> str:
     return "".join(out)
 
 
+def mounts_text() -> str:
+    """This process's /proc/self/mounts ('' when unreadable)."""
+    return read_text("/proc/self/mounts") or ""
+
+
 def cgroup_mounts() -> list[tuple[str, str, list[str]]]:
     """This process's cgroup mounts (see parse_mounts)."""
-    return parse_mounts(read_text("/proc/self/mounts") or "")
+    return parse_mounts(mounts_text())
 
 
 def cgroup2_mount() -> str | None:

@@ -7,6 +7,7 @@ arrives through another module.
 
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -84,3 +85,47 @@ def test_package_docstrings_say_what_they_must_never_import() -> None:
 
     for mod in (jobcage.agent, jobcage.cgroups, jobcage.bpf):
         assert mod.__doc__ and "Must never import" in mod.__doc__, mod.__name__
+
+
+ROOT = Path(__file__).resolve().parent.parent
+PROC_READER = Path("cgroups/proc.py")
+# /proc names outside the reader that are not reads of /proc: none today.  A regex that matches paths a
+# traced process opened (tracer/userns.py's _MAP_PATH) starts with '^', so it is not one.
+PROC_EXCEPTIONS: set[tuple[str, str]] = set()
+
+
+def _proc_literals(tree: ast.AST) -> list[tuple[int, str]]:
+    """String literals (and f-strings) that start with "/proc", docstrings left out."""
+    docs = {id(n.body[0].value) for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and n.body and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+    parts = {id(v) for n in ast.walk(tree) if isinstance(n, ast.JoinedStr) for v in n.values}
+    out = []
+    for n in ast.walk(tree):
+        head = n.values[0] if isinstance(n, ast.JoinedStr) and n.values else n
+        if id(n) in docs or id(n) in parts or not isinstance(head, ast.Constant) or not isinstance(head.value, str):
+            continue
+        if head.value.startswith("/proc"):
+            out.append((n.lineno, head.value))
+    return out
+
+
+def test_one_proc_reader() -> None:
+    """Every /proc path in agent/ and cgroups/ is cgroups/proc.py's: one module knows how /proc is read
+    (pid reuse, a process gone mid-read), the rest call it."""
+    found = []
+    for sub in ("agent", "cgroups"):
+        for f in sorted((ROOT / sub).rglob("*.py")):
+            rel = f.relative_to(ROOT)
+            if rel == PROC_READER:
+                continue
+            for line, text in _proc_literals(ast.parse(f.read_text(), str(f))):
+                if (str(rel), text) not in PROC_EXCEPTIONS:
+                    found.append(f"{rel}:{line}: {text!r}")
+    assert not found, "read /proc through jobcage.cgroups.proc:\n" + "\n".join(found)
+
+
+def test_one_proc_reader_sees_a_read() -> None:
+    """The check above finds what it looks for (plain and f-string paths, not docstrings)."""
+    src = 'def f(pid):\n    """/proc/PID/stat"""\n    os.listdir("/proc")\n    return open(f"/proc/{pid}/cwd")\n'
+    assert [t for _l, t in _proc_literals(ast.parse(src))] == ["/proc", "/proc/"]

@@ -7,7 +7,6 @@ an error; a pid that now names another process (other start time) is read anew.
 
 from __future__ import annotations
 
-import os
 import stat as stat_mod
 import time
 from collections.abc import Iterable
@@ -122,9 +121,8 @@ def comm_of(pid: int) -> str | None:
 def setuid_exe(pid: int) -> str | None:
     """The executable of pid if it is a setuid/setgid file (what made its euid differ), else None."""
     path = proc.exe(pid)
-    try:
-        mode = os.stat(f"/proc/{pid}/exe").st_mode
-    except OSError:
+    mode = proc.exe_mode(pid)
+    if mode is None:
         return None
     return path if path and mode & (stat_mod.S_ISUID | stat_mod.S_ISGID) else None
 

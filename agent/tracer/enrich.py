@@ -37,7 +37,7 @@ class EnrichMixin:
 
     def _prune(self, job: _Job) -> None:
         """Drop records of exited (or vanished) processes that say nothing about identity."""
-        live = {int(p) for p in os.listdir("/proc") if p.isdigit()}   # one readdir, not a stat per record
+        live = proc.pid_set()   # one readdir, not a stat per record
         for pid in [p for p, r in job.procs.items()
                     if r["uid"] == job.owner_uid and not r["via"] and (r["exited"] or p not in live)]:
             del job.procs[pid]
@@ -215,10 +215,9 @@ class EnrichMixin:
     def _exec(self, job: _Job, rec: dict, raw: _Raw, ev: TraceEvent, ns: dict | None = None) -> None:
         path = raw.filename
         if path and not path.startswith("/"):
-            try:
-                path = os.path.normpath(os.path.join(os.readlink(f"/proc/{raw.pid}/cwd"), path))
-            except OSError:
-                pass
+            cwd = proc.cwd(raw.pid)
+            if cwd is not None:
+                path = os.path.normpath(os.path.join(cwd, path))
         ev.filename = path
         detail = ev.detail
         detail["gid"] = raw.gid

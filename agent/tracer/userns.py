@@ -39,9 +39,8 @@ def userns_facts(pid: int) -> dict | None:
     agent is in the initial namespace), or None when pid is gone or in the initial namespace."""
     import fcntl
 
-    try:
-        fd = os.open(f"/proc/{pid}/ns/user", os.O_RDONLY | os.O_CLOEXEC)
-    except OSError:
+    fd = proc.userns_fd(pid)
+    if fd is None:
         return None
     fds = [fd]
     try:
@@ -75,7 +74,7 @@ def userns_facts(pid: int) -> dict | None:
 
 def read_idmap(pid: int, which: str) -> IdMap | None:
     """pid's uid_map or gid_map with host ids outside ([] = not written yet), None when gone."""
-    text = proc.read_text(f"/proc/{pid}/{which}")
+    text = proc.idmap_text(pid, which)
     if text is None:
         return None
     out = []
@@ -180,7 +179,7 @@ class UsernsMixin:
             if pid in self._ns_changing:   # it unshares/setns-es later in this batch: not there yet
                 ino = self._parent_ns(job, rec)
             else:
-                ino = userns_inode(pid) if os.path.exists(f"/proc/{pid}") else None
+                ino = userns_inode(pid)   # None when gone (no namespace link without the process)
                 if ino is None:   # gone: it ran where its creator ran (had it unshared, we would know)
                     ino = self._parent_ns(job, rec)
             if ino is None:
@@ -321,13 +320,10 @@ class UsernsMixin:
         if not m:
             return None
         dfd = raw.args[0] - (1 << 32) if raw.args[0] >= 1 << 31 else raw.args[0]
-        try:
-            base = os.readlink(f"/proc/{raw.pid}/fd/{dfd}" if dfd >= 0 else f"/proc/{raw.pid}/cwd")
-            full = _MAP_PATH.match(os.path.join(base, path))
-            if full:
-                return raw.pid if full.group(1) in ("self", "thread-self") else int(full.group(1))
-        except OSError:
-            pass
+        base = proc.fd_path(raw.pid, dfd) if dfd >= 0 else proc.cwd(raw.pid)
+        full = _MAP_PATH.match(os.path.join(base, path)) if base is not None else None
+        if full:
+            return raw.pid if full.group(1) in ("self", "thread-self") else int(full.group(1))
         argv = proc.cmdline(raw.pid, None) or []
         if len(argv) > 1 and os.path.basename(argv[0]) in MAP_HELPERS and argv[1].isdigit():
             return int(argv[1])
