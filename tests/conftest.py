@@ -45,14 +45,19 @@ from typing import Any
 
 import pytest
 from jctest import (
+    SETPRIV,
+    SUDO,
     TRACE_CGROUP_PREFIX,
     AgentProc,
     Collector,
+    FakeBatch,
     Helpers,
+    Ids,
     JcEnv,
     TestCgroup,
     TraceUsers,
     User,
+    build_execloop,
     build_helpers,
     cgroup2_root,
     create_user,
@@ -63,6 +68,8 @@ from jctest import (
     require,
     unmount_all_under,
 )
+from slurmcluster import PLUGIN_BUILD, SlurmCluster, require_slurm, site_cluster
+from sshdfixtures import Sshd, make_sshd, remove_sshd
 
 
 def _node_modes() -> tuple[str, ...]:
@@ -309,3 +316,108 @@ def make_tracer() -> Iterator[Callable[..., tuple[Any, Collector]]]:
     yield make
     for t in made:
         t.close()
+
+
+# -- Slurm (the helpers: tests/slurmcluster.py) ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def plugin_so() -> Iterator[Path]:
+    """task_jobcage.so built from this checkout by the same script `make bootstrap` runs."""
+    require_slurm()
+    out = Path(tempfile.mkdtemp(prefix="jcplugin-"))
+    try:
+        r = subprocess.run(["bash", str(PLUGIN_BUILD), "--out", str(out)], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, f"plugin build failed:\n{r.stdout}{r.stderr}"
+        yield out / "task_jobcage.so"
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+
+
+@pytest.fixture
+def users(make_user: Callable[..., User], sudoers: Callable[..., Path]) -> tuple[User, User]:
+    """(pilot, pool) of a Slurm test: the pilot submits the job and may sudo to the pool account, like a
+    pilot factory."""
+    require_slurm()
+    pilot, pool = make_user("jcp"), make_user("jcq")
+    sudoers(f"{pilot.name} ALL=({pool.name}) NOPASSWD: ALL")
+    return pilot, pool
+
+
+@pytest.fixture
+def slurm(jc_env: JcEnv, agent_proc: AgentProc, users: tuple[User, User], plugin_so: Path) -> Iterator[SlurmCluster]:
+    """The full site setup: Prolog + TaskProlog + Epilog + task/jobcage, agent running."""
+    with site_cluster(jc_env, plugin_so) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def bare_slurm(jc_env: JcEnv, users: tuple[User, User], plugin_so: Path) -> Iterator[SlurmCluster]:
+    """Prolog + Epilog + task/jobcage only: no TaskProlog, no agent (jobcage works directly as root)."""
+    with site_cluster(jc_env, plugin_so, task_prolog=False) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def workdir(request: pytest.FixtureRequest) -> Path:
+    """A dir both Slurm test users write pid files and counters to (the cluster's job dir is 1777), in the
+    cluster the test uses (``slurm`` or ``bare_slurm``)."""
+    cluster: SlurmCluster = request.getfixturevalue("slurm") if "slurm" in request.fixturenames \
+        else request.getfixturevalue("bare_slurm")
+    path = cluster.jobs_dir / "w"
+    path.mkdir()
+    path.chmod(0o777)
+    return path
+
+
+# -- sshd (the helpers: tests/sshdfixtures.py) ----------------------------------------------------------------
+
+@pytest.fixture
+def sshd(request: pytest.FixtureRequest, jc_env: JcEnv) -> Iterator[Sshd]:
+    """A private sshd whose PAM stack points at jc_env's jobcage; ``@pytest.mark.pam({...})`` sets [pam] keys,
+    ``@pytest.mark.sshd_options({...})`` sshd_config keywords (``{config}`` and ``{jobcage}`` are filled in)."""
+    marker = request.node.get_closest_marker("pam")
+    opts = request.node.get_closest_marker("sshd_options")
+    server = None
+    try:
+        server = make_sshd(jc_env, sshd_options=opts.args[0] if opts else None,
+                           pam_overrides=marker.args[0] if marker else None)
+        yield server
+    finally:
+        if server is not None:
+            remove_sshd(server)
+
+
+# -- identity tests (test_identity, test_userns, test_trail_agreement, test_tracer_load) ------------------------
+
+@pytest.fixture(scope="module")
+def ids() -> Iterator[Ids]:
+    """(pilot, pool, other): three real users per module."""
+    require(os.access(SUDO, os.X_OK) and os.access(SETPRIV, os.X_OK), "sudo and setpriv are needed")
+    made: list[User] = []
+    try:
+        for _ in range(3):
+            made.append(create_user("jcid"))
+        yield Ids(*made)
+    finally:
+        for u in reversed(made):
+            delete_user(u)
+
+
+@pytest.fixture(scope="module")
+def execloop(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A C program: after one byte on stdin, fork + execve(/bin/true) + waitpid N times."""
+    return build_execloop(tmp_path_factory.mktemp("execloop"))
+
+
+# -- a batch system's own cgroups (test_attach, test_sshd_attach) ---------------------------------------------
+
+@pytest.fixture
+def batch() -> Iterator[FakeBatch]:
+    """A fake batch system's cgroup tree (FakeBatch) in a test subtree of its own, removed at teardown."""
+    b = FakeBatch()
+    require(bool(b.roots.get("unified")), "attach tests need a cgroup2 hierarchy")
+    try:
+        yield b
+    finally:
+        problems = b.cleanup()
+        assert not problems, f"fake batch system teardown: {problems}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gzip
 import json
 import os
 import pwd
@@ -17,14 +18,17 @@ import secrets
 import shutil
 import signal
 import socket
+import sqlite3
 import stat
 import struct
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -1107,3 +1111,250 @@ def drive(tracers: Sequence[Any], until: Callable[[], bool], timeout: float = 30
             t.poll(30)
         if tick:
             tick()
+
+
+# -- a job's trail, identities and whois, as users read them (jobcage show/whois, jobtrace --events) ---------------
+
+JOBTRACE = str(_BIN / "jobtrace")
+SUDO, SETPRIV, SH = "/usr/bin/sudo", "/usr/bin/setpriv", "/bin/sh"
+BPF = {"tracer": {"backend": "bpf"}}
+PROC = {"tracer": {"backend": "proc"}}
+BOTH = [pytest.param(BPF, id="bpf"), pytest.param(PROC, id="proc")]   # jc_env's indirect params: each backend
+
+
+def iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def epoch(text: str) -> float:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def show(env: JcEnv, job: str, user: User | None = None) -> dict:
+    return env.jobcage("show", job, "--json", user=user).json()
+
+
+def trail(env: JcEnv, job: str) -> list[dict]:
+    """`jobtrace JOB --events --json`: one JSON object per line."""
+    out = env.run([JOBTRACE, job, "--events", "--json"]).ok().out
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def whois(env: JcEnv, uid: int, at: float | str | None = None) -> list[dict]:
+    args = ["whois", "--uid", str(uid), "--json"]
+    if at is not None:
+        args += ["--at", at if isinstance(at, str) else iso(at)]
+    return env.jobcage(*args).json()
+
+
+def idents(s: dict) -> dict[int, dict]:
+    return {i["uid"]: i for i in s["identities"]}
+
+
+def pick(evs: list[dict], **match: Any) -> list[dict]:
+    """Events whose fields (or detail fields, as detail_KEY=...) equal the given values."""
+    def get(e: dict, k: str) -> Any:
+        return e["detail"].get(k[7:]) if k.startswith("detail_") else e.get(k)
+    return [e for e in evs if all(get(e, k) == v for k, v in match.items())]
+
+
+def first(evs: list[dict], what: str, **match: Any) -> dict:
+    hits = pick(evs, **match)
+    if not hits:
+        raise AssertionError(f"no {what} event with {match} in the trail:\n" + "\n".join(
+            f"  {e['kind']} pid={e['pid']} ppid={e['ppid']} uid={e['uid']} euid={e['euid']} {e['filename']} "
+            f"{e['detail']}" for e in evs))
+    return hits[0]
+
+
+def wait_events(agent: AgentProc, job: str, pred: Callable[[list[dict]], bool], what: str,
+                timeout: float = 30.0) -> list[dict]:
+    """Poll the agent's trail (raw socket: fast) until pred holds."""
+    from jobcage.agent.api import EVENTS_PAGE
+
+    def all_events() -> list[dict]:
+        evs: list[dict] = []
+        while True:  # the agent answers in pages
+            page = agent.result("events", job_id=job, after_id=evs[-1]["id"] if evs else 0)
+            evs += page
+            if len(page) < EVENTS_PAGE:
+                return evs
+    return wait_for(lambda: (evs := all_events()) and pred(evs) and evs, timeout, what, interval=0.1)
+
+
+@dataclass(frozen=True)
+class Ids:
+    """The identity tests' three users (the ``ids`` fixture)."""
+    pilot: User
+    pool: User
+    other: User   # neither owner nor identity of any job
+
+
+def job_scratch(env: JcEnv, job: str) -> Path:
+    """A per-job scratch dir every test user may write its pid files into."""
+    d = env.scratch / job
+    d.mkdir()
+    d.chmod(0o1777)
+    return d
+
+
+def script(d: Path, name: str, text: str) -> Path:
+    p = d / name
+    p.write_text(text)
+    p.chmod(0o644)
+    return p
+
+
+def prologue(env: JcEnv, job: str, owner: User, *extra: str) -> dict:
+    return json.loads(env.jobcage("prologue", job, "--uid", str(owner.uid), "--gid", str(owner.gid),
+                                  *extra, "--json").ok().out)
+
+
+def cpu_sum_ok(s: dict) -> tuple[bool, str]:
+    """Whether the identities' CPU (show --json) adds up to the cgroup's, within max(1 %, 5 ms)."""
+    total = sum(i["cpu_seconds"] for i in s["identities"])
+    tol = max(0.01 * s["cpu_seconds"], 0.005)
+    return abs(total - s["cpu_seconds"]) <= tol, f"identities {total:.4f}s vs cgroup {s['cpu_seconds']}s (tol {tol})"
+
+
+EXECLOOP_C = r"""
+/* execloop N: after one byte on stdin, fork + execve(/bin/true) + waitpid N times. */
+#include <stdlib.h>
+#include <sys/wait.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    char c, *av[] = {"true", NULL}, *ev[] = {NULL};
+    if (argc < 2 || read(0, &c, 1) != 1) return 2;
+    for (long i = 0, n = atol(argv[1]); i < n; i++) {
+        pid_t p = fork();
+        if (p == 0) { execve("/bin/true", av, ev); _exit(127); }
+        if (p > 0) waitpid(p, NULL, 0);
+    }
+    return 0;
+}
+"""
+
+
+def build_execloop(d: Path) -> Path:
+    """execloop (above) compiled into d (the ``execloop`` fixture)."""
+    require(shutil.which("gcc") is not None, "gcc is missing")
+    (d / "execloop.c").write_text(EXECLOOP_C)
+    subprocess.run(["gcc", "-O2", "-o", str(d / "execloop"), str(d / "execloop.c")], check=True)
+    return d / "execloop"
+
+
+# -- a batch system's own cgroups (the attach tests) ----------------------------------------------------------
+
+class FakeBatch:
+    """A batch system's cgroups, laid out like Slurm's cgroup/v2 plugin, in every hierarchy of `kinds` present."""
+
+    def __init__(self, kinds: tuple[str, ...] = ("unified", "pids")) -> None:
+        self.top = f"{SUBTREE_PREFIX}batch{secrets.token_hex(3)}"   # a test subtree: jctest's purge may clean it
+        h = hierarchies()
+        self.roots = {k: h[k] for k in kinds if k in h}
+        self.procs: list[subprocess.Popen] = []
+
+    def job_dir(self, job: int, kind: str = "unified") -> Path:
+        return self.roots[kind] / self.top / "slurmstepd.scope" / f"job_{job}"
+
+    def make_job(self, job: int, pids_max: int = 256) -> Path:
+        for kind in self.roots:
+            self.job_dir(job, kind).mkdir(parents=True)
+        if "pids" in self.roots:   # the batch system's own limit (the fork-bomb rule: pids.max <= 256)
+            (self.job_dir(job, "pids") / "pids.max").write_text(str(pids_max))
+        return self.job_dir(job)
+
+    def make_step(self, job: int, step: str) -> dict[str, Path]:
+        out = {}
+        for kind in self.roots:
+            d = self.job_dir(job, kind) / f"step_{step}" / "user" / "task_0"
+            d.mkdir(parents=True)
+            out[kind] = d
+        return out
+
+    def launch(self, task: dict[str, Path], argv: list[str], user: User, env: dict[str, str]) -> subprocess.Popen:
+        """Start argv as `user` inside the task cgroups, as slurmstepd does: the child enters the cgroups as root,
+        drops to the user, then execs (so root never runs anything in the job)."""
+        procs_files = [str(d / "cgroup.procs") for d in task.values()]
+
+        def enter() -> None:
+            for f in procs_files:
+                with open(f, "w") as fh:
+                    fh.write(str(os.getpid()))
+            os.initgroups(user.name, user.gid)
+            os.setresgid(user.gid, user.gid, user.gid)
+            os.setresuid(user.uid, user.uid, user.uid)
+
+        p = subprocess.Popen(argv, env=user.env(env), cwd=str(user.home), preexec_fn=enter, start_new_session=True,
+                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs.append(p)
+        return p
+
+    def remove_job(self, job: int) -> None:
+        """The end of the job as the batch system sees it: kill everything, remove the job's cgroups."""
+        top = self.job_dir(job)
+        if (top / "cgroup.kill").exists():
+            (top / "cgroup.kill").write_text("1")
+        wait_for(lambda: not any(int(x) for d, _s, _f in os.walk(top) for x in (Path(d) / "cgroup.procs")
+                                 .read_text().split() if alive(int(x))), 20, "the batch job's processes to die")
+        for kind in self.roots:
+            for d, _s, _f in os.walk(self.job_dir(job, kind), topdown=False):
+                wait_for(lambda d=d: _rmdir(d), 10, f"rmdir {d}")
+
+    def listing(self) -> set[str]:
+        return {os.path.relpath(d, root) for root in self.roots.values() for d, _s, _f in os.walk(root / self.top)}
+
+    def cleanup(self) -> list[str]:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+        return purge_subtree(self.top)
+
+
+def _rmdir(d: str) -> bool:
+    try:
+        os.rmdir(d)
+        return True
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+
+
+def job_no() -> int:
+    return 40000 + secrets.randbelow(20000)
+
+
+# -- exported records (the export tests) ----------------------------------------------------------------------
+
+def store_ids(env: JcEnv) -> dict[int, str]:
+    """{event id: kind} of every row the node's store holds (what must be exported)."""
+    db = sqlite3.connect(f"file:{env.state_dir / 'jobcage.db'}?mode=ro", uri=True, timeout=30)
+    try:
+        return dict(db.execute("SELECT id, kind FROM events").fetchall())
+    finally:
+        db.close()
+
+
+def read_records(*paths: Path) -> list[dict]:
+    out = []
+    for p in paths:
+        if not p.exists():
+            continue
+        opener = gzip.open if p.read_bytes()[:2] == b"\x1f\x8b" else open
+        with opener(p, "rt") as f:
+            for line in f:
+                out.append(json.loads(line[line.index("{"):]))
+    return out
+
+
+def exported(paths: list[Path], node: str) -> dict[int, dict]:
+    return {r["event_id"]: r for r in read_records(*paths) if r["node"] == node}
+
+
+def metric(port: int, name: str, sink: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    for line in text.splitlines():
+        if line.startswith(f'{name}{{sink="{sink}"}}'):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} for {sink} not in metrics:\n{text}")

@@ -16,6 +16,7 @@ Verified on Debian 12, Slurm 22.05.8: start to node idle takes about one second.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import pwd
 import random
@@ -27,14 +28,11 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import TypeVar
 
-from jctest import Proc, free_port, proc
-
-T = TypeVar("T")
+import pytest
+from jctest import JOBCAGE, JcEnv, free_port, require, wait_for
 
 SBIN = "/usr/sbin"
 CLIENT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -65,92 +63,6 @@ def missing_prerequisites() -> list[str]:
     except KeyError:
         missing.append("user 'munge' does not exist (install the munge package)")
     return missing
-
-
-def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
-    """Poll until predicate() is truthy and return its value; TimeoutError naming `what` otherwise."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
-
-# --- /proc helpers (no psutil: tests should read exactly what the kernel says) -------------------------------
-
-# One /proc reader for the whole suite (tests/jctest.py); the names Slurm tests use.
-ProcInfo = Proc
-proc_info = proc
-
-
-def alive(pid: int) -> bool:
-    """True if the process exists and is not a zombie (pid 1 on these VMs reaps orphans only every few seconds)."""
-    info = proc_info(pid)
-    return info is not None and info.state != "Z"
-
-
-def pids_of_uid(uid: int) -> list[int]:
-    """Live (non-zombie) processes whose real or effective uid is `uid`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            info = proc_info(int(entry))
-            if info is not None and info.state != "Z" and uid in (info.uid, info.euid):
-                found.append(info.pid)
-    return found
-
-
-def kill_uid(uid: int, timeout: float = 10.0) -> None:
-    """SIGKILL every process of `uid` until none is left (repeat: a process may fork while we scan)."""
-    if uid == 0:
-        raise ValueError("refusing to kill every process of root")
-    deadline = time.monotonic() + timeout
-    while pids := pids_of_uid(uid):
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"processes of uid {uid} survive SIGKILL: {pids}")
-        time.sleep(0.05)
-
-
-# --- test users ------------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class JobUser:
-    name: str
-    uid: int
-    gid: int
-
-
-def _run_locked(argv: list[str], attempts: int = 20) -> None:
-    """useradd/userdel fail while another process holds /etc/passwd's lock (concurrent sessions): retry."""
-    for attempt in range(attempts):
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=30)
-        if proc.returncode == 0:
-            return
-        if attempt == attempts - 1 or "lock" not in (proc.stderr + proc.stdout).lower():
-            raise SlurmClusterError(f"{' '.join(argv)} failed ({proc.returncode}): {proc.stderr.strip()}")
-        time.sleep(0.2 + random.random() * 0.3)
-
-
-@contextlib.contextmanager
-def temporary_user(prefix: str = "jcsl") -> Iterator[JobUser]:
-    """A fresh local user with a unique name; at exit every process of its uid is killed, then it is deleted."""
-    name = f"{prefix}{secrets.token_hex(4)}"
-    # No home directory: jobs run in a cluster-private dir; /nonexistent keeps the user from relying on one.
-    _run_locked(["useradd", "--no-create-home", "--home-dir", "/nonexistent", "--shell", "/bin/sh",
-                 "--user-group", name])
-    try:
-        entry = pwd.getpwnam(name)
-        yield JobUser(name=name, uid=entry.pw_uid, gid=entry.pw_gid)
-    finally:
-        with contextlib.suppress(KeyError):
-            kill_uid(pwd.getpwnam(name).pw_uid)
-        _run_locked(["userdel", name])
 
 
 # --- a private cgroup2 node: lets teardown kill everything slurmd spawned, and nothing else --------------------
@@ -324,13 +236,13 @@ class SlurmCluster:
                 # Let slurmd finish the kills and run the Epilog: the node leaves alloc/comp when it has
                 # (a failed Epilog drains it instead; that is for the test to judge, not for teardown).
                 self.wait_node_state(SETTLED_NODE_STATES, timeout=self.command_timeout)
-            except (SlurmClusterError, TimeoutError, subprocess.TimeoutExpired) as e:
+            except (SlurmClusterError, subprocess.TimeoutExpired) as e:
                 errors.append(f"job cleanup: {e}")
         self._stop_slurm()
         if self._killgroup is not None:
             try:
                 self._killgroup.remove()
-            except TimeoutError as e:
+            except (TimeoutError, pytest.fail.Exception) as e:   # kill_all's, or wait_for's (rmdir)
                 errors.append(str(e))
         self._stop_proc("munged")
         if errors:
@@ -600,8 +512,8 @@ class SlurmCluster:
             state = self.node_state()
             return state if state in wanted else None
         try:
-            return str(wait_for(check, timeout, f"node {self.node} in state {sorted(wanted)}"))
-        except TimeoutError as e:
+            return str(wait_for(check, timeout, f"node {self.node} in state {sorted(wanted)}", interval=0.1))
+        except pytest.fail.Exception as e:   # wait_for's timeout: say where the node is, with the logs
             raise SlurmClusterError(f"{e} (now {self.node_state()!r})\n{self.logs()}") from e
 
     def scancel(self, job_id: int, *args: str) -> None:
@@ -648,3 +560,81 @@ def slurm_cluster(base_dir: str | Path | None = None, **kwargs: object) -> Itera
     cluster = SlurmCluster(base_dir, **kwargs)  # type: ignore[arg-type]
     with cluster:
         yield cluster
+
+
+# --- jobcage's Slurm site, as docs/batch-systems.md sets it up (the fixtures in conftest.py build on these) ------
+
+REPO = Path(__file__).resolve().parent.parent
+SLURM_HOOKS = REPO / "hooks" / "slurm"
+FRAGMENT = SLURM_HOOKS / "slurm.conf.fragment"
+PLUGIN_BUILD = REPO / "scripts" / "build-slurm-plugin.sh"
+
+
+def require_slurm() -> None:
+    """A private cluster, the plugin build and the sudo payloads can run here (else skip; FAIL under CI)."""
+    missing = missing_prerequisites()
+    for tool in ("gcc", "sudo", "visudo", "setsid"):
+        if shutil.which(tool, path="/usr/sbin:/usr/bin:/sbin:/bin") is None:
+            missing.append(f"{tool} not found")
+    require(not missing, "Slurm e2e prerequisites missing: " + "; ".join(missing))
+
+
+def slurm_plugin_dir() -> str:
+    """Where the distribution's Slurm plugins live (Debian, EL)."""
+    for pattern in ("/usr/lib/*/slurm-wlm/task_none.so", "/usr/lib64/slurm/task_none.so", "/usr/lib/slurm/task_none.so"):
+        found = glob.glob(pattern)
+        if found:
+            return str(Path(found[0]).parent)
+    require(False, "Slurm's own plugins (task_none.so) not found")
+    raise AssertionError("unreachable")
+
+
+def fragment() -> dict[str, str]:
+    """slurm.conf settings from the fragment sites install (key=value lines, comments skipped)."""
+    conf = {}
+    for line in FRAGMENT.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#") and "=" in line:
+            key, value = line.split("=", 1)
+            conf[key.strip()] = value.strip()
+    return conf
+
+
+def hook_dir(jc_env: JcEnv, plugin_so: Path, names: Iterable[str] = ("prolog", "task_prolog", "epilog")) -> Path:
+    """hooks/slurm/<names> (symlinked), task_jobcage.so and, next to both, a `jobcage` that uses the test's
+    config -- the hooks and the plugin prefer a jobcage beside them.  Under jc_env.base: removed with it."""
+    d = jc_env.base / "hooks"
+    d.mkdir(mode=0o755)
+    for name in names:
+        (d / name).symlink_to(SLURM_HOOKS / name)
+    shutil.copy(plugin_so, d / "task_jobcage.so")
+    (d / "jobcage").write_text(f"#!/bin/sh\nJOBCAGE_CONFIG={jc_env.config_path}\nexport JOBCAGE_CONFIG\n"
+                               f'exec {JOBCAGE} "$@"\n')
+    (d / "jobcage").chmod(0o755)
+    return d
+
+
+def site_cluster(jc_env: JcEnv, plugin_so: Path, task_prolog: bool = True) -> SlurmCluster:
+    """A private cluster configured from the fragment: Prolog (+ TaskProlog) + Epilog + task/jobcage."""
+    hooks = hook_dir(jc_env, plugin_so, ("prolog", "task_prolog", "epilog") if task_prolog else ("prolog", "epilog"))
+    conf = fragment()
+    assert conf.get("TaskPlugin") == "task/jobcage", "the fragment must enable the plugin"
+    for key in ("Prolog", "TaskProlog", "Epilog"):
+        conf.pop(key, None)
+    conf["PluginDir"] = f"{slurm_plugin_dir()}:{hooks}"
+    if os.environ.get("JC_SLURM_DEBUG"):  # verbose daemon logs when hunting a problem (KEEP_SLURM_CLUSTER=1)
+        conf.update(SlurmctldDebug="debug3", SlurmdDebug="debug3")
+    conf["KillWait"] = "5"  # the fragment's 30 s would only slow the tests down
+    return SlurmCluster("/tmp", prolog=hooks / "prolog", task_prolog=hooks / "task_prolog" if task_prolog else None,
+                        epilog=hooks / "epilog", extra_conf=conf)
+
+
+def epilog_done(cluster: SlurmCluster, jc_env: JcEnv, job: int, timeout: float = 60.0) -> None:
+    """The job left Slurm's queue (no longer completing: the Epilog has run), jobcage ended it, and the
+    node was not drained (a failing Epilog drains it)."""
+    def done() -> bool:
+        return (str(job) not in {r["job_id"] for r in cluster.squeue()}
+                and jc_env.jobcage("show", str(job), "--json").json()["state"] == "ended")
+    wait_for(done, timeout, f"job {job} to leave the queue with its jobcage epilogue done")
+    state = cluster.wait_node_state({"idle", "drain", "drng", "down"}, timeout=30)
+    assert state == "idle", f"node {state} after job {job}:\n{cluster.scontrol('show', 'node')}\n{cluster.logs()}"

@@ -20,7 +20,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -197,22 +197,6 @@ def remove_sshd(server: Sshd) -> None:
     with contextlib.suppress(FileNotFoundError):
         server.pam_path.unlink()
     shutil.rmtree(server.base, ignore_errors=True)
-
-
-@pytest.fixture(name="sshd")
-def sshd_fixture(request: pytest.FixtureRequest, jc_env: JcEnv) -> Iterator[Sshd]:
-    """A private sshd whose PAM stack points at jc_env's jobcage; ``@pytest.mark.pam({...})`` sets [pam] keys,
-    ``@pytest.mark.sshd_options({...})`` sshd_config keywords (``{config}`` and ``{jobcage}`` are filled in)."""
-    marker = request.node.get_closest_marker("pam")
-    opts = request.node.get_closest_marker("sshd_options")
-    server = None
-    try:
-        server = make_sshd(jc_env, sshd_options=opts.args[0] if opts else None,
-                           pam_overrides=marker.args[0] if marker else None)
-        yield server
-    finally:
-        if server is not None:
-            remove_sshd(server)
 
 
 def elapsed_ok(rec: dict, limit: float = 2.0) -> bool:

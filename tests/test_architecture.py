@@ -129,3 +129,15 @@ def test_one_proc_reader_sees_a_read() -> None:
     """The check above finds what it looks for (plain and f-string paths, not docstrings)."""
     src = 'def f(pid):\n    """/proc/PID/stat"""\n    os.listdir("/proc")\n    return open(f"/proc/{pid}/cwd")\n'
     assert [t for _l, t in _proc_literals(ast.parse(src))] == ["/proc", "/proc/"]
+
+
+def test_one_test_library() -> None:
+    """No test module imports another: fixtures live in conftest.py, helpers in jctest.py (and the peers'
+    set-up in slurmcluster.py / sshdfixtures.py), so each is defined once and wired one way."""
+    found = []
+    for f in sorted((ROOT / "tests").glob("*.py")):
+        for n in ast.walk(ast.parse(f.read_text(), str(f))):
+            names = [a.name for a in n.names] if isinstance(n, ast.Import) else \
+                [n.module or ""] if isinstance(n, ast.ImportFrom) else []
+            found += [f"{f.name}:{n.lineno}: {m}" for m in names if m.split(".")[-1].startswith("test_")]
+    assert not found, "import from conftest.py / jctest.py instead:\n" + "\n".join(found)

@@ -9,13 +9,11 @@ Everything is checked from the outside: the jobcage CLIs, /proc, cgroupfs.
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -23,119 +21,35 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from jctest import (
+    BPF,
+    PROC,
     PYTHON,
-    SUBTREE_PREFIX,
+    SH,
+    SUDO,
     AgentProc,
+    FakeBatch,
     Helpers,
     JcEnv,
     User,
     alive,
     fifo,
     hierarchies,
+    job_no,
+    job_scratch,
     open_gate,
     pid_file,
     proc,
     proc_cgroups,
-    purge_subtree,
     require,
+    show,
     ticks,
+    trail,
     wait_for,
 )
 
 pytestmark = [pytest.mark.root]
 
-JOBTRACE = str(Path(sys.executable).parent / "jobtrace")
-SUDO, SH = "/usr/bin/sudo", "/bin/sh"
-BPF = {"tracer": {"backend": "bpf"}}
-PROC = {"tracer": {"backend": "proc"}}
 BURN_S = 1.0
-
-
-class FakeBatch:
-    """A batch system's cgroups, laid out like Slurm's cgroup/v2 plugin, in every hierarchy of `kinds` present."""
-
-    def __init__(self, kinds: tuple[str, ...] = ("unified", "pids")) -> None:
-        self.top = f"{SUBTREE_PREFIX}batch{secrets.token_hex(3)}"   # a test subtree: jctest's purge may clean it
-        h = hierarchies()
-        self.roots = {k: h[k] for k in kinds if k in h}
-        self.procs: list[subprocess.Popen] = []
-
-    def job_dir(self, job: int, kind: str = "unified") -> Path:
-        return self.roots[kind] / self.top / "slurmstepd.scope" / f"job_{job}"
-
-    def make_job(self, job: int, pids_max: int = 256) -> Path:
-        for kind in self.roots:
-            self.job_dir(job, kind).mkdir(parents=True)
-        if "pids" in self.roots:   # the batch system's own limit (the fork-bomb rule: pids.max <= 256)
-            (self.job_dir(job, "pids") / "pids.max").write_text(str(pids_max))
-        return self.job_dir(job)
-
-    def make_step(self, job: int, step: str) -> dict[str, Path]:
-        out = {}
-        for kind in self.roots:
-            d = self.job_dir(job, kind) / f"step_{step}" / "user" / "task_0"
-            d.mkdir(parents=True)
-            out[kind] = d
-        return out
-
-    def launch(self, task: dict[str, Path], argv: list[str], user: User, env: dict[str, str]) -> subprocess.Popen:
-        """Start argv as `user` inside the task cgroups, as slurmstepd does: the child enters the cgroups as root,
-        drops to the user, then execs (so root never runs anything in the job)."""
-        procs_files = [str(d / "cgroup.procs") for d in task.values()]
-
-        def enter() -> None:
-            for f in procs_files:
-                with open(f, "w") as fh:
-                    fh.write(str(os.getpid()))
-            os.initgroups(user.name, user.gid)
-            os.setresgid(user.gid, user.gid, user.gid)
-            os.setresuid(user.uid, user.uid, user.uid)
-
-        p = subprocess.Popen(argv, env=user.env(env), cwd=str(user.home), preexec_fn=enter, start_new_session=True,
-                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        self.procs.append(p)
-        return p
-
-    def remove_job(self, job: int) -> None:
-        """The end of the job as the batch system sees it: kill everything, remove the job's cgroups."""
-        top = self.job_dir(job)
-        if (top / "cgroup.kill").exists():
-            (top / "cgroup.kill").write_text("1")
-        wait_for(lambda: not any(int(x) for d, _s, _f in os.walk(top) for x in (Path(d) / "cgroup.procs")
-                                 .read_text().split() if alive(int(x))), 20, "the batch job's processes to die")
-        for kind in self.roots:
-            for d, _s, _f in os.walk(self.job_dir(job, kind), topdown=False):
-                wait_for(lambda d=d: _rmdir(d), 10, f"rmdir {d}")
-
-    def listing(self) -> set[str]:
-        return {os.path.relpath(d, root) for root in self.roots.values() for d, _s, _f in os.walk(root / self.top)}
-
-    def cleanup(self) -> list[str]:
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-        return purge_subtree(self.top)
-
-
-def _rmdir(d: str) -> bool:
-    try:
-        os.rmdir(d)
-        return True
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-
-
-@pytest.fixture
-def batch() -> Iterator[FakeBatch]:
-    require("unified" in hierarchies(), "attach tests need a cgroup2 hierarchy")
-    b = FakeBatch()
-    try:
-        yield b
-    finally:
-        problems = b.cleanup()
-        assert not problems, f"fake batch system teardown: {problems}"
 
 
 @pytest.fixture
@@ -148,31 +62,11 @@ def pool(make_user: Callable[..., User]) -> User:
     return make_user("jcat")
 
 
-def job_no() -> int:
-    return 40000 + secrets.randbelow(20000)
-
-
-def workdir(env: JcEnv, name: str) -> Path:
-    d = env.scratch / name
-    d.mkdir()
-    d.chmod(0o1777)
-    return d
-
-
-def show(env: JcEnv, job: str) -> dict:
-    return env.jobcage("show", job, "--json").json()
-
-
 def in_task(pid: int, task: dict[str, Path]) -> bool:
     """pid is in the batch system's task cgroup in every hierarchy (it never left it)."""
     cg = proc_cgroups(pid)
     h = hierarchies()
     return all(cg.get("" if k == "unified" else k) == "/" + os.path.relpath(d, h[k]) for k, d in task.items())
-
-
-def trail(env: JcEnv, job: str) -> list[dict]:
-    out = env.run([JOBTRACE, job, "--events", "--json"]).ok().out
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
 # -- the pilot job, end to end ----------------------------------------------------------------------------------
@@ -193,7 +87,7 @@ def test_attach_pilot_job(jc_env: JcEnv, agent_proc: AgentProc, batch: FakeBatch
     assert (s["mode"], s["cgroup"], s["state"], s["processes"]) == ("attach", str(jobdir), "running", 0), s
     assert not (jc_env.member_dir(job) / "cgroup.procs").read_text().strip(), "the anchor holds nothing"
 
-    d = workdir(jc_env, job)
+    d = job_scratch(jc_env, job)
     end = fifo(d, "end")
     sudoers(f"{pilot.name} ALL=({pool.name}) NOPASSWD: ALL")
     payload = d / "payload.sh"
@@ -282,7 +176,7 @@ def test_attach_from_pid_cgroup_removed_first(jc_env: JcEnv, agent_proc: AgentPr
     job = str(n)
     batch.make_job(n)
     task = batch.make_step(n, "0")
-    d = workdir(jc_env, job)
+    d = job_scratch(jc_env, job)
     end = fifo(d, "end")
     script = (f"echo $$ > {d}/pilot.pid\nread _ < {end}\n"
               f"{helpers.sutest} {pool.uid} {pool.gid} {PYTHON} {helpers.burn} {BURN_S}\n"
@@ -360,7 +254,7 @@ def test_attach_passes_the_batch_systems_daemon_by(jc_env: JcEnv, batch: FakeBat
     stepd_cg = {k: batch.job_dir(n, k) / "step_batch" / "slurm" for k in batch.roots}
     for d in stepd_cg.values():
         d.mkdir()
-    d = workdir(jc_env, job)
+    d = job_scratch(jc_env, job)
     ticks_root, ticks_user = d / "stepd.tick", d / "fake.tick"
 
     def enter(dirs: dict[str, Path]) -> Callable[[], None]:

@@ -14,14 +14,16 @@ import os
 import secrets
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from jctest import (
+    JOBTRACE,
     PYTHON,
+    SH,
+    SUDO,
     AgentProc,
     Helpers,
     JcEnv,
@@ -42,8 +44,6 @@ pytestmark = [pytest.mark.v2guest, pytest.mark.root, pytest.mark.bpf,
               pytest.mark.jc_config({"tracer": {"backend": "bpf"}})]
 
 CG = Path("/sys/fs/cgroup")
-SUDO, SH = "/usr/bin/sudo", "/bin/sh"
-JOBTRACE = str(Path(sys.executable).parent / "jobtrace")
 TASKS_MAX = 64
 
 
@@ -66,7 +66,7 @@ def slice_name() -> Iterator[str]:
 
 
 def test_systemd_scope_job_attached(jc_env: JcEnv, agent_proc: AgentProc, make_user: Callable[..., User],
-                                    helpers: Helpers, sudoers: Callable[..., Path],  # noqa: F811
+                                    helpers: Helpers, sudoers: Callable[..., Path],
                                     slice_name: str) -> None:
     pilot, pool = make_user("jcav"), make_user("jcav")
     sudoers(f"{pilot.name} ALL=({pool.name}) NOPASSWD: ALL")

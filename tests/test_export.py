@@ -13,10 +13,8 @@ import gzip
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,41 +24,20 @@ from jctest import (
     AgentProc,
     JcEnv,
     User,
+    exported,
     free_port,
     freeze_directly,
+    metric,
     proc,
     read_int,
+    read_records,
     require,
+    store_ids,
     wait_for,
 )
 
 RECORD_KEYS = ["ts", "node", "event_id", "jid", "job_id", "kind", "pid", "ppid", "uid", "euid", "comm",
                "filename", "detail"]
-
-
-def store_ids(env: JcEnv) -> dict[int, str]:
-    """{event id: kind} of every row the node's store holds (what must be exported)."""
-    db = sqlite3.connect(f"file:{env.state_dir / 'jobcage.db'}?mode=ro", uri=True, timeout=30)
-    try:
-        return dict(db.execute("SELECT id, kind FROM events").fetchall())
-    finally:
-        db.close()
-
-
-def read_records(*paths: Path) -> list[dict]:
-    out = []
-    for p in paths:
-        if not p.exists():
-            continue
-        opener = gzip.open if p.read_bytes()[:2] == b"\x1f\x8b" else open
-        with opener(p, "rt") as f:
-            for line in f:
-                out.append(json.loads(line[line.index("{"):]))
-    return out
-
-
-def exported(paths: list[Path], node: str) -> dict[int, dict]:
-    return {r["event_id"]: r for r in read_records(*paths) if r["node"] == node}
 
 
 def wait_all_exported(env: JcEnv, paths: list[Path] | Callable[[], list[Path]], node: str,
@@ -220,14 +197,6 @@ def fill(d: Path) -> Path:
     finally:
         os.close(fd)
     return f
-
-
-def metric(port: int, name: str, sink: str) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    for line in text.splitlines():
-        if line.startswith(f'{name}{{sink="{sink}"}}'):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"{name} for {sink} not in metrics:\n{text}")
 
 
 def test_full_disk_never_stalls_hooks_and_loses_nothing(jc_env: JcEnv, tmp_path: Path, make_user,

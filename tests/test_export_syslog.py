@@ -20,8 +20,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from jctest import JOBCAGE, AgentProc, JcEnv, User, read_int, require, wait_for
-from test_export import exported, metric, read_records, store_ids
+from jctest import (
+    JOBCAGE,
+    AgentProc,
+    JcEnv,
+    User,
+    exported,
+    free_port,
+    metric,
+    read_int,
+    read_records,
+    require,
+    store_ids,
+    wait_for,
+)
 
 RSYSLOGD = shutil.which("rsyslogd") or "/usr/sbin/rsyslogd"
 
@@ -40,8 +52,8 @@ template(name="line" type="string"
 """
 
 
-def free_port() -> int:
-    """A port free for both TCP and UDP on 127.0.0.1."""
+def free_tcp_udp_port() -> int:
+    """A port free for both TCP and UDP (rsyslog listens on both) on 127.0.0.1."""
     for _ in range(50):
         with socket.socket() as t, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
             t.bind(("127.0.0.1", 0))
@@ -63,7 +75,7 @@ class Rsyslog:
         self.work.mkdir(parents=True)
         self.out.mkdir(mode=0o755)
         self.out.chmod(0o755)
-        self.port = free_port()
+        self.port = free_tcp_udp_port()
         self.conf = root / "rsyslog.conf"
         self.unix = root / "log.sock"   # a private "/dev/log"
         self.conf.write_text(CONF.format(work=self.work, port=self.port, out=self.out, unix=self.unix))
@@ -211,10 +223,8 @@ def test_collector_outage_then_agent_kill9_none_missing(jc_env: JcEnv, tmp_path:
                                                          rsyslog: Rsyslog) -> None:
     """The collector stops while jobs run and starts again: every record arrives.  Then the agent is killed
     with -9, the batch system goes on through the direct path, the agent starts again: none missing."""
-    from test_export import free_port as port_
-
     pilot, pool = make_user(), make_user()
-    mport = port_()
+    mport = free_port()
     jc_env.write_config(node_config("wn-c", f"tcp://127.0.0.1:{rsyslog.port}", mport))
     sink = f"syslog:tcp://127.0.0.1:{rsyslog.port}"
     agent = AgentProc(jc_env, tmp_path).start()

@@ -15,46 +15,51 @@ import json
 import os
 import secrets
 import select
-import shutil
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
-
-from jobcage.agent.api import EVENTS_PAGE
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # jctest, package or not
 
 from jctest import (
+    BOTH,
+    BPF,
     JOBCAGE,
+    JOBTRACE,
+    PROC,
     PYTHON,
+    SETPRIV,
+    SH,
+    SUDO,
     AgentProc,
     Helpers,
+    Ids,
     JcEnv,
-    User,
-    create_user,
-    delete_user,
+    epoch,
     fifo,
+    first,
+    idents,
+    job_scratch,
     open_gate,
+    pick,
     pid_file,
-    require,
+    prologue,
+    script,
+    show,
+    trail,
+    wait_events,
     wait_for,
+    whois,
 )
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
 
-JOBTRACE = str(Path(sys.executable).parent / "jobtrace")
-SUDO, SETPRIV, SH = "/usr/bin/sudo", "/usr/bin/setpriv", "/bin/sh"
-BPF = {"tracer": {"backend": "bpf"}}
-PROC = {"tracer": {"backend": "proc"}}
-BOTH = [pytest.param(BPF, id="bpf"), pytest.param(PROC, id="proc")]
 BURN_S = 1.5
 DN = "/DC=org/CN=someone"
 
@@ -71,83 +76,7 @@ for _ in range(n):
 print("done", flush=True)
 """
 
-EXECLOOP_C = r"""
-/* execloop N: after one byte on stdin, fork + execve(/bin/true) + waitpid N times. */
-#include <stdlib.h>
-#include <sys/wait.h>
-#include <unistd.h>
-int main(int argc, char **argv) {
-    char c, *av[] = {"true", NULL}, *ev[] = {NULL};
-    if (argc < 2 || read(0, &c, 1) != 1) return 2;
-    for (long i = 0, n = atol(argv[1]); i < n; i++) {
-        pid_t p = fork();
-        if (p == 0) { execve("/bin/true", av, ev); _exit(127); }
-        if (p > 0) waitpid(p, NULL, 0);
-    }
-    return 0;
-}
-"""
-
-
 # -- small helpers ------------------------------------------------------------------------------------------------
-
-def iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, tz=UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def epoch(text: str) -> float:
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
-
-
-def show(env: JcEnv, job: str, user: User | None = None) -> dict:
-    return env.jobcage("show", job, "--json", user=user).json()
-
-
-def trail(env: JcEnv, job: str) -> list[dict]:
-    """`jobtrace JOB --events --json`: one JSON object per line."""
-    out = env.run([JOBTRACE, job, "--events", "--json"]).ok().out
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
-
-
-def whois(env: JcEnv, uid: int, at: float | str | None = None) -> list[dict]:
-    args = ["whois", "--uid", str(uid), "--json"]
-    if at is not None:
-        args += ["--at", at if isinstance(at, str) else iso(at)]
-    return env.jobcage(*args).json()
-
-
-def idents(s: dict) -> dict[int, dict]:
-    return {i["uid"]: i for i in s["identities"]}
-
-
-def pick(evs: list[dict], **match: Any) -> list[dict]:
-    """Events whose fields (or detail fields, as detail_KEY=...) equal the given values."""
-    def get(e: dict, k: str) -> Any:
-        return e["detail"].get(k[7:]) if k.startswith("detail_") else e.get(k)
-    return [e for e in evs if all(get(e, k) == v for k, v in match.items())]
-
-
-def first(evs: list[dict], what: str, **match: Any) -> dict:
-    hits = pick(evs, **match)
-    if not hits:
-        raise AssertionError(f"no {what} event with {match} in the trail:\n" + "\n".join(
-            f"  {e['kind']} pid={e['pid']} ppid={e['ppid']} uid={e['uid']} euid={e['euid']} {e['filename']} "
-            f"{e['detail']}" for e in evs))
-    return hits[0]
-
-
-def wait_events(agent: AgentProc, job: str, pred: Callable[[list[dict]], bool], what: str,
-                timeout: float = 30.0) -> list[dict]:
-    """Poll the agent's trail (raw socket: fast) until pred holds."""
-    def all_events() -> list[dict]:
-        evs: list[dict] = []
-        while True:  # the agent answers in pages
-            page = agent.result("events", job_id=job, after_id=evs[-1]["id"] if evs else 0)
-            evs += page
-            if len(page) < EVENTS_PAGE:
-                return evs
-    return wait_for(lambda: (evs := all_events()) and pred(evs) and evs, timeout, what, interval=0.1)
-
 
 def read_line(p: subprocess.Popen, timeout: float) -> str:
     assert p.stdout is not None
@@ -155,46 +84,6 @@ def read_line(p: subprocess.Popen, timeout: float) -> str:
     if not r:
         pytest.fail(f"no output from {p.args} within {timeout:g}s", pytrace=False)
     return p.stdout.readline().strip()
-
-
-@dataclass(frozen=True)
-class Ids:
-    pilot: User
-    pool: User
-    other: User   # neither owner nor identity of any job
-
-
-@pytest.fixture(scope="module")
-def ids() -> Iterator[Ids]:
-    require(os.access(SUDO, os.X_OK) and os.access(SETPRIV, os.X_OK), "sudo and setpriv are needed")
-    made: list[User] = []
-    try:
-        for _ in range(3):
-            made.append(create_user("jcid"))
-        yield Ids(*made)
-    finally:
-        for u in reversed(made):
-            delete_user(u)
-
-
-def workdir(env: JcEnv, job: str) -> Path:
-    """A per-job scratch dir every test user may write its pid files into."""
-    d = env.scratch / job
-    d.mkdir()
-    d.chmod(0o1777)
-    return d
-
-
-def script(d: Path, name: str, text: str) -> Path:
-    p = d / name
-    p.write_text(text)
-    p.chmod(0o644)
-    return p
-
-
-def prologue(env: JcEnv, job: str, owner: User, *extra: str) -> dict:
-    return json.loads(env.jobcage("prologue", job, "--uid", str(owner.uid), "--gid", str(owner.gid),
-                                  *extra, "--json").ok().out)
 
 
 # -- one job switching identity through one helper ------------------------------------------------------------------
@@ -216,7 +105,7 @@ def run_switch(env: JcEnv, agent: AgentProc, ids: Ids, h: Helpers, helper: str, 
     events (the payload's exec and exit) are in the agent's trail."""
     pilot, pool = ids.pilot, ids.pool
     prologue(env, job, pilot)
-    d = workdir(env, job)
+    d = job_scratch(env, job)
     payload = script(d, "payload.sh", f"echo $$ > {d}/payload.pid\nsleep {payload_s}\n")
     end = fifo(d, "end")
     step = None
@@ -344,7 +233,7 @@ def test_whois_declare_after_epilogue(jc_env: JcEnv, agent_proc: AgentProc, ids:
     job = f"who-{secrets.token_hex(2)}"
     t_before = time.time() - 0.5
     prologue(jc_env, job, pilot)
-    d = workdir(jc_env, job)
+    d = job_scratch(jc_env, job)
     gate, end = fifo(d, "gate"), fifo(d, "end")
     payload = script(d, "payload.sh", f"echo $$ > {d}/payload.pid\nread _ < {end}\n")
     jc_env.start_job(job, f"echo $$ > {d}/pilot.pid\nread _ < {gate}\n"
@@ -407,7 +296,7 @@ def test_cpu_per_identity(jc_env: JcEnv, agent_proc: AgentProc, ids: Ids, helper
     pilot, pool = ids.pilot, ids.pool
     job = f"cpu-{secrets.token_hex(2)}"
     prologue(jc_env, job, pilot)
-    d = workdir(jc_env, job)
+    d = job_scratch(jc_env, job)
     end = fifo(d, "end")
     jc_env.start_job(job, f"{PYTHON} {helpers.burn} {BURN_S}\n"
                           f"{helpers.sutest} {pool.uid} {pool.gid} {PYTHON} {helpers.burn} {BURN_S}\n"
@@ -447,7 +336,7 @@ def test_agent_restart_records_gap(jc_env: JcEnv, agent_proc: AgentProc, ids: Id
     pilot, pool = ids.pilot, ids.pool
     job = f"gap-{secrets.token_hex(2)}"
     prologue(jc_env, job, pilot)
-    d = workdir(jc_env, job)
+    d = job_scratch(jc_env, job)
     gate = fifo(d, "gate")
     long = script(d, "long.sh", f"echo $$ > {d}/long.pid\nexec sleep 300\n")
     short = script(d, "short.sh", f"echo $$ > {d}/short.pid\nsleep 0.3\n")
@@ -511,7 +400,7 @@ def test_fork_bomb_counts_not_flood(jc_env: JcEnv, agent_proc: AgentProc, ids: I
     limits = jc_env.cgroup_dirs(job)
     pids_dir = limits.get("pids") or limits["unified"]
     assert int((pids_dir / "pids.max").read_text()) <= 64, "the limit must be in place before any bomb"
-    d = workdir(jc_env, job)
+    d = job_scratch(jc_env, job)
     n = 1000
     idswitch = script(d, "idswitch.py", IDSWITCH_PY)
     sw = jc_env.popen([JOBCAGE, "run", job, "--", PYTHON, str(idswitch), str(pool.uid), str(n)],
@@ -589,15 +478,6 @@ def test_proc_backend_same_identities_and_doctor(jc_env: JcEnv, agent_proc: Agen
     assert doc["agent"]["running"] is False
 
 
-@pytest.fixture(scope="module")
-def execloop(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    require(shutil.which("gcc") is not None, "gcc is missing")
-    d = tmp_path_factory.mktemp("execloop")
-    (d / "execloop.c").write_text(EXECLOOP_C)
-    subprocess.run(["gcc", "-O2", "-o", str(d / "execloop"), str(d / "execloop.c")], check=True)
-    return d / "execloop"
-
-
 @pytest.mark.jc_config(BPF)
 def test_events_lost_adds_up_across_agent_restarts(jc_env: JcEnv, agent_proc: AgentProc, execloop: Path) -> None:
     """Events the ring buffer could not take (the agent stopped with SIGSTOP while a job execs thousands of times)
@@ -638,7 +518,7 @@ def test_cpu_of_exited_tasks_survives_node_exit_churn(jc_env: JcEnv, agent_proc:
     pilot, pool = ids.pilot, ids.pool
     job = f"churn-{secrets.token_hex(2)}"
     prologue(jc_env, job, pilot)
-    d = workdir(jc_env, job)
+    d = job_scratch(jc_env, job)
     gate, end = fifo(d, "gate"), fifo(d, "end")
     jc_env.start_job(job, f"read _ < {gate}\n{helpers.sutest} {pool.uid} {pool.gid} {PYTHON} {helpers.burn} 1.0\n"
                           f"echo done > {d}/done\nread _ < {end}\nexit 0", user=pilot, via_root=False)

@@ -26,11 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from jctest import JOBCAGE, AgentProc, JcEnv, Result, User, alive, proc, read_int, require, wait_for
+from jctest import JOBCAGE, JOBTRACE, AgentProc, JcEnv, Result, User, alive, proc, read_int, require, wait_for
 
 pytestmark = pytest.mark.root
 
-JOBTRACE = str(Path(sys.executable).parent / "jobtrace")
 SYS_PYTHON = "/usr/bin/python3"
 ANSI_RE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][0-9A-Za-z]|\x1b[=>78]")
 TREE_CHARS = "├└│─ "

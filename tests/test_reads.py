@@ -7,13 +7,10 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import sys
 from pathlib import Path
 
 import pytest
-from jctest import AgentProc, JcEnv, User, freeze_directly, hierarchies, wait_for
-
-JOBTRACE = str(Path(sys.executable).parent / "jobtrace")
+from jctest import JOBTRACE, AgentProc, JcEnv, User, freeze_directly, hierarchies, wait_for
 
 
 def store_dump(env: JcEnv) -> dict[str, list[tuple]]:

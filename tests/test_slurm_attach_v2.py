@@ -18,16 +18,15 @@ import json
 import os
 import re
 import secrets
-import shutil
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from jctest import (
-    JOBCAGE,
+    JOBTRACE,
     PYTHON,
+    SUDO,
     AgentProc,
     Helpers,
     JcEnv,
@@ -43,14 +42,11 @@ from jctest import (
     ticks,
     wait_for,
 )
-from slurmcluster import SlurmCluster
-from test_slurm_jobcage import _require_slurm, _slurm_plugin_dir, plugin_so  # noqa: F401 (a fixture)
+from slurmcluster import SlurmCluster, hook_dir, slurm_plugin_dir
 
 PIDS_MAX = 64          # jobcage's limit in Slurm's job cgroup (the site's opt-in): the fork bomb stays under it
 MEM = 128 << 20        # sbatch --mem: Slurm's limit (task/cgroup, ConstrainRAMSpace)
 CG = Path("/sys/fs/cgroup")
-SUDO = "/usr/bin/sudo"
-JOBTRACE = str(Path(sys.executable).parent / "jobtrace")
 
 pytestmark = [
     pytest.mark.v2guest, pytest.mark.root, pytest.mark.slurm, pytest.mark.bpf,
@@ -70,28 +66,13 @@ CGROUP_CONF = {"CgroupPlugin": "cgroup/v2", "ConstrainCores": "yes", "ConstrainR
 
 
 @pytest.fixture
-def users(make_user: Callable[..., User], sudoers: Callable[..., Path]) -> tuple[User, User]:
-    _require_slurm()
-    pilot, pool = make_user("jcp"), make_user("jcq")
-    sudoers(f"{pilot.name} ALL=({pool.name}) NOPASSWD: ALL")
-    return pilot, pool
-
-
-@pytest.fixture
-def cluster(jc_env: JcEnv, agent_proc: AgentProc, users: tuple[User, User], plugin_so: Path  # noqa: F811
-            ) -> Iterator[SlurmCluster]:
+def cluster(jc_env: JcEnv, agent_proc: AgentProc, users: tuple[User, User], plugin_so: Path) -> Iterator[SlurmCluster]:
     """slurmd as a systemd unit with Slurm's cgroup/v2 containment, task/jobcage and the Epilog from a hook dir
     next to a `jobcage` that uses the test's config (the plugin and the hooks prefer a jobcage beside them)."""
     require(Path("/run/systemd/system").is_dir() and os.getpid() != 1, "slurmd must run under systemd")
     require((CG / "cgroup.controllers").exists() and not (CG / "unified").exists(), "a pure cgroup v2 node")
-    hooks = jc_env.base / "hooks"
-    hooks.mkdir(mode=0o755)
-    (hooks / "epilog").symlink_to(Path(__file__).resolve().parent.parent / "hooks/slurm/epilog")
-    shutil.copy(plugin_so, hooks / "task_jobcage.so")
-    (hooks / "jobcage").write_text(f"#!/bin/sh\nJOBCAGE_CONFIG={jc_env.config_path}\nexport JOBCAGE_CONFIG\n"
-                                   f'exec {JOBCAGE} "$@"\n')
-    (hooks / "jobcage").chmod(0o755)
-    conf = {**SLURM_CONF, "PluginDir": f"{_slurm_plugin_dir()}:{hooks}", "Epilog": str(hooks / "epilog")}
+    hooks = hook_dir(jc_env, plugin_so, ("epilog",))
+    conf = {**SLURM_CONF, "PluginDir": f"{slurm_plugin_dir()}:{hooks}", "Epilog": str(hooks / "epilog")}
     c = SlurmCluster("/tmp", extra_conf=conf, cgroup_conf=CGROUP_CONF,
                      slurmd_unit=f"jct-slurmd-{secrets.token_hex(3)}.service",
                      slurmd_env={"JOBCAGE_SLURM_TIMEOUT": "240"}, startup_timeout=300, command_timeout=120)
@@ -109,7 +90,7 @@ def cluster(jc_env: JcEnv, agent_proc: AgentProc, users: tuple[User, User], plug
 
 
 def test_slurm_cgroup_v2_job_attached(cluster: SlurmCluster, jc_env: JcEnv, users: tuple[User, User],
-                                      helpers: Helpers) -> None:  # noqa: F811
+                                      helpers: Helpers) -> None:
     pilot, pool = users
     w = cluster.jobs_dir / "w"
     w.mkdir()

@@ -21,16 +21,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from slurmcluster import (
-    JobUser,
-    SlurmCluster,
-    alive,
-    kill_uid,
-    missing_prerequisites,
-    proc_info,
-    temporary_user,
-    wait_for,
-)
+from jctest import User, alive, create_user, delete_user, kill_uid, proc, wait_for
+from slurmcluster import SlurmCluster, missing_prerequisites
 
 pytestmark = [pytest.mark.root, pytest.mark.slurm]
 
@@ -107,10 +99,15 @@ def _read_record(results: Path, hook: str, job_id: int) -> tuple[dict[str, str],
 
 
 @pytest.fixture(scope="module")
-def user() -> Iterator[JobUser]:
+def user() -> Iterator[User]:
+    """A fresh user without a home (jobs run in the cluster's own dir); its processes killed, then userdel."""
     _require_prerequisites()
-    with temporary_user() as u:
+    u = create_user("jcsl", home="/nonexistent")
+    try:
         yield u
+    finally:
+        problems = delete_user(u)
+        assert not problems, problems
 
 
 @pytest.fixture(autouse=True)
@@ -145,7 +142,7 @@ def cluster(recorder_dir: Path) -> Iterator[SlurmCluster]:
 
 
 @pytest.fixture
-def workdir(cluster: SlurmCluster, user: JobUser, request: pytest.FixtureRequest) -> Path:
+def workdir(cluster: SlurmCluster, user: User, request: pytest.FixtureRequest) -> Path:
     """A dir the job writes its pid files and counters to, owned by the test user."""
     path = cluster.jobs_dir / request.node.name
     path.mkdir()
@@ -159,7 +156,7 @@ def _read_pid(path: Path) -> int:
 
 
 def _state(pid: int) -> str | None:
-    info = proc_info(pid)
+    info = proc(pid)
     return info.state if info is not None else None
 
 
@@ -173,7 +170,7 @@ def test_cluster_starts_quickly(cluster: SlurmCluster) -> None:
     assert cluster.startup_seconds is not None and cluster.startup_seconds < 30
 
 
-def test_hook_environment(cluster: SlurmCluster, user: JobUser, recorder_dir: Path, workdir: Path) -> None:
+def test_hook_environment(cluster: SlurmCluster, user: User, recorder_dir: Path, workdir: Path) -> None:
     """Prolog: root, child of slurmd, SLURM_JOB_ID/UID/GID.  TaskProlog: the job user, child of the task
     process (== SLURM_TASK_PID, becomes the job script; its parent is slurmstepd).  Epilog: root, after the job.
     A user cannot override SLURM_JOB_ID / SLURM_TASK_PID in the TaskProlog, but does set its PATH."""
@@ -221,7 +218,7 @@ def test_hook_environment(cluster: SlurmCluster, user: JobUser, recorder_dir: Pa
     assert "recorder: task_prolog stdout" in cluster.job_output(job)
 
 
-def test_failing_task_prolog_fails_the_task(cluster: SlurmCluster, user: JobUser, workdir: Path) -> None:
+def test_failing_task_prolog_fails_the_task(cluster: SlurmCluster, user: User, workdir: Path) -> None:
     """A TaskProlog exiting non-zero stops the task before the job script runs (fail closed)."""
     job = cluster.sbatch(f"#!/bin/sh\ntouch {workdir}/ran\n", user.name, env={"JC_TASK_PROLOG_EXIT": "3"})
     cluster.wait_state(job, "FAILED")
@@ -230,7 +227,7 @@ def test_failing_task_prolog_fails_the_task(cluster: SlurmCluster, user: JobUser
     assert "TaskProlog failed status=3" in cluster.job_output(job)
 
 
-def test_scancel_leaves_setsid_daemon_running(cluster: SlurmCluster, user: JobUser, workdir: Path) -> None:
+def test_scancel_leaves_setsid_daemon_running(cluster: SlurmCluster, user: User, workdir: Path) -> None:
     """THE baseline: proctrack/linuxproc knows a job's processes by parentage, so a double-forked setsid
     daemon is invisible to Slurm and survives scancel and the Epilog.  jobcage's epilogue must kill it."""
     script = f"""#!/bin/sh
@@ -242,7 +239,7 @@ exec sleep 300
     cluster.wait_state(job, "RUNNING")
     daemon = _read_pid(workdir / "daemon.pid")
     script_pid = _read_pid(workdir / "script.pid")
-    info = proc_info(daemon)
+    info = proc(daemon)
     assert info is not None and info.uid == user.uid
     assert info.sid == daemon  # its own session ...
     assert info.ppid != script_pid  # ... reparented away from the job's tree ...
@@ -255,7 +252,7 @@ exec sleep 300
     wait_for(lambda: not alive(script_pid), 10, "the job script to die")
     time.sleep(1)
     assert alive(daemon), "the setsid daemon died: Slurm contained it after all?"
-    print(f"\njob {job} cancelled, script {script_pid} gone, daemon {daemon} still running: {proc_info(daemon)}")
+    print(f"\njob {job} cancelled, script {script_pid} gone, daemon {daemon} still running: {proc(daemon)}")
     kill_uid(user.uid)
     assert not alive(daemon)
 
@@ -272,7 +269,7 @@ while True:
 """
 
 
-def test_suspend_stops_only_known_processes(cluster: SlurmCluster, user: JobUser, workdir: Path) -> None:
+def test_suspend_stops_only_known_processes(cluster: SlurmCluster, user: User, workdir: Path) -> None:
     """`scontrol suspend` with proctrack/linuxproc: returns at once; slurmstepd sends SIGTSTP to the step's
     known processes, 2 s later SIGSTOP; resume sends SIGCONT.  A setsid daemon keeps running throughout.
     slurmd's only callback is the TaskPlugin's task_p_slurmd_suspend_job / task_p_slurmd_resume_job."""
@@ -311,7 +308,7 @@ wait
     time.sleep(1.5)
     print(f"\nscontrol suspend returned after {returned:.3f} s; SIGTSTP {tstp - t0:.3f} s after the call; "
           f"recorder stopped (SIGSTOP) {stopped_after:.2f} s after SIGTSTP")
-    print(f"states of the pids Slurm knows: {stopped}; daemon: {proc_info(daemon)}")
+    print(f"states of the pids Slurm knows: {stopped}; daemon: {proc(daemon)}")
     assert all(state == "T" for state in stopped.values()), stopped
     assert 1.5 <= stopped_after < 6  # slurmstepd's built-in 2 s grace between SIGTSTP and SIGSTOP
     assert _lines(workdir / "child.ticks") == child_ticks  # the known child is stopped ...
@@ -368,7 +365,7 @@ def _calls(stub_hooks: Path, job: int) -> list[str]:
 
 
 def test_hooks_call_jobcage_with_the_contract(hooked_cluster: SlurmCluster, stub_hooks: Path,
-                                               user: JobUser) -> None:
+                                               user: User) -> None:
     """prologue JOB --uid --gid as root; adopt JOB --pid <task pid> as the user; epilogue JOB as root."""
     workdir = hooked_cluster.jobs_dir / "contract"
     workdir.mkdir()
@@ -394,7 +391,7 @@ def test_hooks_call_jobcage_with_the_contract(hooked_cluster: SlurmCluster, stub
 
 
 def test_task_prolog_hook_failure_is_reported(hooked_cluster: SlurmCluster, stub_hooks: Path,
-                                              user: JobUser) -> None:
+                                              user: User) -> None:
     """adopt fails -> the task does not run, the job fails and its output says why."""
     flag = stub_hooks / "results" / "fail-adopt"
     flag.touch()

@@ -20,7 +20,6 @@ Debugging: KEEP_SLURM_CLUSTER=1 keeps each cluster's logs, JC_SLURM_DEBUG=1 rais
 from __future__ import annotations
 
 import ctypes
-import glob
 import json
 import os
 import re
@@ -29,18 +28,22 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from jctest import JOBCAGE, AgentProc, JcEnv, User, alive, pids_of_uid, proc, require, wait_for
-from slurmcluster import SlurmCluster, SlurmClusterError, missing_prerequisites
+from jctest import JcEnv, User, alive, pids_of_uid, proc, wait_for
+from slurmcluster import (
+    SLURM_HOOKS,
+    SlurmCluster,
+    SlurmClusterError,
+    epilog_done,
+    fragment,
+    hook_dir,
+    slurm_plugin_dir,
+)
 
-REPO = Path(__file__).resolve().parent.parent
-HOOKS = REPO / "hooks" / "slurm"
-FRAGMENT = HOOKS / "slurm.conf.fragment"
-BUILD = REPO / "scripts" / "build-slurm-plugin.sh"
 PIDS_MAX = 64  # the jobs' pids limit: the Prolog takes it from jobcage's config
 
 pytestmark = [
@@ -49,104 +52,6 @@ pytestmark = [
     # The tracer records identity changes (needed by whois); every job gets a small pids limit.
     pytest.mark.jc_config({"tracer": {"backend": "auto"}, "jobs": {"default_pids_max": PIDS_MAX}}),
 ]
-
-
-def _require_slurm() -> None:
-    missing = missing_prerequisites()
-    for tool in ("gcc", "sudo", "visudo", "setsid"):
-        if shutil.which(tool, path="/usr/sbin:/usr/bin:/sbin:/bin") is None:
-            missing.append(f"{tool} not found")
-    require(not missing, "Slurm e2e prerequisites missing: " + "; ".join(missing))
-
-
-def _slurm_plugin_dir() -> str:
-    """Where the distribution's Slurm plugins live (Debian, EL)."""
-    for pattern in ("/usr/lib/*/slurm-wlm/task_none.so", "/usr/lib64/slurm/task_none.so", "/usr/lib/slurm/task_none.so"):
-        found = glob.glob(pattern)
-        if found:
-            return str(Path(found[0]).parent)
-    require(False, "Slurm's own plugins (task_none.so) not found")
-    raise AssertionError("unreachable")
-
-
-def _fragment() -> dict[str, str]:
-    """slurm.conf settings from the fragment sites install (key=value lines, comments skipped)."""
-    conf = {}
-    for line in FRAGMENT.read_text().splitlines():
-        line = line.strip()
-        if line and not line.startswith("#") and "=" in line:
-            key, value = line.split("=", 1)
-            conf[key.strip()] = value.strip()
-    return conf
-
-
-@pytest.fixture(scope="module")
-def plugin_so() -> Iterator[Path]:
-    """task_jobcage.so built from this checkout by the same script `make bootstrap` runs."""
-    _require_slurm()
-    out = Path(tempfile.mkdtemp(prefix="jcplugin-"))
-    try:
-        r = subprocess.run(["bash", str(BUILD), "--out", str(out)], capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, f"plugin build failed:\n{r.stdout}{r.stderr}"
-        yield out / "task_jobcage.so"
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
-
-
-@pytest.fixture
-def users(make_user: Callable[..., User], sudoers: Callable[..., Path]) -> tuple[User, User]:
-    """(pilot, pool): the pilot submits the job and may sudo to the pool account, like a pilot factory."""
-    _require_slurm()
-    pilot, pool = make_user("jcp"), make_user("jcq")
-    sudoers(f"{pilot.name} ALL=({pool.name}) NOPASSWD: ALL")
-    return pilot, pool
-
-
-def _hook_dir(jc_env: JcEnv, plugin_so: Path, task_prolog: bool) -> Path:
-    """hooks/slurm/* (symlinked), task_jobcage.so and, next to both, a `jobcage` that uses the test's
-    config -- the hooks and the plugin prefer a jobcage beside them.  Under jc_env.base: removed with it."""
-    d = jc_env.base / "hooks"
-    d.mkdir(mode=0o755)
-    names = ("prolog", "task_prolog", "epilog") if task_prolog else ("prolog", "epilog")
-    for name in names:
-        (d / name).symlink_to(HOOKS / name)
-    shutil.copy(plugin_so, d / "task_jobcage.so")
-    (d / "jobcage").write_text(f"#!/bin/sh\nJOBCAGE_CONFIG={jc_env.config_path}\nexport JOBCAGE_CONFIG\n"
-                               f'exec {JOBCAGE} "$@"\n')
-    (d / "jobcage").chmod(0o755)
-    return d
-
-
-def _cluster(jc_env: JcEnv, plugin_so: Path, task_prolog: bool = True) -> SlurmCluster:
-    hooks = _hook_dir(jc_env, plugin_so, task_prolog)
-    conf = _fragment()
-    assert conf.get("TaskPlugin") == "task/jobcage", "the fragment must enable the plugin"
-    for key in ("Prolog", "TaskProlog", "Epilog"):
-        conf.pop(key, None)
-    conf["PluginDir"] = f"{_slurm_plugin_dir()}:{hooks}"
-    if os.environ.get("JC_SLURM_DEBUG"):  # verbose daemon logs when hunting a problem (KEEP_SLURM_CLUSTER=1)
-        conf.update(SlurmctldDebug="debug3", SlurmdDebug="debug3")
-    conf["KillWait"] = "5"  # the fragment's 30 s would only slow the tests down
-    return SlurmCluster("/tmp", prolog=hooks / "prolog", task_prolog=hooks / "task_prolog" if task_prolog else None,
-                        epilog=hooks / "epilog", extra_conf=conf)
-
-
-@pytest.fixture
-def slurm(jc_env: JcEnv, agent_proc: AgentProc, users: tuple[User, User], plugin_so: Path) -> Iterator[SlurmCluster]:
-    """The full site setup: Prolog + TaskProlog + Epilog + task/jobcage, agent running."""
-    with _cluster(jc_env, plugin_so) as cluster:
-        yield cluster
-
-
-@pytest.fixture
-def workdir(request: pytest.FixtureRequest) -> Path:
-    """A dir both test users write pid files and counters to (the cluster's job dir is 1777)."""
-    cluster: SlurmCluster = request.getfixturevalue("slurm") if "slurm" in request.fixturenames \
-        else request.getfixturevalue("bare_slurm")
-    path = cluster.jobs_dir / "w"
-    path.mkdir()
-    path.chmod(0o777)
-    return path
 
 
 # --- helpers ----------------------------------------------------------------------------------------------
@@ -198,20 +103,10 @@ def _plugin_log(cluster: SlurmCluster) -> list[str]:
             if "task/jobcage" in line]
 
 
-def _epilog_done(cluster: SlurmCluster, jc_env: JcEnv, job: int, timeout: float = 60.0) -> None:
-    """The job left Slurm's queue (no longer completing: the Epilog has run), jobcage ended it, and the
-    node was not drained (a failing Epilog drains it)."""
-    def done() -> bool:
-        return str(job) not in {r["job_id"] for r in cluster.squeue()} and _show(jc_env, job)["state"] == "ended"
-    wait_for(done, timeout, f"job {job} to leave the queue with its jobcage epilogue done")
-    state = cluster.wait_node_state({"idle", "drain", "drng", "down"}, timeout=30)
-    assert state == "idle", f"node {state} after job {job}:\n{cluster.scontrol('show', 'node')}\n{cluster.logs()}"
-
-
 def _end(cluster: SlurmCluster, jc_env: JcEnv, job: int) -> None:
     cluster.scancel(job)
     cluster.wait_state(job, "CANCELLED")
-    _epilog_done(cluster, jc_env, job)
+    epilog_done(cluster, jc_env, job)
 
 
 # --- the tests ----------------------------------------------------------------------------------------------
@@ -381,7 +276,7 @@ sudo -n -u {pool.name} /bin/sh -c 'echo $$ > {w}/payload.pid; sleep 2'
     during = time.time()
     assert alive(payload) and proc(payload).uid == pool.uid  # type: ignore[union-attr]
     slurm.wait_state(job, "COMPLETED")
-    _epilog_done(slurm, jc_env, job)
+    epilog_done(slurm, jc_env, job)
 
     rows = jc_env.jobcage("whois", "--uid", str(pool.uid), "--at", f"{during:.3f}", "--json").json()
     print(f"\nwhois --uid {pool.uid} --at {during:.3f}: {json.dumps(rows, indent=1)}")
@@ -399,13 +294,6 @@ sudo -n -u {pool.name} /bin/sh -c 'echo $$ > {w}/payload.pid; sleep 2'
 
 
 # --- the plugin without the TaskProlog and without the agent --------------------------------------------------
-
-@pytest.fixture
-def bare_slurm(jc_env: JcEnv, users: tuple[User, User], plugin_so: Path) -> Iterator[SlurmCluster]:
-    """Prolog + Epilog + task/jobcage only: no TaskProlog, no agent (jobcage works directly as root)."""
-    with _cluster(jc_env, plugin_so, task_prolog=False) as cluster:
-        yield cluster
-
 
 def test_plugin_adopts_tasks_as_root_without_task_prolog_or_agent(
         bare_slurm: SlurmCluster, jc_env: JcEnv, users: tuple[User, User], workdir: Path) -> None:
@@ -437,11 +325,11 @@ exec sleep 300
 def test_plugin_fails_closed_when_jobcage_refuses(jc_env: JcEnv, users: tuple[User, User], plugin_so: Path) -> None:
     """No Prolog registered the job: the plugin's `jobcage adopt` is refused, slurmstepd does not exec the
     task, and the job's code never runs; the reason is in the job's output."""
-    hooks = _hook_dir(jc_env, plugin_so, task_prolog=False)
-    conf = _fragment()
+    hooks = hook_dir(jc_env, plugin_so, ("prolog", "epilog"))
+    conf = fragment()
     for key in ("Prolog", "TaskProlog", "Epilog"):
         conf.pop(key, None)
-    conf.update(PluginDir=f"{_slurm_plugin_dir()}:{hooks}", KillWait="5")
+    conf.update(PluginDir=f"{slurm_plugin_dir()}:{hooks}", KillWait="5")
     pilot, _pool = users
     with SlurmCluster("/tmp", extra_conf=conf) as cluster:
         w = cluster.jobs_dir / "w"
@@ -463,10 +351,10 @@ def test_stale_plugin_keeps_slurmd_from_starting(plugin_so: Path) -> None:
         d.chmod(0o755)
         version = ctypes.c_uint32.in_dll(ctypes.CDLL(str(plugin_so)), "plugin_version").value
         r = subprocess.run(["gcc", "-O2", "-fPIC", "-shared", f"-DJC_SLURM_VERSION={version - 1:#x}", "-o",
-                            str(d / "task_jobcage.so"), str(HOOKS / "task_jobcage.c")], capture_output=True, text=True)
+                            str(d / "task_jobcage.so"), str(SLURM_HOOKS / "task_jobcage.c")], capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         cluster = SlurmCluster("/tmp", startup_timeout=15, extra_conf={
-            "TaskPlugin": "task/jobcage", "PluginDir": f"{_slurm_plugin_dir()}:{d}"})
+            "TaskPlugin": "task/jobcage", "PluginDir": f"{slurm_plugin_dir()}:{d}"})
         with pytest.raises(SlurmClusterError) as failed:
             cluster.start()  # stops whatever it started when it fails
         assert "Incompatible plugin version" in str(failed.value)

@@ -28,10 +28,9 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from jctest import JcEnv, User, wait_for  # noqa: E402
-from slurmcluster import SlurmCluster  # noqa: E402
-from test_slurm_jobcage import PIDS_MAX, _epilog_done, plugin_so, slurm, users, workdir  # noqa: E402
+from slurmcluster import SlurmCluster, epilog_done, fragment  # noqa: E402
 
-__all__ = ["plugin_so", "slurm", "users", "workdir"]   # fixtures used by name
+PIDS_MAX = 64  # the jobs' default pids limit (the Prolog takes it from jobcage's config)
 
 DEFAULT_DIRS = ["/tmp", "/var/tmp", "/dev/shm"]
 BASE = {"tracer": {"backend": "bpf"}, "jobs": {"default_pids_max": PIDS_MAX},
@@ -52,7 +51,7 @@ sudo -n -u {pool.name} /bin/sh -c 'echo new > {w}/pool-new; mkdir {w}/pool-dir; 
 echo job output line
 """
     job = slurm.sbatch(script, pilot.name)
-    _epilog_done(slurm, jc_env, job)
+    epilog_done(slurm, jc_env, job)
     summary = json.loads(jc_env.jobcage("epilogue", str(job), "--json").ok().out)  # idempotent: the first summary
     return job, summary
 
@@ -110,14 +109,12 @@ def test_per_job_pids_limit_from_the_comment(
         got[comment] = (s["pids_max"], kernel)
         assert s["pids_max"] == kernel == want, (comment, s["pids_max"], kernel)
         slurm.scancel(job)
-        _epilog_done(slurm, jc_env, job)
+        epilog_done(slurm, jc_env, job)
     print(f"\nrequested -> granted (store, kernel): {got}")
 
 
 def test_docs_slurm_conf_block_is_the_fragment() -> None:
     """Following the docs literally gives the fragment the suite runs Slurm with: every setting, KillWait too."""
-    from test_slurm_jobcage import _fragment
-
     doc = (Path(__file__).resolve().parent.parent / "docs" / "batch-systems.md").read_text()
     block = doc.split("### Wiring", 1)[1].split("```", 2)[1]
     conf = {}
@@ -126,4 +123,4 @@ def test_docs_slurm_conf_block_is_the_fragment() -> None:
         if "=" in line:
             k, v = line.split("=", 1)
             conf[k.strip()] = v.strip()
-    assert conf == _fragment(), (conf, _fragment())
+    assert conf == fragment(), (conf, fragment())

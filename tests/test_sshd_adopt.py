@@ -17,12 +17,7 @@ from collections.abc import Callable
 
 import pytest
 from jctest import JOBCAGE, AgentProc, JcEnv, User, alive, pids_of_uid, proc, proc_cgroups, wait_for
-from sshdfixtures import (
-    Sshd,
-    elapsed_ok,
-    sshd_fixture,  # noqa: F401 - the `sshd` fixture
-    wait_dead,
-)
+from sshdfixtures import Sshd, elapsed_ok, wait_dead
 
 pytestmark = pytest.mark.root
 

@@ -14,48 +14,29 @@ sshd process into the job's cgroup, as pam_slurm_adopt does with the extern step
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from jctest import AgentProc, JcEnv, User, alive, proc_cgroups, require, wait_for  # noqa: E402
+from jctest import AgentProc, FakeBatch, JcEnv, User, alive, job_no, proc_cgroups, require, trail, wait_for  # noqa: E402
 from sshdfixtures import PAM_EXEC, make_sshd, remove_sshd, wait_dead  # noqa: E402
-from test_attach import FakeBatch, job_no  # noqa: E402
 
 pytestmark = [pytest.mark.root]
 
 DETACH = "sleep 300 >/dev/null 2>&1 </dev/null & echo $!"
 MESSAGE = "Access denied by jobcage: you have no running job on this node"
-JOBTRACE = str(Path(sys.executable).parent / "jobtrace")
 BPF_LEAF = {"tracer": {"backend": "bpf"}, "pam": {"attached": "leaf"}}
-
-
-@pytest.fixture
-def batch() -> Iterator[FakeBatch]:
-    b = FakeBatch()
-    require(bool(b.roots.get("unified")), "attach tests need a cgroup2 hierarchy")
-    try:
-        yield b
-    finally:
-        problems = b.cleanup()
-        assert not problems, f"fake batch system teardown: {problems}"
 
 
 def detached_pid(r: object) -> int:
     out = getattr(r, "stdout", "").split()
     assert getattr(r, "returncode", None) == 0 and out, f"ssh failed: {r}"
     return int(out[-1])
-
-
-def trail(env: JcEnv, job: str) -> list[dict]:
-    out = env.run([JOBTRACE, job, "--events", "--json"]).ok().out
-    return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
 def rel(kind: str, d: Path, batch: FakeBatch) -> str:

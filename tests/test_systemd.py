@@ -192,12 +192,11 @@ def test_slurm_job_with_slurmd_under_systemd(systemd_jobcage: None, make_user: C
     job's cgroup in jobcage-jobs.service's subtree, and after scancel and the Epilog none is left."""
     import secrets
 
-    from slurmcluster import SlurmCluster
-    from test_slurm_jobcage import _fragment
+    from slurmcluster import SlurmCluster, fragment
 
     pilot, pool = make_user("jcp"), make_user("jcq")
     sudoers(f"{pilot.name} ALL=({pool.name}) NOPASSWD: ALL")
-    conf = _fragment()
+    conf = fragment()
     conf["KillWait"] = "5"
     hooks = Path("/usr/local/libexec/jobcage/slurm")
     with SlurmCluster("/tmp", prolog=hooks / "prolog", task_prolog=hooks / "task_prolog", epilog=hooks / "epilog",

@@ -24,11 +24,21 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from jctest import JOBCAGE, AgentProc, JcEnv, require, wait_for  # noqa: E402
-from test_identity import BPF, Ids, execloop, idents, ids, pick, prologue, show, trail  # noqa: E402
-from test_trail_agreement import cpu_sum_ok  # noqa: E402
-
-__all__ = ["execloop", "ids"]   # fixtures used by name
+from jctest import (  # noqa: E402
+    BPF,
+    JOBCAGE,
+    AgentProc,
+    Ids,
+    JcEnv,
+    cpu_sum_ok,
+    idents,
+    pick,
+    prologue,
+    require,
+    show,
+    trail,
+    wait_for,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.jc_config(BPF)]
 

@@ -26,16 +26,20 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from jctest import JOBCAGE, AgentProc, Helpers, JcEnv, wait_for  # noqa: E402
-from test_identity import (  # noqa: E402
+from jctest import (  # noqa: E402
     BOTH,
+    JOBCAGE,
     PYTHON,
     SUDO,
+    AgentProc,
+    Helpers,
     Ids,
+    JcEnv,
+    cpu_sum_ok,
     epoch,
     fifo,
     idents,
-    ids,
+    job_scratch,
     open_gate,
     pick,
     pid_file,
@@ -44,10 +48,8 @@ from test_identity import (  # noqa: E402
     show,
     trail,
     wait_events,
-    workdir,
+    wait_for,
 )
-
-__all__ = ["ids"]   # a fixture used by name
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
 
@@ -109,7 +111,7 @@ def test_whois_names_the_job_at_every_trail_event(jc_env: JcEnv, agent_proc: Age
     sudoers(f"{pilot.name} ALL=({pool.name}) NOPASSWD: ALL")
     job = f"agree-{jc_env.subtree[-4:]}"
     prologue(jc_env, job, pilot)
-    d = workdir(jc_env, job)
+    d = job_scratch(jc_env, job)
     end = fifo(d, "end")
     body = "".join(f"{SUDO} -n -u {pool.name} /bin/sh -c 'sleep 0.1; true'\n" for _ in range(6))
     poller = Poller(agent_proc, job)
@@ -159,7 +161,7 @@ def test_agent_starts_after_lost_store_with_tracing(jc_env: JcEnv, agent_proc: A
     sudoers(f"{pilot.name} ALL=({pool.name}) NOPASSWD: ALL")
     job = f"lost-{jc_env.subtree[-4:]}"
     prologue(jc_env, job, pilot)
-    d = workdir(jc_env, job)
+    d = job_scratch(jc_env, job)
     gate, end = fifo(d, "gate"), fifo(d, "end")
     jc_env.start_job(job, f"echo $$ > {d}/pilot.pid\nread _ < {gate}\n{SUDO} -n -u {pool.name} /bin/true\n"
                           f"echo done > {d}/done\nread _ < {end}\nexit 0", user=pilot, via_root=False)
@@ -188,12 +190,6 @@ def test_agent_starts_after_lost_store_with_tracing(jc_env: JcEnv, agent_proc: A
         shutil.rmtree(moved, ignore_errors=True)
 
 
-def cpu_sum_ok(s: dict) -> tuple[bool, str]:
-    total = sum(i["cpu_seconds"] for i in s["identities"])
-    tol = max(0.01 * s["cpu_seconds"], 0.005)
-    return abs(total - s["cpu_seconds"]) <= tol, f"identities {total:.4f}s vs cgroup {s['cpu_seconds']}s (tol {tol})"
-
-
 @pytest.mark.parametrize("jc_env", BOTH, indirect=True)
 def test_identity_cpu_is_a_split_of_the_cgroup(jc_env: JcEnv, agent_proc: AgentProc, ids: Ids,
                                                helpers: Helpers, sudoers: Callable[..., Path]) -> None:
@@ -216,7 +212,7 @@ def test_identity_cpu_is_a_split_of_the_cgroup(jc_env: JcEnv, agent_proc: AgentP
 
     long = f"cpul-{jc_env.subtree[-4:]}"
     prologue(jc_env, long, pilot)
-    d = workdir(jc_env, long)
+    d = job_scratch(jc_env, long)
     # the starter burns 0.6 s of CPU outside the job, then execs `jobcage run` (exec keeps the task's runtime)
     starter = script(d, "starter.py", "import os, sys, time\nt = time.process_time()\n"
                      "while time.process_time() - t < 0.6: pass\nos.execv(sys.argv[1], sys.argv[1:])\n")
@@ -269,7 +265,7 @@ def test_epilogue_summary_has_last_window_identities(jc_env: JcEnv, agent_proc: 
     for i in range(3):
         job = f"last-{i}-{jc_env.subtree[-4:]}"
         prologue(jc_env, job, pilot)
-        d = workdir(jc_env, job)
+        d = job_scratch(jc_env, job)
         jc_env.start_job(job, f"{SUDO} -n -u {pool.name} /bin/sh -c 'echo $$ > {d}/pool.pid; exec sleep 300'",
                          user=pilot, via_root=False)
         pid_file(d / "pool.pid")

@@ -25,23 +25,32 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))   # jctest, package or not
 
-from jctest import PYTHON, AgentProc, Helpers, JcEnv, User, alive, create_user, delete_user, require, wait_for  # noqa: E402  # noqa: E402
-from test_identity import (  # noqa: E402
+from jctest import (  # noqa: E402
     BOTH,
     JOBTRACE,
+    PYTHON,
+    AgentProc,
+    Helpers,
+    JcEnv,
+    User,
+    alive,
+    create_user,
+    delete_user,
     fifo,
     first,
     idents,
+    job_scratch,
     open_gate,
     pick,
     pid_file,
     prologue,
+    require,
     script,
     show,
     trail,
     wait_events,
+    wait_for,
     whois,
-    workdir,
 )
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
@@ -140,7 +149,7 @@ def test_unshare_root_is_not_host_root(jc_env: JcEnv, agent_proc: AgentProc, nsu
     pilot = nsusers.pilot
     job = f"ns-{secrets.token_hex(2)}"
     prologue(jc_env, job, pilot)
-    d = workdir(jc_env, job)
+    d = job_scratch(jc_env, job)
     end = fifo(d, "end")
     py = script(d, "nsroot.py", NSROOT_PY)
     jc_env.start_job(job, f"{UNSHARE} -Ur {PYTHON} {py} {d}/payload.pid 0 '' {end}\nexit 0", user=pilot,
@@ -274,7 +283,7 @@ def test_newuidmap_subordinate_uid_is_an_identity(jc_env: JcEnv, agent_proc: Age
     jc_env.write_config({"cleanup": {"enabled": True, "dirs": [str(clean_dir)]}})
     agent_proc.restart()
     prologue(jc_env, job, pilot)
-    d = workdir(jc_env, job)
+    d = job_scratch(jc_env, job)
     end = fifo(d, "end")
     py = script(d, "nsroot.py", NSROOT_PY)
     left = clean_dir / "payload-file"
@@ -343,7 +352,7 @@ def test_nested_and_setns_into_sibling_job(jc_env: JcEnv, agent_proc: AgentProc,
     job_a, job_b = f"nsa-{secrets.token_hex(2)}", f"nsb-{secrets.token_hex(2)}"
     prologue(jc_env, job_a, pilot)
     prologue(jc_env, job_b, pilot)
-    d = workdir(jc_env, job_a)
+    d = job_scratch(jc_env, job_a)
     end = fifo(d, "end")
     inner = script(d, "inner.sh", f"echo $$ > {d}/inner.pid\nread _ < {end}\n")
     outer = script(d, "outer.sh", f"echo $$ > {d}/outer.pid\n{UNSHARE} -Ur /bin/sh {inner}\nexit 0\n")
@@ -363,7 +372,7 @@ def test_nested_and_setns_into_sibling_job(jc_env: JcEnv, agent_proc: AgentProc,
     wait_events(agent_proc, job_a, both, "both namespaces in job A's trail")
 
     # job B joins A's outer namespace (the pilot owns it, so it may), keeping its ids (setgroups is denied there)
-    db = workdir(jc_env, job_b)
+    db = job_scratch(jc_env, job_b)
     end_b = fifo(db, "end")
     joined = script(db, "joined.sh", f"echo $$ > {db}/joined.pid\nread _ < {end_b}\n")
     jc_env.start_job(job_b, f"{NSENTER} --user --preserve-credentials --target {outer_pid} /bin/sh {joined}\nexit 0", user=pilot,
@@ -425,7 +434,7 @@ def test_container_runtime_exec_marked(jc_env: JcEnv, agent_proc: AgentProc, nsu
     subprocess.run(["gcc", "-O2", "-o", str(bindir / "apptainer"), str(tmp_path / "rt.c")], check=True)
     (bindir / "apptainer").chmod(0o755)
     prologue(jc_env, job, pilot)
-    d = workdir(jc_env, job)
+    d = job_scratch(jc_env, job)
     end = fifo(d, "end")
     image = f"{d}/payload.sif"
     jc_env.start_job(job, f"echo $$ > {d}/pilot.pid\ncat {end} | {bindir}/apptainer exec --contain --bind /tmp "
