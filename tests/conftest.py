@@ -25,9 +25,14 @@ Fixtures (helpers and their classes live in tests/jctest.py):
                                daemonize/burn/idloop), ``make_tracer(backend)`` -> (Tracer, Collector): the
                                tracer scenarios' real kernel objects, all removed at teardown.
 
-Helpers live in tests/jctest.py only (slurmcluster.py and sshdfixtures.py hold their peers' set-up) and the
-shared fixtures here; still imported across test modules: test_identity's ``ids`` (by test_userns and
-test_trail_agreement) and test_slurm_jobcage's ``slurm``/``users`` (by test_slurm_site).
+- Slurm: ``plugin_so`` (task_jobcage.so built once per module), ``users`` (pilot, pool; the pilot may sudo to
+  the pool), ``slurm`` / ``bare_slurm`` (the site set-up with / without TaskProlog and agent), ``workdir`` (a
+  1777 dir in that cluster's job dir).  ``sshd``: a private sshd whose PAM stack uses jc_env's jobcage.
+  ``ids`` (pilot, pool, other per module), ``execloop`` (a fork+exec loop in C), ``batch`` (a fake batch
+  system's cgroup tree).
+
+Helpers live in tests/jctest.py (slurmcluster.py and sshdfixtures.py hold their peers' set-up), fixtures here,
+each once: no test module imports another (tests/test_architecture.py::test_one_test_library).
 """
 
 from __future__ import annotations

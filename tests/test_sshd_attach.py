@@ -7,7 +7,7 @@ job's, moves nothing.  Without that module, a user whose only job is attached is
 job's cgroup, where the batch system's freezer, kill and limits still hold it; the epilogue removes the leaf.
 
 Real parts: Debian's sshd (tests/sshdfixtures.py), real users and key logins, a fake batch system's cgroups
-laid out like Slurm's (tests/test_attach.py's FakeBatch, in a test subtree of its own), the real agent with
+laid out like Slurm's (tests/jctest.py's FakeBatch, in a test subtree of its own), the real agent with
 the BPF tracer, and for "batch" a real pam_exec line standing in for pam_slurm_adopt: it writes the calling
 sshd process into the job's cgroup, as pam_slurm_adopt does with the extern step.
 """
