@@ -9,17 +9,12 @@ from __future__ import annotations
 import os
 import struct
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
+from jctest import PYTHON, Helpers, TraceUsers, drive, shell_job
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))   # jctest, package or not
-
-from jctest import PYTHON, Helpers, TraceUsers, drive, shell_job  # noqa: E402
-
-from jobcage.agent.accounting import (  # noqa: E402
+from jobcage.agent.accounting import (
     Accounting,
     live_cpu_by_uid,
     parse_messages,

@@ -15,10 +15,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from jctest import require  # noqa: E402
+from jctest import require
 
 REPO = Path(__file__).resolve().parent.parent
 CHECK = REPO / "scripts" / "check-reachable.sh"

@@ -3,16 +3,11 @@ then removes exactly that (issue 9, defect 5: only what was created during the j
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from jctest import JcEnv, User  # noqa: E402
+from jctest import JcEnv, User
 
 pytestmark = [pytest.mark.root]
 

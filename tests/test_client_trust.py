@@ -11,15 +11,11 @@ users, real cgroups, BPF tracer on.
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from jctest import JOBCAGE, PYTHON, AgentProc, JcEnv, User, proc_cgroups, wait_for  # noqa: E402
+from jctest import JOBCAGE, PYTHON, AgentProc, JcEnv, User, proc_cgroups, wait_for
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf, pytest.mark.jc_config({"tracer": {"backend": "bpf"}})]
 

@@ -17,16 +17,12 @@ import secrets
 import select
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))   # jctest, package or not
-
 from jctest import (
     BOTH,
     BPF,

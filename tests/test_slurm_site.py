@@ -19,16 +19,12 @@ task/jobcage, the agent running with the BPF tracer), jobcage's cleanup on with 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from jctest import JcEnv, User, wait_for  # noqa: E402
-from slurmcluster import SlurmCluster, epilog_done, fragment  # noqa: E402
+from jctest import JcEnv, User, wait_for
+from slurmcluster import SlurmCluster, epilog_done, fragment
 
 PIDS_MAX = 64  # the jobs' default pids limit (the Prolog takes it from jobcage's config)
 

@@ -15,16 +15,12 @@ sshd process into the job's cgroup, as pam_slurm_adopt does with the extern step
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from jctest import AgentProc, FakeBatch, JcEnv, User, alive, job_no, proc_cgroups, require, trail, wait_for  # noqa: E402
-from sshdfixtures import PAM_EXEC, make_sshd, remove_sshd, wait_dead  # noqa: E402
+from jctest import AgentProc, FakeBatch, JcEnv, User, alive, job_no, proc_cgroups, require, trail, wait_for
+from sshdfixtures import PAM_EXEC, make_sshd, remove_sshd, wait_dead
 
 pytestmark = [pytest.mark.root]
 

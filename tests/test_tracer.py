@@ -10,27 +10,22 @@ from __future__ import annotations
 import math
 import os
 import secrets
-import sys
 import time
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))   # jctest, package or not
-
-from jctest import (  # noqa: E402
+from jctest import (
     PYTHON,
     GatedJob,
     Helpers,
     TraceUsers,
     drive,
-    require,  # noqa: E402
+    require,
     shell_job,
 )
 
-from jobcage.agent.errors import InvalidArgument, NoSuchJob, Unsupported  # noqa: E402
-from jobcage.agent.events import TraceEvent  # noqa: E402
-from jobcage.agent.tracer import Tracer, proc_ppid  # noqa: E402
+from jobcage.agent.errors import InvalidArgument, NoSuchJob, Unsupported
+from jobcage.agent.events import TraceEvent
+from jobcage.agent.tracer import Tracer, proc_ppid
 
 pytestmark = [pytest.mark.root, pytest.mark.bpf]
 

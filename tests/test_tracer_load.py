@@ -16,15 +16,11 @@ import secrets
 import shutil
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from jctest import (  # noqa: E402
+from jctest import (
     BPF,
     JOBCAGE,
     AgentProc,

@@ -16,17 +16,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from jctest import (  # noqa: E402
+from jctest import (
     BOTH,
     JOBCAGE,
     PYTHON,

@@ -15,17 +15,13 @@ import os
 import secrets
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))   # jctest, package or not
-
-from jctest import (  # noqa: E402
+from jctest import (
     BOTH,
     JOBTRACE,
     PYTHON,
