@@ -10,7 +10,8 @@
 #define JOBCAGE_H
 
 #define JC_ABI 3   /* 2: every event carries the process's mark bits; JC_MARK_USERNS; struct jc_filter;
-                      3: struct jc_exited carries the task's CPU time */
+                      3: struct jc_exited carries the task's CPU time; exec events the euid and the
+                         exec'd file's mode and owner (pad became euid) */
 
 #define JC_MAX_JOBS 1024          /* counter slots; a node runs far fewer jobs */
 #define JC_COMM_LEN 16
@@ -139,6 +140,10 @@ struct jc_event {
 	u32 arg1;
 	u32 arg2;
 	u32 marked;      /* the JC_MARK_* bits of the process (identity/userns events: this one's included) */
+	u32 euid;        /* exec, with JC_EXEC_CREDS: the effective uid the kernel gave (global); else (u32)-1 */
+	u32 exe_mode;    /* exec, with JC_EXEC_CREDS: i_mode of the file now running (0 = unknown) */
+	u32 exe_uid;     /* ... and its owner and group (global ids) */
+	u32 exe_gid;
 	u32 pad;
 	char comm[JC_COMM_LEN];
 	char filename[JC_FILENAME_LEN];  /* exec only */

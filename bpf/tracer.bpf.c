@@ -2,9 +2,10 @@
  *
  * Portability rule (docs: design.md): no kernel struct layout from a header.  Everything comes
  * from tracepoint arguments (layouts read from tracefs at load time) and the helpers
- * bpf_get_current_{pid_tgid,uid_gid,cgroup_id,comm} and bpf_ktime_get_ns -- except one
- * u64, a job task's CPU time at exit, read at the offset the running kernel's BTF names
- * (JC_OFF_RUNTIME, set by agent/tracer/btf.py; left out when there is no BTF).
+ * bpf_get_current_{pid_tgid,uid_gid,cgroup_id,comm} and bpf_ktime_get_ns -- except a job
+ * task's CPU time at exit and, at exec, its effective uid and the exec'd file's mode and owner,
+ * read at the offsets the running kernel's BTF names (JC_OFF_*, set by agent/tracer/btf.py; left
+ * out when there is no BTF).
  *
  * Configuration is by -D flags set by agent/tracer/bpf_backend.py, never by editing this text:
  *   JC_PID_FILTER        also match jobs by a tgid -> job map that forks inherit (nodes
@@ -14,6 +15,8 @@
  *   JC_HAVE_GROUP_DEAD   sched_process_exit has the group_dead field
  *   JC_OFF_RUNTIME       byte offset of task_struct.se.sum_exec_runtime (from BTF): exits carry
  *                        their CPU time, and the accounting needs no taskstats listener
+ *   JC_EXEC_CREDS        with JC_OFF_{CRED,CRED_EUID,MM,MM_EXE,FILE_INODE,INODE_MODE,INODE_UID,
+ *                        INODE_GID} (from BTF): exec events carry the euid and the file's mode/owner
  *   JC_TP_<SYSCALL>      the syscalls:sys_{enter,exit}_<syscall> tracepoints exist
  *   JC_TP_CLONE_ENTER    sys_enter_clone/clone3 exist (CLONE_NEWUSER is seen at entry)
  *   JC_SUBTREE           jobs that hold a whole cgroup subtree (attach mode: a batch system's
@@ -179,6 +182,9 @@ static __always_inline void ev_common(struct jc_event *e, u32 kind, const struct
 	e->arg0 = e->arg1 = e->arg2 = (u32)-1;
 	u32 *m = marked.lookup(&tgid);
 	e->marked = m ? *m : 0;
+	e->euid = (u32)-1;
+	e->exe_mode = 0;
+	e->exe_uid = e->exe_gid = (u32)-1;
 	e->pad = 0;
 	bpf_get_current_comm(&e->comm, sizeof(e->comm));
 	e->filename[0] = 0;
@@ -251,6 +257,29 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	ev_common(e, JC_EV_EXEC, &j);
 	e->ret = args->old_pid;
 	TP_DATA_LOC_READ_STR(&e->filename, filename, sizeof(e->filename));
+#ifdef JC_EXEC_CREDS
+	/* The exec is done (credentials committed, mm->exe_file set): what the kernel decided, read at
+	 * the running kernel's BTF offsets.  User space would otherwise stat the path afterwards, which by
+	 * then may name another file (a symlink swapped right after the exec). */
+	{
+		u64 task = bpf_get_current_task(), p = 0;
+		u32 v = 0;
+		u16 mode = 0;
+		if (bpf_probe_read_kernel(&p, sizeof(p), (void *)(task + JC_OFF_CRED)) == 0 && p &&
+		    bpf_probe_read_kernel(&v, sizeof(v), (void *)(p + JC_OFF_CRED_EUID)) == 0)
+			e->euid = v;
+		if (bpf_probe_read_kernel(&p, sizeof(p), (void *)(task + JC_OFF_MM)) == 0 && p &&
+		    bpf_probe_read_kernel(&p, sizeof(p), (void *)(p + JC_OFF_MM_EXE)) == 0 && p &&
+		    bpf_probe_read_kernel(&p, sizeof(p), (void *)(p + JC_OFF_FILE_INODE)) == 0 && p &&
+		    bpf_probe_read_kernel(&mode, sizeof(mode), (void *)(p + JC_OFF_INODE_MODE)) == 0 && mode) {
+			if (bpf_probe_read_kernel(&v, sizeof(v), (void *)(p + JC_OFF_INODE_UID)) == 0)
+				e->exe_uid = v;
+			if (bpf_probe_read_kernel(&v, sizeof(v), (void *)(p + JC_OFF_INODE_GID)) == 0)
+				e->exe_gid = v;
+			e->exe_mode = mode;
+		}
+	}
+#endif
 	ev_submit(args, e, &j, 0);
 	mark(tgid, JC_MARK_SEEN);
 	return 0;

@@ -116,6 +116,34 @@ def test_identity_trail(helper: str, mode: str, trace_users: TraceUsers, helpers
     assert c["forks"] >= 1 and c["fork_failed"] == 0 and c["events_lost"] == 0
 
 
+
+def test_exec_through_a_swapped_symlink_keeps_the_kernels_facts(trace_users: TraceUsers, helpers: Helpers,
+                                                                   make_cgroup, make_tracer) -> None:
+    """A hostile payload execs the setuid-root helper through a symlink and points the symlink at a harmless file
+    right after (here: before the tracer even looks).  Where the kernel has BTF, the exec event carries the effective
+    uid the kernel gave and the mode and owner of the file that really runs, so the trail still shows the setuid
+    exec; a stat of the path afterwards would see the harmless file."""
+    require(os.path.exists("/sys/kernel/btf/vmlinux"), "kernel BTF (/sys/kernel/btf/vmlinux)")
+    pilot, pool = trace_users.pilot, trace_users.pool
+    tracer, col = make_tracer("bpf")
+    link = helpers.dir / f"swap-{secrets.token_hex(3)}"
+    link.symlink_to(helpers.sutest)
+    try:
+        cg = make_cgroup()
+        job = shell_job(cg, f"{link} {pool.uid} {pool.gid} {ID} -u", pilot)
+        tracer.add_job("swap", pilot.uid, cg.id, pids=[job.pid])
+        job.release()
+        out, err = job.proc.communicate(timeout=30)   # the tracer is not polled meanwhile: events wait
+        assert job.proc.returncode == 0 and out.split() == [str(pool.uid)], err
+        link.unlink()
+        link.symlink_to("/usr/bin/true")   # what a stat of the exec'd path finds now
+        drive([tracer], lambda: True)
+    finally:
+        link.unlink(missing_ok=True)
+    hx = _first(col.of("swap"), "exec through the link", kind="exec", filename=str(link))
+    assert hx.uid == pilot.uid and hx.euid == 0, "the effective uid the kernel gave"
+    assert hx.detail.get("setuid_file") is True and hx.detail.get("file_uid") == 0, hx.detail
+
 @pytest.mark.parametrize("backend", ["bpf", "proc"])
 def test_failed_setuid_recorded(backend: str, trace_users: TraceUsers, make_cgroup, make_tracer) -> None:
     """A non-root payload calling setuid(0): recorded with its error by BPF; the proc connector reports committed

@@ -20,10 +20,11 @@ from .abi import (
     MARK_CHANGED,
     MARK_SEEN,
     MARK_USERNS,
+    NOARG,
     SYS_NAMES,
     EventLayout,
 )
-from .btf import task_runtime_offset
+from .btf import exec_offsets, task_runtime_offset
 from .procfs import _read, tracefs
 from .records import _Job, _Raw, _sid
 
@@ -84,6 +85,11 @@ class _BpfBackend:
         self.runtime_offset = task_runtime_offset()
         if self.runtime_offset is not None:
             flags.append(f"-DJC_OFF_RUNTIME={self.runtime_offset}")
+        # exec events carry what the kernel decided (euid) and the running file's mode/owner: no stat
+        exec_offs = exec_offsets()
+        self.exec_creds = exec_offs is not None
+        if exec_offs is not None:
+            flags += [f"-D{k}={v}" for k, v in exec_offs.items()] + ["-DJC_EXEC_CREDS"]
         if pid_filter:
             flags.append("-DJC_PID_FILTER")
         flags.append("-DJC_SUBTREE")
@@ -144,16 +150,18 @@ class _BpfBackend:
         i_uid, i_gid, i_ouid, i_ogid, i_ret, i_sys = ev.uid, ev.gid, ev.old_uid, ev.old_gid, ev.ret, ev.sys
         i_a0, i_a1, i_a2, i_comm, i_fn, i_mk, i_cg = ev.arg0, ev.arg1, ev.arg2, ev.comm, ev.filename, ev.marked, \
             ev.cgroup_id
+        i_eu, i_xm, i_xu, i_xg = ev.euid, ev.exe_mode, ev.exe_uid, ev.exe_gid
         out = []
         for data in raws:   # positional: this loop runs once per event
             e = unpack(data)
-            k, mk = e[i_kind], e[i_mk]
+            k, mk, eu = e[i_kind], e[i_mk], e[i_eu]
             out.append(_Raw(kinds.get(k) or f"unknown{k}", e[i_ts], e[i_cookie], e[i_pid], e[i_tid], e[i_ppid],
-                            e[i_uid], e[i_gid], e[i_ouid], e[i_ogid], -1, -1, e[i_ret], sysn.get(e[i_sys], ""),
-                            (_sid(e[i_a0]), _sid(e[i_a1]), _sid(e[i_a2])),
+                            e[i_uid], e[i_gid], e[i_ouid], e[i_ogid], -1 if eu == NOARG else eu, -1, e[i_ret],
+                            sysn.get(e[i_sys], ""), (_sid(e[i_a0]), _sid(e[i_a1]), _sid(e[i_a2])),
                             e[i_comm].partition(b"\0")[0].decode(errors="replace"),
                             e[i_fn].partition(b"\0")[0].decode(errors="surrogateescape"),
-                            bool(mk & MARK_CHANGED), e[i_cg], bool(mk & MARK_USERNS)))
+                            bool(mk & MARK_CHANGED), e[i_cg], bool(mk & MARK_USERNS),
+                            eu != NOARG, e[i_xm], _sid(e[i_xu]), _sid(e[i_xg])))
         return out
 
     def _leaf(self, job: _Job) -> ct.Structure:

@@ -1,10 +1,12 @@
 """Member offsets of the running kernel's structs, from its BTF (``/sys/kernel/btf/vmlinux``).
 
 The BPF programs are compiled by bcc against Debian's headers, which need not match the running
-kernel, so they read no struct through a header.  The one value worth reading from a kernel struct
--- a task's CPU time at exit, which spares the agent a taskstats record for every exit of the node
--- is read at the offset this module finds in the kernel's own type information: what libbpf's CO-RE
-relocation would do, done once at load.  libbpf (``libbpf.so.1``, which bcc itself depends on) parses
+kernel, so they read no struct through a header.  The few values worth reading from kernel structs
+-- a task's CPU time at exit, which spares the agent a taskstats record for every exit of the node;
+at exec the effective uid the kernel gave the process and the mode and owner of the file it runs,
+which spare a stat of a path that may name another file by then -- are read at the offsets this
+module finds in the kernel's own type information: what libbpf's CO-RE relocation would do, done
+once at load.  libbpf (``libbpf.so.1``, which bcc itself depends on) parses
 the BTF; only the walk over the members is here.
 """
 
@@ -89,6 +91,36 @@ class _Btf:
         if self.btf:
             self.lib.btf__free(self.btf)
             self.btf = None
+
+
+# -D macro -> (struct, member path): what the exit and exec programs read (bpf/tracer.bpf.c)
+EXEC_FIELDS = {
+    "JC_OFF_CRED": ("task_struct", "cred"),           # the task's effective credentials (pointer)
+    "JC_OFF_CRED_EUID": ("cred", "euid"),             # kuid_t: the global (initial-namespace) uid
+    "JC_OFF_MM": ("task_struct", "mm"),
+    "JC_OFF_MM_EXE": ("mm_struct", "exe_file"),       # the file the process runs now (set at exec)
+    "JC_OFF_FILE_INODE": ("file", "f_inode"),
+    "JC_OFF_INODE_MODE": ("inode", "i_mode"),
+    "JC_OFF_INODE_UID": ("inode", "i_uid"),
+    "JC_OFF_INODE_GID": ("inode", "i_gid"),
+}
+
+
+def exec_offsets() -> dict[str, int] | None:
+    """The byte offsets of :data:`EXEC_FIELDS` in the running kernel, or None if any is missing (the exec
+    program then sends no credentials and user space stats the file, as before)."""
+    try:
+        btf = _Btf()
+    except (OSError, AttributeError) as e:
+        log.info("no kernel BTF for exec credentials (%s): exec'd files are looked at from user space", e)
+        return None
+    try:
+        return {name: btf.offset(struct, path) for name, (struct, path) in EXEC_FIELDS.items()}
+    except LookupError as e:
+        log.info("%s: exec'd files are looked at from user space", e)
+        return None
+    finally:
+        btf.close()
 
 
 def task_runtime_offset() -> int | None:

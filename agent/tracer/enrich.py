@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import stat
 import time
@@ -18,6 +19,8 @@ DEFAULT_RUNTIMES = ("apptainer", "singularity", "apptainer/bin/starter", "apptai
                     "singularity/bin/starter", "singularity/bin/starter-suid")
 IMAGE_SUFFIXES = (".sif", ".simg", ".img", ".sqsh", ".squashfs", ".ext3")
 IMAGE_SCHEMES = ("docker://", "docker-archive:", "library://", "oras://", "shub://", "instance://")
+# what the exec program read from the running file's inode: stat's names, so the set-id logic reads either
+_FileFacts = collections.namedtuple("_FileFacts", "st_mode st_uid st_gid")
 LINEAGE_CAP = 50_000        # records kept per job before dead uninteresting ones are dropped
 
 
@@ -226,10 +229,16 @@ class EnrichMixin:
         # exec keeps the effective uid unless the file is setuid
         euid = raw.euid if raw.euid >= 0 else (rec["euid"] if rec["euid"] >= 0 and rec["uid"] == raw.uid
                                                else raw.uid)
-        try:
-            st = os.stat(path)
-        except OSError:
-            st = None
+        if raw.exe_mode:
+            # the kernel's facts of the file now running (BPF, JC_EXEC_CREDS): no stat of a path that may
+            # name another file by now, and none at all for the common file without a set-id bit
+            st = _FileFacts(raw.exe_mode, raw.exe_uid, raw.exe_gid) \
+                if raw.exe_mode & (stat.S_ISUID | stat.S_ISGID) else None
+        else:
+            try:
+                st = os.stat(path)
+            except OSError:
+                st = None
         if st is not None and st.st_mode & (stat.S_ISUID | stat.S_ISGID):
             try:
                 nosuid = bool(os.statvfs(path).f_flag & os.ST_NOSUID)
@@ -257,11 +266,13 @@ class EnrichMixin:
             if status and status.get("NoNewPrivs", [0])[0] == 1:
                 euid = rec["euid"] if rec["euid"] >= 0 else raw.uid
                 detail["no_new_privs"] = True
+            if raw.euid_exact:   # what the kernel gave, nosuid, no_new_privs and user namespaces decided
+                euid = raw.euid
             if euid != raw.uid:
                 self._be.set_marked(raw.pid)   # report its exit although its real uid is the owner's
                 if euid != rec["euid"]:
                     rec["via"] = path
-        ev.euid = euid
+        ev.euid = raw.euid if raw.euid_exact else euid
         rec["exe"] = path
         runtime = self._runtime(path)
         if runtime:

@@ -35,6 +35,12 @@ class _Raw:
     # BPF: whether the kernel saw it (or an ancestor since it was seeded) enter a user namespace
     # (JC_MARK_USERNS); None = unknown (proc connector): read /proc
     ns_entered: bool | None = None
+    # BPF exec with JC_EXEC_CREDS: euid is what the kernel gave (exact, not worked out from the file);
+    # exe_mode/uid/gid are the running file's (0 / -1 = unknown: stat the path)
+    euid_exact: bool = False
+    exe_mode: int = 0
+    exe_uid: int = -1
+    exe_gid: int = -1
 
 
 @dataclass
