@@ -6,7 +6,8 @@ Holds, by layer (calls go downwards only; docs/architecture.md has the picture):
   methods   api.py (one method table for the socket and the direct root path)
   core      lifecycle.py (the one door that changes a job), store.py (SQLite WAL), tracer/ +
             accounting.py (identity tracing and per-identity CPU), prune.py, cleanup.py, tmpdir.py
-  bottom    errors.py, events.py, config.py
+  bottom    errors.py, events.py, config.py, netlink.py (the one reader of the netlink sockets pyroute2
+            sets up: proc connector, taskstats)
 
 Must never import: lifecycle, store and tracer import no CLI module, click or rich; the hook path
 (hook.py, client.py, protocol.py, config.py, errors.py) imports no click, rich or sqlite3.

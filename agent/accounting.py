@@ -34,12 +34,9 @@ record (address-space teardown) is in the cgroup's usage but not here.
 from __future__ import annotations
 
 import collections
-import ctypes as ct
-import errno
 import logging
 import os
 import select
-import socket
 import struct
 import time
 from collections.abc import Callable, Iterable
@@ -48,17 +45,16 @@ from typing import Any
 from jobcage.cgroups import proc
 
 from .errors import Unsupported
+from .netlink import DatagramReader
 
 log = logging.getLogger("jobcage.accounting")
 
-SO_RCVBUFFORCE = 33          # asm-generic/socket.h; not exported by Python's socket module
 _NLMSG = struct.Struct("=IHHII")
 _NLA = struct.Struct("=HH")
 _GENL_HDR = 4
 TASKSTATS_TYPE_PID, TASKSTATS_TYPE_STATS, TASKSTATS_TYPE_AGGR_PID = 1, 3, 4
 NLMSG_MIN_TYPE = 0x10   # below: NLMSG_NOOP, _ERROR, _DONE, _OVERRUN
 PENDING_MAX = 200_000   # records waiting for their exit to be known (2 s of a very busy node)
-MSG_DONTWAIT, MSG_TRUNC = 0x40, 0x20
 
 
 class TaskExit:
@@ -184,50 +180,6 @@ def live_cpu_by_uid(pids: Iterable[int], base: dict[int, tuple[str, int]] | None
     return dict(out)
 
 
-class _IoVec(ct.Structure):
-    _fields_ = [("base", ct.c_void_p), ("len", ct.c_size_t)]
-
-
-class _MsgHdr(ct.Structure):
-    _fields_ = [("name", ct.c_void_p), ("namelen", ct.c_uint32), ("iov", ct.POINTER(_IoVec)),
-                ("iovlen", ct.c_size_t), ("control", ct.c_void_p), ("controllen", ct.c_size_t),
-                ("flags", ct.c_int)]
-
-
-class _MMsgHdr(ct.Structure):
-    _fields_ = [("hdr", _MsgHdr), ("len", ct.c_uint)]
-
-
-class _MmsgReader:
-    """recvmmsg(2) through ctypes: up to ``n`` datagrams per syscall.  Python's socket has no
-    recvmmsg, and one recv per exit record of the whole node was the accounting's largest cost."""
-
-    def __init__(self, fd: int, n: int = 256, size: int = 4096) -> None:
-        libc = ct.CDLL(None, use_errno=True)
-        self._recvmmsg = libc.recvmmsg
-        self._recvmmsg.argtypes = [ct.c_int, ct.c_void_p, ct.c_uint, ct.c_int, ct.c_void_p]
-        self._recvmmsg.restype = ct.c_int
-        self.fd, self.n, self.size = fd, n, size
-        self.buf = ct.create_string_buffer(n * size)
-        self.base = ct.addressof(self.buf)
-        self.iov = (_IoVec * n)()
-        self.msgs = (_MMsgHdr * n)()
-        for i in range(n):
-            self.iov[i].base, self.iov[i].len = self.base + i * size, size
-            self.msgs[i].hdr.iov, self.msgs[i].hdr.iovlen = ct.pointer(self.iov[i]), 1
-
-    def read(self) -> list[bytes]:
-        got = self._recvmmsg(self.fd, self.msgs, self.n, MSG_DONTWAIT, None)
-        if got < 0:
-            err = ct.get_errno()
-            if err in (errno.EAGAIN, errno.EWOULDBLOCK):
-                raise BlockingIOError(err, os.strerror(err))
-            raise OSError(err, os.strerror(err))
-        msgs, base, size = self.msgs, self.base, self.size
-        # A truncated record (larger than a slot) is cut off: split_messages drops what is incomplete.
-        return [ct.string_at(base + i * size, min(msgs[i].len, size)) for i in range(got)]
-
-
 class Accounting:
     """CPU seconds per job and uid.  ``membership`` is the tracer (anything with
     ``job_of_exited(tid) -> job_id | None``, see :meth:`jobcage.agent.tracer.Tracer.job_of_exited`) or
@@ -255,7 +207,6 @@ class Accounting:
         # per record: nearly every record of a node is nobody's and waits only to be dropped whole.
         self._waiting: collections.deque[tuple[float, dict[int, tuple[bytes, int, int]]]] = collections.deque()
         self._n_waiting = 0
-        self._mmsg: _MmsgReader | None = None
         # The tracer's batch fetch of remembered exits (BPF), called once per poll before lookups, and
         # the tids it knows now (a dict lookup per record instead of a call).
         self._sync: Callable[[], list[int]] | None = getattr(membership, "sync_exited", None)
@@ -265,7 +216,7 @@ class Accounting:
         # `jobcage run` starter, an adopted shell) brings CPU the job's cgroup never counted
         self._base: dict[int, tuple[str, int]] = {}
         self._nl: Any = None
-        self._sock: socket.socket | None = None
+        self._reader: DatagramReader | None = None
         self._started = False
         self.records = 0          # exit records read
         self.records_lost = 0     # socket overruns (ENOBUFS): records the kernel dropped
@@ -290,16 +241,7 @@ class Accounting:
         self._nl = nl
         # Read raw (parse_messages): pyroute2's per-message decoding costs ~60 us, too slow for
         # every exit of a busy node (the proc connector lost messages that way in our tests).
-        self._sock = socket.socket(fileno=os.dup(nl.fileno()))
-        self._sock.setblocking(False)
-        try:
-            self._sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 16 << 20)
-        except OSError:
-            pass
-        try:
-            self._mmsg = _MmsgReader(self._sock.fileno())
-        except (OSError, AttributeError) as e:   # no recvmmsg in this libc: one recv per record
-            log.info("recvmmsg unavailable (%s): reading taskstats one record at a time", e)
+        self._reader = DatagramReader(nl.fileno(), "taskstats", batch=256, size=4096)
 
     def poll(self, timeout_ms: int = 0) -> int:
         """Read the exit records that arrived, attribute them; return how many were read."""
@@ -307,11 +249,12 @@ class Accounting:
             if not self._started:
                 raise Unsupported("accounting not started")
             return self._poll_kernel()
-        if self._sock is None:
+        if self._reader is None:
             raise Unsupported("accounting not started")
-        r, _, _ = select.select([self._sock], [], [], max(timeout_ms, 0) / 1000)
+        r, _, _ = select.select([self._reader], [], [], max(timeout_ms, 0) / 1000)
         now = time.monotonic()
-        got = self._read_all() if r else []
+        got = self._reader.read() if r else []
+        self.records_lost = self._reader.overruns
         waiting = self._waiting
         # After the reads: the exits of what we just read are known now (BPF: one batch fetch).
         new = self._sync() if self._sync is not None and (got or waiting) else None
@@ -383,27 +326,6 @@ class Accounting:
         self.records += len(exits)
         return len(exits)
 
-    def _read_all(self) -> list[bytes]:
-        assert self._sock is not None
-        got: list[bytes] = []
-        while True:
-            try:
-                if self._mmsg is not None:
-                    batch = self._mmsg.read()
-                    got.extend(batch)
-                    if len(batch) < self._mmsg.n:
-                        break
-                else:
-                    got.append(self._sock.recv(1 << 16))
-            except BlockingIOError:
-                break
-            except OSError as e:
-                if e.errno != errno.ENOBUFS:
-                    raise
-                self.records_lost += 1
-                log.warning("taskstats socket overrun: exit records lost")
-        return got
-
     def _attribute(self, pid: int, data: bytes, a: int, b: int) -> bool:
         """Add the record's CPU to its job; False when no job is known for it (yet)."""
         job = self._job_of_exited(pid)
@@ -444,9 +366,9 @@ class Accounting:
 
     def close(self) -> None:
         self._started = False
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         if self._nl is not None:
             try:
                 self._nl.deregister_mask(possible_cpus())

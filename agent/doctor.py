@@ -40,6 +40,16 @@ def _bpf() -> dict:
     return out
 
 
+def _kernel_facts() -> str:
+    """What the BPF programs will read at the running kernel's BTF offsets (agent/tracer/btf.py)."""
+    from .tracer.btf import exec_offsets, task_runtime_offset
+
+    got = [what for what, ok in (("CPU time of exited tasks (no taskstats)", task_runtime_offset() is not None),
+                                 ("exec: euid and the file's mode/owner (no stat)", exec_offsets() is not None))
+           if ok]
+    return "; ".join(got) if got else "none (no usable BTF): CPU of exited tasks from taskstats, exec'd files stat'ed"
+
+
 def report() -> dict:
     cfg = load()
     layout = detect()
@@ -76,6 +86,8 @@ def report() -> dict:
         backend = "bpf" if ok else "proc"
     r["tracing"] = {"configured": cfg.tracer_backend, "will use": backend,
                     "bcc": bpf["bcc"], "tracefs": bpf["tracefs"], "btf": bpf["btf"],
+                    "kernel facts": _kernel_facts() if backend == "bpf" else "none (proc connector): CPU of "
+                    "exited tasks from taskstats, exec'd files stat'ed",
                     "kernel headers": bpf["kernel_headers"],
                     **{f"tp {k}": v for k, v in bpf["tracepoints"].items()},
                     **{f"tp {k}": v for k, v in bpf["userns tracepoints"].items()},

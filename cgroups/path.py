@@ -127,6 +127,42 @@ def pids_in_cgroup_tree(root_path: str) -> set[int]:
     return pids
 
 
+def cgroup2_dir_of_id(cgroup_id: int, mount: str | None = None) -> str | None:
+    """Directory of the cgroup2 whose id (= inode number) is ``cgroup_id``, or None.  A walk of the
+    hierarchy (readdir gives kernfs inode numbers without a stat per directory): for callers that know
+    only the id; the agent hands the tracer the path it holds instead."""
+    mount = mount or proc.cgroup2_mount()
+    if not mount:
+        return None
+    try:
+        if os.stat(mount).st_ino == cgroup_id:
+            return mount
+    except OSError:
+        return None
+    stack = [mount]
+    while stack:
+        d = stack.pop()
+        try:
+            with os.scandir(d) as it:
+                for e in it:
+                    if e.is_dir(follow_symlinks=False):
+                        if e.inode() == cgroup_id:
+                            return e.path
+                        stack.append(e.path)
+        except OSError:
+            continue
+    return None
+
+
+def procs_of_cgroup_id(cgroup_id: int) -> list[int]:
+    """The pids in cgroup.procs of the cgroup2 with that id ([] when it is gone)."""
+    path = cgroup2_dir_of_id(cgroup_id)
+    try:
+        return [int(x) for x in read(f"{path}/cgroup.procs").split()] if path else []
+    except CgroupError:   # removed meanwhile
+        return []
+
+
 def _split_loose(layout: Layout, path: str) -> tuple[str, str, str]:
     for kind, mnt in _mounts(layout):
         if path == mnt:

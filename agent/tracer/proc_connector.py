@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import collections
-import errno
 import logging
 import os
 import select
-import socket
 import stat
 import struct
 import time
@@ -16,6 +14,7 @@ from collections.abc import Container, Iterable
 from jobcage.cgroups import proc
 
 from ..errors import Unsupported
+from ..netlink import DatagramReader
 from .procfs import cgroup2_mount, proc_comm, proc_exe, proc_status
 from .records import EXITED_KEEP, _Job, _Raw
 
@@ -30,7 +29,6 @@ _PE_DATA_OFF = 52
 _PE_FORK, _PE_EXEC, _PE_UID, _PE_GID, _PE_SID, _PE_EXIT = 0x1, 0x2, 0x4, 0x40, 0x80, 0x80000000
 _U32x4 = struct.Struct("=IIII")
 _U32x2 = struct.Struct("=II")
-SO_RCVBUFFORCE = 33   # asm-generic/socket.h; Python's socket module does not export it
 
 
 class _ProcBackend:
@@ -48,12 +46,7 @@ class _ProcBackend:
         except OSError as e:
             raise Unsupported(f"proc connector unavailable: {e}") from e
         # pyroute2 set the socket up; we read it raw (see _PE_* above)
-        self.sock = socket.socket(fileno=os.dup(self._nl.fileno()))
-        self.sock.setblocking(False)
-        try:  # root may exceed rmem_max: survive bursts of the whole node's events
-            self.sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 16 << 20)
-        except OSError:
-            pass
+        self._reader = DatagramReader(self._nl.fileno(), "proc connector")
         self.cg2 = cgroup2_mount()
         self.members: dict[int, int] = {}                    # tgid -> job cookie
         self.ids: dict[int, tuple[int, int, int, int]] = {}  # tgid -> ruid, euid, rgid, egid
@@ -168,22 +161,13 @@ class _ProcBackend:
 
     # events ------------------------------------------------------------------------------
     def poll(self, timeout_ms: int) -> list[_Raw]:
-        r, _, _ = select.select([self.sock], [], [], max(timeout_ms, 0) / 1000)
-        budget = 20_000   # bounded, so a storm of node-wide events cannot starve the caller
-        while r and budget:
-            try:
-                data = self.sock.recv(1 << 16)
-            except BlockingIOError:
-                break
-            except OSError as e:
-                if e.errno != errno.ENOBUFS:
-                    raise
-                # The socket overflowed: events (maybe forks of jobs) are gone.  Count it.
-                self.overruns += 1
-                log.warning("proc connector overrun: events lost")
-                continue
-            budget -= 1
-            self._parse(data)
+        r, _, _ = select.select([self._reader], [], [], max(timeout_ms, 0) / 1000)
+        if r:
+            # bounded, so a storm of node-wide events cannot starve the caller; an overflow of the socket
+            # (events, maybe forks of jobs, gone) is counted
+            for data in self._reader.read(budget=20_000):
+                self._parse(data)
+            self.overruns = self._reader.overruns
         out, self._out = self._out, []
         return out
 
@@ -301,8 +285,8 @@ class _ProcBackend:
         # our raw reads may already have consumed.
         cn = struct.pack("=IIIIHHI", 1, 1, 0, 0, 4, 0, 2)   # idx, val, seq, ack, len, flags, op
         try:
-            self.sock.send(_NLMSG_HDR.pack(_NLMSG_HDR.size + len(cn), 3, 0, 0, 0) + cn)
+            self._reader.sock.send(_NLMSG_HDR.pack(_NLMSG_HDR.size + len(cn), 3, 0, 0, 0) + cn)
         except OSError:
             pass
-        self.sock.close()
+        self._reader.close()
         self._nl.close()
