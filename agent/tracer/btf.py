@@ -106,35 +106,34 @@ EXEC_FIELDS = {
 }
 
 
-def exec_offsets() -> dict[str, int] | None:
-    """The byte offsets of :data:`EXEC_FIELDS` in the running kernel, or None if any is missing (the exec
-    program then sends no credentials and user space stats the file, as before)."""
+RUNTIME_FIELD = {"JC_OFF_RUNTIME": ("task_struct", "se.sum_exec_runtime")}   # what the exit program reads
+
+
+def offsets(fields: dict[str, tuple[str, str]], without: str) -> dict[str, int] | None:
+    """-D macro -> byte offset of each (struct, member path) of ``fields`` in the running kernel, or None when
+    there is no BTF (or libbpf) or any member is missing; ``without`` says in the log what happens then."""
     try:
         btf = _Btf()
     except (OSError, AttributeError) as e:
-        log.info("no kernel BTF for exec credentials (%s): exec'd files are looked at from user space", e)
+        log.info("no kernel BTF (%s): %s", e, without)
         return None
     try:
-        return {name: btf.offset(struct, path) for name, (struct, path) in EXEC_FIELDS.items()}
+        return {name: btf.offset(struct, path) for name, (struct, path) in fields.items()}
     except LookupError as e:
-        log.info("%s: exec'd files are looked at from user space", e)
+        log.info("%s: %s", e, without)
         return None
     finally:
         btf.close()
+
+
+def exec_offsets() -> dict[str, int] | None:
+    """The offsets of :data:`EXEC_FIELDS`, or None (the exec program then sends no credentials and user space
+    stats the file, as before)."""
+    return offsets(EXEC_FIELDS, "exec'd files are looked at from user space")
 
 
 def task_runtime_offset() -> int | None:
-    """Byte offset of ``task_struct.se.sum_exec_runtime`` in the running kernel, or None (no BTF, no
-    libbpf, or a kernel whose struct says otherwise: the accounting then listens to taskstats)."""
-    try:
-        btf = _Btf()
-    except (OSError, AttributeError) as e:
-        log.info("no kernel BTF for the exit CPU times (%s): the accounting uses taskstats", e)
-        return None
-    try:
-        return btf.offset("task_struct", "se.sum_exec_runtime")
-    except LookupError as e:
-        log.info("%s: the accounting uses taskstats", e)
-        return None
-    finally:
-        btf.close()
+    """Byte offset of ``task_struct.se.sum_exec_runtime`` in the running kernel, or None (the accounting then
+    listens to taskstats)."""
+    got = offsets(RUNTIME_FIELD, "the accounting uses taskstats")
+    return None if got is None else got["JC_OFF_RUNTIME"]
