@@ -155,10 +155,24 @@ def test_fork_bomb_held_and_counted(cgroup_mode: str, jc_env: JcEnv, make_user: 
     jc_env.jobcage("prologue", job, "--uid", str(user.uid), "--pids-max", "64").ok()
     assert (pids_dir(jc_env, job) / "pids.max").read_text().strip() == "64"  # the limit is set before the bomb
     # the user starts it through the agent: in the job from its first instruction
-    jc_env.start_job(job, bomb(jc_env), user=user, shell="/bin/sh", via_root=False)
+    starter = jc_env.start_job(job, bomb(jc_env), user=user, shell="/bin/sh", via_root=False)
+
+    def hit() -> bool:
+        # `jobcage run` execs bash, which leaves once the bomb is under way; a failed start and an empty job
+        # mean the bomb never ran in it: say so instead of waiting out the deadline
+        rc = starter.poll()
+        if rc not in (None, 0) and int((pids_dir(jc_env, job) / "pids.current").read_text()) == 0:
+            pytest.fail(f"jobcage run exited {rc} and the job is empty: the bomb never started", pytrace=False)
+        return jc_env.jobcage("show", job, "--json").json()["pids_limit_hits"] > 0
+
     # generous: on a slow (emulated) node each `show` takes seconds while the bomb competes for the CPUs
-    wait_for(lambda: jc_env.jobcage("show", job, "--json").json()["pids_limit_hits"] > 0, 300,
-             "the bomb to hit pids.max")
+    try:
+        wait_for(hit, 300, "the bomb to hit pids.max")
+    except pytest.fail.Exception:
+        d = pids_dir(jc_env, job)
+        print(f"starter rc {starter.poll()}; pids.current {(d / 'pids.current').read_text().strip()}; "
+              f"pids.events {(d / 'pids.events').read_text().split()}; user's pids {pids_of_uid(user.uid)}")
+        raise
     deadline = time.monotonic() + 2.0
     while time.monotonic() < deadline:  # held: never above the limit, nothing of the user outside the job
         assert int((pids_dir(jc_env, job) / "pids.current").read_text()) <= 64
