@@ -43,6 +43,9 @@ def sd_notify(msg: str) -> None:
 
 
 POLL_WAIT_S = 0.1    # the longest a trail event waits in the kernel's buffer (it holds ~11,000); a read waits less
+# The proc connector learns ids from /proc when it reads an event: waiting longer lets a helper like sudo
+# switch uid first (the exec would be recorded under the new uid), so that backend polls twice as often.
+POLL_WAIT_PROC_S = 0.05
 POLL_BATCH = 1024    # a poll that returns this many events is followed by another at once
 
 
@@ -284,7 +287,7 @@ class Agent:
                 # 1,000 exec/s otherwise costs a commit per exec).  A full burst is worked off at once.  A
                 # view waiting for a turn (_await_turn) wakes the loop.
                 if n < POLL_BATCH:
-                    self._wake.wait(POLL_WAIT_S)
+                    self._wake.wait(POLL_WAIT_S if self.tracer_backend == "bpf" else POLL_WAIT_PROC_S)
                 self._wake.clear()
         finally:
             self._loop_thread = None
