@@ -13,6 +13,7 @@ the BTF; only the walk over the members is here.
 from __future__ import annotations
 
 import ctypes as ct
+import functools
 import logging
 
 log = logging.getLogger("jobcage.tracer")
@@ -109,19 +110,25 @@ EXEC_FIELDS = {
 RUNTIME_FIELD = {"JC_OFF_RUNTIME": ("task_struct", "se.sum_exec_runtime")}   # what the exit program reads
 
 
-def offsets(fields: dict[str, tuple[str, str]], without: str) -> dict[str, int] | None:
-    """-D macro -> byte offset of each (struct, member path) of ``fields`` in the running kernel, or None when
-    there is no BTF (or libbpf) or any member is missing; ``without`` says in the log what happens then."""
+@functools.lru_cache(maxsize=1)
+def _kernel_offsets() -> tuple[dict[str, int] | None, dict[str, int] | None]:
+    """(RUNTIME_FIELD's, EXEC_FIELDS') offsets from one load of the kernel's BTF; each None when there is no BTF
+    (or libbpf) or one of its members is missing.  Kept: they cannot change while the kernel runs."""
     try:
         btf = _Btf()
     except (OSError, AttributeError) as e:
-        log.info("no kernel BTF (%s): %s", e, without)
-        return None
+        log.info("no kernel BTF (%s): the accounting uses taskstats, exec'd files are looked at from user space", e)
+        return None, None
     try:
-        return {name: btf.offset(struct, path) for name, (struct, path) in fields.items()}
-    except LookupError as e:
-        log.info("%s: %s", e, without)
-        return None
+        out: list[dict[str, int] | None] = []
+        for fields, without in ((RUNTIME_FIELD, "the accounting uses taskstats"),
+                                (EXEC_FIELDS, "exec'd files are looked at from user space")):
+            try:
+                out.append({name: btf.offset(struct, path) for name, (struct, path) in fields.items()})
+            except LookupError as e:
+                log.info("%s: %s", e, without)
+                out.append(None)
+        return out[0], out[1]
     finally:
         btf.close()
 
@@ -129,11 +136,11 @@ def offsets(fields: dict[str, tuple[str, str]], without: str) -> dict[str, int] 
 def exec_offsets() -> dict[str, int] | None:
     """The offsets of :data:`EXEC_FIELDS`, or None (the exec program then sends no credentials and user space
     stats the file, as before)."""
-    return offsets(EXEC_FIELDS, "exec'd files are looked at from user space")
+    return _kernel_offsets()[1]
 
 
 def task_runtime_offset() -> int | None:
     """Byte offset of ``task_struct.se.sum_exec_runtime`` in the running kernel, or None (the accounting then
     listens to taskstats)."""
-    got = offsets(RUNTIME_FIELD, "the accounting uses taskstats")
+    got = _kernel_offsets()[0]
     return None if got is None else got["JC_OFF_RUNTIME"]
