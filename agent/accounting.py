@@ -200,6 +200,11 @@ class Accounting:
         self.source = "kernel" if kernel and source != "taskstats" else "taskstats"
         self._take: Callable[[], list[tuple[int, str | None, int, int]]] | None = \
             membership.take_exits if self.source == "kernel" else None
+        # "kernel": tasks born in their job are summed per (job, uid) in the kernel; only the others
+        # (adopted or seeded, with CPU from before the job to subtract) come one by one
+        self._sums: Callable[[str], dict[int, int]] | None = None
+        if self.source == "kernel" and getattr(membership, "sum_exits", lambda: False)():
+            self._sums = membership.exit_sums
         self._pending_s = pending_s
         self._exited: dict[str, dict[int, int]] = collections.defaultdict(lambda: collections.defaultdict(int))
         # Records no job was known for yet (the record comes a little before the exit tracepoint), one
@@ -347,6 +352,9 @@ class Accounting:
         total: dict[int, int] = collections.defaultdict(int)
         for uid, ns in self._exited.get(job_id, {}).items():
             total[uid] += ns
+        if self._sums is not None:
+            for uid, ns in self._sums(job_id).items():
+                total[uid] += ns
         for uid, ns in live_cpu_by_uid(live_pids, self._base).items():
             total[uid] += ns
         return {uid: ns / 1e9 for uid, ns in sorted(total.items())}

@@ -639,6 +639,11 @@ def bpf_cost(b: Bench, secs: float) -> dict:
     b.prologue(job)
     saved = BPF_STATS.read_text().strip()
     tr = Tracer(lambda ev: None, backend="bpf")
+    # the accounting the agent runs beside it: drains the exits (and, where it can, lets the kernel sum them)
+    from jobcage.agent.accounting import Accounting
+
+    acc = Accounting(tr)
+    acc.start()
     rows: dict[str, dict] = {}
     try:
         fds = tr.programs() if hasattr(tr, "programs") else {   # jobcage before programs() (to compare)
@@ -657,7 +662,8 @@ def bpf_cost(b: Bench, secs: float) -> dict:
             t = threading.Thread(target=lambda p=p, out=out: out.setdefault("r", b.release(p, secs + 300)))
             t.start()
             while t.is_alive():
-                tr.poll(100)   # keep the ring buffer drained, as the agent would
+                tr.poll(100)   # keep the ring buffer and the exits drained, as the agent would
+                acc.poll(0)
             s1 = _prog_stats(fds)
             BPF_STATS.write_text(saved)
             tr.poll(0)
@@ -672,6 +678,7 @@ def bpf_cost(b: Bench, secs: float) -> dict:
             rows[where] = {"execs": n, "ns_per_exec": total / n, "programs": progs}
     finally:
         BPF_STATS.write_text(saved)
+        acc.close()
         tr.close()
     return {"seconds": secs, "rows": rows}
 

@@ -9,15 +9,17 @@
 #ifndef JOBCAGE_H
 #define JOBCAGE_H
 
-#define JC_ABI 3   /* 2: every event carries the process's mark bits; JC_MARK_USERNS; struct jc_filter;
+#define JC_ABI 4   /* 2: every event carries the process's mark bits; JC_MARK_USERNS; struct jc_filter;
                       3: struct jc_exited carries the task's CPU time; exec events the euid and the
-                         exec'd file's mode and owner (pad became euid) */
+                         exec'd file's mode and owner (pad became euid);
+                      4: struct jc_cpu_key / the cpu_sums map (exits of tasks born in the job), jc_filter.cpu_sums */
 
 #define JC_MAX_JOBS 1024          /* counter slots; a node runs far fewer jobs */
 #define JC_COMM_LEN 16
 #define JC_FILENAME_LEN 256
 #define JC_LINEAGE_ENTRIES 65536  /* live tasks of all jobs; LRU so a full map never fails */
 #define JC_PENDING_ENTRIES 16384  /* tasks inside a set*id syscall right now */
+#define JC_CPU_SUM_ENTRIES 16384  /* (job, uid) pairs with summed exit CPU; a full map sends exits the per-task way */
 #define JC_NS_PER_SEC 1000000000ULL
 
 /* Event kinds (struct jc_event.kind).  Names match agent/events.py KINDS. */
@@ -80,6 +82,10 @@ struct jc_job {
 struct jc_filter {
 	u32 subtree_levels;  /* bit L: some JC_JOB_SUBTREE job's cgroup is at depth L */
 	u32 pid_jobs;        /* jobs followed by the tgid map (no cgroup2 id) */
+	u32 cpu_sums;        /* 1: exits of tasks born in their job add to cpu_sums (the accounting takes CPU
+	                      * from the kernel); 0: every job task's exit gets its own `exited` entry (a
+	                      * taskstats accounting needs one per task to attribute its record) */
+	u32 pad;
 };
 
 /* Per job, per CPU.  User space sums the CPUs. */
@@ -106,6 +112,15 @@ struct jc_exited {
 	u32 cookie;
 	u32 uid;
 	u64 cpu_ns;
+};
+
+/* Key of the cpu_sums map: the CPU time (sum_exec_runtime, ns) of the exited tasks of a job that were
+ * born in it (forked while it was traced), added up in the kernel per real uid at exit.  Such a task
+ * brought no CPU from before the job, so user space needs no record of it: one atomic add per exit
+ * instead of a map entry per exit that user space drains and adds up. */
+struct jc_cpu_key {
+	u32 cookie;
+	u32 uid;
 };
 
 /* A set*id syscall in flight: filled at sys_enter, completed at sys_exit. */

@@ -14,7 +14,8 @@
  *   JC_RINGBUF_PAGES     ring buffer size in pages (power of two)
  *   JC_HAVE_GROUP_DEAD   sched_process_exit has the group_dead field
  *   JC_OFF_RUNTIME       byte offset of task_struct.se.sum_exec_runtime (from BTF): exits carry
- *                        their CPU time, and the accounting needs no taskstats listener
+ *                        their CPU time, and the accounting needs no taskstats listener; with
+ *                        filter.cpu_sums set, that of tasks born in the job is summed per (job, uid)
  *   JC_EXEC_CREDS        with JC_OFF_{CRED,CRED_EUID,MM,MM_EXE,FILE_INODE,INODE_MODE,INODE_UID,
  *                        INODE_GID} (from BTF): exec events carry the euid and the file's mode/owner
  *   JC_TP_<SYSCALL>      the syscalls:sys_{enter,exit}_<syscall> tracepoints exist
@@ -56,6 +57,9 @@ BPF_HASH(job_pids, u32, struct jc_job, JC_LINEAGE_ENTRIES);      /* tgid -> job 
 BPF_PERCPU_ARRAY(counters, struct jc_counters, JC_MAX_JOBS);
 BPF_TABLE("lru_hash", u32, struct jc_lineage, lineage, JC_LINEAGE_ENTRIES);
 BPF_TABLE("lru_hash", u32, struct jc_exited, exited, JC_LINEAGE_ENTRIES);
+#ifdef JC_OFF_RUNTIME
+BPF_HASH(cpu_sums, struct jc_cpu_key, u64, JC_CPU_SUM_ENTRIES);   /* see struct jc_cpu_key */
+#endif
 BPF_TABLE("lru_hash", u32, struct jc_pending, pending, JC_PENDING_ENTRIES);
 BPF_TABLE("lru_hash", u32, u32, marked, JC_LINEAGE_ENTRIES);    /* tgid -> JC_MARK_* bits */
 
@@ -199,6 +203,21 @@ static __always_inline void mark(u32 tgid, u32 bits)
 		marked.update(&tgid, &bits);
 }
 
+/* SEEN matters only for a process whose exit may be reported: one with marks already (inherited
+ * CHANGED/USERNS) or of another real uid than the owner's.  An owner's unchanged process (nearly every
+ * exec of a job) gets no entry: one map insert and one delete less per exec.  A later identity change
+ * marks it through id_exit. */
+static __always_inline void mark_seen(u32 tgid, const struct jc_job *j)
+{
+	u32 *m = marked.lookup(&tgid);
+	if (m) {
+		*m |= JC_MARK_SEEN;
+	} else if ((u32)bpf_get_current_uid_gid() != j->owner_uid) {
+		u32 bits = JC_MARK_SEEN;
+		marked.update(&tgid, &bits);
+	}
+}
+
 /* ---- process lifecycle ---------------------------------------------------------- */
 
 TRACEPOINT_PROBE(sched, sched_process_fork)
@@ -281,7 +300,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 	}
 #endif
 	ev_submit(args, e, &j, 0);
-	mark(tgid, JC_MARK_SEEN);
+	mark_seen(tgid, &j);
 	return 0;
 }
 
@@ -301,15 +320,38 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 #endif
 	/* For the accounting: the taskstats record of this task names only its pid. */
 	struct jc_exited x = {};
-	x.ts_ns = bpf_ktime_get_ns();
-	x.cookie = j.cookie;
 	x.uid = (u32)bpf_get_current_uid_gid();
 #ifdef JC_OFF_RUNTIME
 	/* task_struct.se.sum_exec_runtime: the offset is the running kernel's, from its BTF (what
 	 * CO-RE would relocate), so no header's struct layout is trusted; read as plain memory */
 	bpf_probe_read_kernel(&x.cpu_ns, sizeof(x.cpu_ns), (void *)(bpf_get_current_task() + JC_OFF_RUNTIME));
+	/* Born in this job (its fork was seen under the same cookie): all its CPU is the job's, added to
+	 * the (job, uid) sum.  Anything else (a task adopted or seeded, whose CPU from before the job user
+	 * space subtracts, or a full sums map) goes the per-task way below. */
+	u32 zero = 0;
+	struct jc_filter *f = filter.lookup(&zero);
+	struct jc_lineage *born = f && f->cpu_sums ? lineage.lookup(&tid) : 0;
+	int summed = 0;
+	if (born && born->cookie == j.cookie) {
+		struct jc_cpu_key k = {.cookie = j.cookie, .uid = x.uid};
+		u64 *sum = cpu_sums.lookup(&k);
+		if (!sum) {
+			u64 none = 0;
+			cpu_sums.insert(&k, &none);   /* BPF_NOEXIST: a racing first insert elsewhere is kept, not replaced */
+			sum = cpu_sums.lookup(&k);
+		}
+		if (sum) {
+			__sync_fetch_and_add(sum, x.cpu_ns);
+			summed = 1;
+		}
+	}
+	if (!summed)
 #endif
-	exited.update(&tid, &x);
+	{
+		x.ts_ns = bpf_ktime_get_ns();
+		x.cookie = j.cookie;
+		exited.update(&tid, &x);
+	}
 
 	if (tid != tgid) {   /* a thread: its fork-time entries are of no further use */
 		lineage.delete(&tid);
@@ -466,7 +508,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_setsid)
 	e->sys = JC_SYS_SETSID;
 	e->ret = args->ret;
 	ev_submit(args, e, &j, 1);
-	mark(tgid, JC_MARK_SEEN);
+	mark_seen(tgid, &j);
 	return 0;
 }
 #endif
@@ -610,7 +652,7 @@ static __always_inline int nsmap_open(void *ctx, int dfd, const char *filename, 
 	e->arg1 = (u32)flags;
 	__builtin_memcpy(e->filename, path, JC_NSPATH_LEN);
 	ev_submit(ctx, e, &j, 1);
-	mark(tgid, JC_MARK_SEEN);
+	mark_seen(tgid, &j);
 	return 0;
 }
 

@@ -13,7 +13,7 @@ from jobcage.agent.events import KINDS
 
 from ..errors import JobcageError, Unsupported
 
-ABI = 3   # the struct layouts and meanings this code decodes; bpf/jobcage.h's JC_ABI must say the same
+ABI = 4   # the struct layouts and meanings this code decodes; bpf/jobcage.h's JC_ABI must say the same
 _HEADER = bpf_files.HEADER.read_text()
 
 

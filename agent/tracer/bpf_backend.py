@@ -115,6 +115,8 @@ class _BpfBackend:
         self.marked_map = self.b[b"marked"]
         self.job_pids = self.b[b"job_pids"] if pid_filter else None
         self.filter = self.b[b"filter"]
+        self.cpu_sums_map = self.b[b"cpu_sums"] if self.runtime_offset is not None else None
+        self.cpu_sums = False   # filter.cpu_sums: see sum_exits()
         self._pid_jobs: set[int] = set()   # cookies of jobs with entries in job_pids
         self.events = self.b[b"events"]
         self._raw: list[bytes] = []
@@ -173,7 +175,21 @@ class _BpfBackend:
         for lvl, n in self._levels.items():
             if n > 0:
                 mask |= 1 << lvl
-        self.filter[self.filter.Key(0)] = self.filter.Leaf(mask, len(self._pid_jobs))
+        self.filter[self.filter.Key(0)] = self.filter.Leaf(mask, len(self._pid_jobs), int(self.cpu_sums), 0)
+
+    def sum_exits(self) -> None:
+        """From now on the exits of tasks born in their job add to the kernel's per (job, uid) sums
+        instead of an `exited` entry each (only with the exit CPU offset; see struct jc_cpu_key)."""
+        if self.cpu_sums_map is None:
+            raise Unsupported("the tracer records no CPU time at exit (no kernel BTF)")
+        self.cpu_sums = True
+        self._set_filter()
+
+    def exit_sums(self, job: _Job) -> dict[int, int]:
+        """uid -> CPU ns of the job's exited tasks that were born in it (the kernel's running sums)."""
+        if self.cpu_sums_map is None:
+            return {}
+        return {k.uid: v.value for k, v in self.cpu_sums_map.items() if k.cookie == job.cookie}
 
     def add_job(self, job: _Job) -> None:
         self.counters_map.clearitem(job.slot)
@@ -198,6 +214,9 @@ class _BpfBackend:
     def remove_job(self, job: _Job) -> None:
         for cg in job.cgroup_ids:
             self.jobs.pop(self.jobs.Key(cg), None)
+        if self.cpu_sums_map is not None:   # its cookie is never used again: the room is freed
+            for k in [k for k in self.cpu_sums_map.keys() if k.cookie == job.cookie]:
+                self.cpu_sums_map.pop(k, None)
         if job.level:
             self._levels[job.level] -= 1
             self._set_filter()

@@ -287,6 +287,25 @@ class Tracer(EnrichMixin, UsernsMixin):
             out.append((tid, job.job_id if job is not None and jobs.get(job.job_id) is job else None, uid, cpu))
         return out
 
+    def sum_exits(self) -> bool:
+        """Let the kernel add up the CPU of exited tasks born in their job, per (job, uid), instead of
+        handing each exit to :meth:`take_exits` (only where :attr:`exit_cpu`; the accounting then adds
+        :meth:`exit_sums`).  Returns whether it does.  A taskstats accounting must not ask: it needs
+        every task's exit to attribute that task's record."""
+        if not self.exit_cpu:
+            return False
+        assert isinstance(self._be, _BpfBackend)
+        self._be.sum_exits()
+        return True
+
+    def exit_sums(self, job_id: str) -> dict[int, int]:
+        """uid -> CPU ns that the job's exited tasks born in it ran, as the kernel added it up (see
+        :meth:`sum_exits`); empty for a job no longer traced (its accounting is final)."""
+        job = self._jobs.get(job_id)
+        if job is None or not isinstance(self._be, _BpfBackend):
+            return {}
+        return self._be.exit_sums(job)
+
     def known_exits(self) -> Container[int]:
         """The tids whose exit the tracer knows and no one asked about yet: a record of a tid not in it is
         no job's (yet), found out with one ``in`` instead of a :meth:`job_of_exited` call."""
