@@ -36,6 +36,10 @@ setuid calls/s, and the agent's CPU while a job execs 1,000 times a second.
    programs only, with a taskstats exit listener only, with both (the agent on a kernel without BTF), and with the
    BPF programs whose exits carry their CPU time (the agent's default): what each part costs the node (paired
    ratios), and the consumer's CPU per exec.  `work` runs once per accounting source.
+9. CPU per exec (`cost`, not in the default set).  One worker, unpaced: the spawner's own CPU time (with every
+   /bin/true it waited for, where the BPF programs and the syscall slow path run) plus the agent's CPU over the
+   run, per exec; none / jobcage, in a job and outside any job, interleaved rounds, paired ratios.  What a
+   CPU-bound job keeps, without the scheduling and steal noise of a saturated run on 2 vCPUs.
 8. Idle (`idle`, not in the default set).  The agent with the node's default reconcile_interval and one job that
    runs nothing: its CPU over 30 s.
 
@@ -43,7 +47,7 @@ Root only.  Everything is private and removed at the end: a config with its own 
 ``jobcage-ovh<hex>``, state dir and socket in a temp dir; the agent, auditd, bpftrace and spawners this
 script started (by pid); the audit rule; the kernel's audit enabled flag and backlog limit are restored.
 
-    .venv/bin/python bench/trace_overhead.py [--rounds 6] [--run-seconds 2] [--only throughput,setuid,cpu,work,bpf,real,floor,idle]
+    .venv/bin/python bench/trace_overhead.py [--rounds 6] [--run-seconds 2] [--only throughput,setuid,cpu,work,bpf,real,cost,floor,idle]
         [--real-rounds 4] [--loop-iterations 300] [--profile] [--json]
 """
 
@@ -87,9 +91,11 @@ BPFTRACE_PROG = 'tracepoint:sched:sched_process_exec { printf("%d %s\\n", pid, s
 
 SPAWNER_C = r"""
 /* spawner SECONDS WORKERS RATE: after one byte on stdin, WORKERS processes loop fork + execve(/bin/true) +
- * waitpid for SECONDS; RATE > 0 paces them to RATE exec/s in all.  Prints "EXECS ELAPSED_SECONDS". */
+ * waitpid for SECONDS; RATE > 0 paces them to RATE exec/s in all.  Prints "EXECS ELAPSED_SECONDS CPU_SECONDS"
+ * (CPU: user + system of the spawner, its workers and every /bin/true they waited for). */
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -124,7 +130,13 @@ int main(int argc, char **argv) {
     long total = 0, n;
     while (read(fds[0], &n, sizeof n) == sizeof n) total += n;
     while (wait(NULL) > 0) ;
-    printf("%ld %.6f\n", total, now() - t0);
+    double el = now() - t0, cpu = 0;
+    struct rusage ru;
+    int who[] = {RUSAGE_SELF, RUSAGE_CHILDREN};
+    for (int i = 0; i < 2; i++)
+        if (getrusage(who[i], &ru) == 0)
+            cpu += ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 + ru.ru_stime.tv_sec + ru.ru_stime.tv_usec / 1e6;
+    printf("%ld %.6f %.6f\n", total, el, cpu);
     return 0;
 }
 """
@@ -230,6 +242,7 @@ class Bench:
         self.audit_on_now = False
         self.bpftrace: subprocess.Popen | None = None
         self.spawner = self.dir / "spawner"
+        self.spawn_cpu = 0.0
         self.setuidloop = self.dir / "setuidloop"
 
     # -- setup --------------------------------------------------------------------------------------------------
@@ -418,11 +431,12 @@ class Bench:
         return out.split()
 
     def spawn(self, secs: float, rate: float, job: str | None,
-              on_start: Callable[[], None] | None = None) -> tuple[int, float]:
-        p = self.start_gated([str(self.spawner), f"{secs}", str(self.workers), f"{rate}"], job)
+              on_start: Callable[[], None] | None = None, workers: int | None = None) -> tuple[int, float]:
+        p = self.start_gated([str(self.spawner), f"{secs}", str(workers or self.workers), f"{rate}"], job)
         if on_start:
             on_start()
-        n, elapsed = self.release(p, secs + 300)
+        n, elapsed, cpu = self.release(p, secs + 300)
+        self.spawn_cpu = float(cpu)   # the spawner's own CPU seconds (with its children)
         return int(n), float(elapsed)
 
     def store_count(self, job: str, kind: str) -> int:
@@ -541,6 +555,57 @@ def throughput(b: Bench, rounds: int, secs: float, rng: random.Random, peers: bo
     return {"rows": rows, "run_seconds": secs, "rounds": rounds, "workers": b.workers,
             "agent_cpu_us_per_exec": 1e6 * median(agent_cpu_per_exec),
             "agent_cpu_us_per_exec_outside": 1e6 * median(agent_cpu_outside), "events_lost_per_run": lost_per_run}
+
+
+COST_CONFIGS = ("none", "none, outside job", "jobcage", "jobcage, outside job")
+
+
+def cpu_cost(b: Bench, rounds: int, secs: float, rng: random.Random) -> dict:
+    """What the node pays per exec, in CPU time rather than throughput: one worker (a serial fork + exec +
+    wait loop, so the other CPU is free and no run waits for a CPU) for ``secs``; the cost of a run is the
+    spawner's own CPU (user + system of it and of every /bin/true it waited for: the BPF programs and the
+    syscall slow path run in those tasks) plus the agent's CPU over the run and the drain after it.  The
+    ratio none / traced is what the throughput of a CPU-bound job would keep, without the scheduling and
+    steal noise of a saturated 2-vCPU run.  Interleaved rounds, paired ratios, as in `throughput`."""
+    job = "cost"
+    saved = b.cfg.read_text()
+    b.cfg.write_text(saved.replace("reconcile_interval = 1.0\n", ""))   # the node's defaults, as in `cpu`
+    b.prologue(job)
+    per_exec: dict[str, list[float]] = {n: [] for n in COST_CONFIGS}
+    agent_part: dict[str, list[float]] = {n: [] for n in COST_CONFIGS}
+    for r in range(rounds):
+        blocks = [("agent", ["jobcage", "jobcage, outside job"]), ("off", ["none", "none, outside job"])]
+        if r % 2:
+            blocks.reverse()
+        for kind, block in blocks:
+            rng.shuffle(block)
+            if kind == "agent":
+                b.agent_start()
+            try:
+                for name in block:
+                    in_job = "outside" not in name
+                    b.settle_agent()
+                    a0 = b.agent_cpu() if b.agent else 0.0
+                    n, _el = b.spawn(secs, 0, job if in_job else None, workers=1)
+                    b.settle_agent()
+                    agent = (b.agent_cpu() - a0) if b.agent else 0.0
+                    per_exec[name].append(1e6 * (b.spawn_cpu + agent) / n)
+                    agent_part[name].append(1e6 * agent / n)
+                    log(f"round {r + 1}/{rounds} cost {name:<22} {per_exec[name][-1]:7.1f} us CPU/exec "
+                        f"(agent {agent_part[name][-1]:.1f})")
+            finally:
+                if kind == "agent":
+                    b.agent_stop()
+    b.cfg.write_text(saved)
+    rows = []
+    for name, base in (("jobcage", "none"), ("jobcage, outside job", "none, outside job")):
+        rows.append({"config": name, "baseline": base, "us_per_exec": median(per_exec[name]),
+                     "baseline_us_per_exec": median(per_exec[base]),
+                     "agent_us_per_exec": median(agent_part[name]),
+                     "paired_ratio": median([x / y for x, y in zip(per_exec[base], per_exec[name], strict=True)]),
+                     "runs": [round(x, 1) for x in per_exec[name]],
+                     "baseline_runs": [round(x, 1) for x in per_exec[base]]})
+    return {"rows": rows, "rounds": rounds, "run_seconds": secs}
 
 
 def setuid_rate(b: Bench, rate: float, secs: float) -> dict:
@@ -980,6 +1045,15 @@ def report(res: dict) -> None:
         print(f"  agent CPU per traced exec: {t['agent_cpu_us_per_exec']:.1f} us in a job, "
               f"{t['agent_cpu_us_per_exec_outside']:.1f} us per exec outside any job; "
               f"events lost per jobcage run: {t['events_lost_per_run']}")
+    co = res.get("cost")
+    if co:
+        print(f"\nCPU per exec: one worker, {co['rounds']} interleaved runs of {co['run_seconds']:g} s per configuration; "
+              "the spawner's CPU (with its children) plus the agent's, medians")
+        print(f"  {'configuration':<24}{'us/exec':>9}{'baseline':>10}{'agent':>8}{'paired':>8}")
+        for row in co["rows"]:
+            print(f"  {row['config']:<24}{row['us_per_exec']:9.1f}{row['baseline_us_per_exec']:10.1f}"
+                  f"{row['agent_us_per_exec']:8.1f}{row['paired_ratio']:8.3f}")
+        print("  paired: median over rounds of baseline CPU per exec / traced CPU per exec (what a CPU-bound job keeps)")
     s = res.get("setuid")
     if s:
         print(f"\nidentity events: {s['calls']} setresuid calls at {s['achieved_rate']:.0f}/s "
@@ -1039,7 +1113,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--exec-rate", type=float, default=1000.0)
     ap.add_argument("--cpu-seconds", type=float, default=10.0)
     ap.add_argument("--only", default="throughput,setuid,cpu,work,bpf,real",
-                    help="comma list of throughput, setuid, cpu, work, bpf, real; floor, idle (not in the default)")
+                    help="comma list of throughput, setuid, cpu, work, bpf, real; cost, floor, idle (not in the default)")
     ap.add_argument("--real-rounds", type=int, default=4, help="interleaved rounds of the real jobs (default 4)")
     ap.add_argument("--loop-iterations", type=int, default=300, help="coreutils loop iterations (6 execs each)")
     ap.add_argument("--profile", action="store_true", help="work: a cProfile of each timed pass, to stderr")
@@ -1064,6 +1138,8 @@ def main(argv: list[str] | None = None) -> int:
         b.build()
         if "throughput" in only:
             res["throughput"] = throughput(b, args.rounds, args.run_seconds, random.Random(seed), not args.no_peers)
+        if "cost" in only:
+            res["cost"] = cpu_cost(b, args.rounds, args.run_seconds, random.Random(seed + 3))
         if "setuid" in only:
             res["setuid"] = setuid_rate(b, args.setuid_rate, args.setuid_seconds)
         if "cpu" in only:
