@@ -48,6 +48,7 @@ class Config:
     # [tracer]
     tracer_backend: str = "auto"       # auto | bpf | proc | off
     tracer_map_opens: bool = False     # BPF: report uid_map/gid_map write-opens (costs every open of the node)
+    tracer_ringbuf_pages: int = 1024   # BPF: the event ring buffer in pages (power of two; 1024 = 4 MiB, ~11,000 events)
     # exec of these is marked in the trail (basename, or a path suffix when it holds a '/')
     tracer_container_runtimes: list[str] = ["apptainer", "singularity", "apptainer/bin/starter",
                                             "apptainer/bin/starter-suid", "singularity/bin/starter",
@@ -142,7 +143,7 @@ SECTIONS = {
               "request_timeout": "request_timeout", "workers": "workers", "root_workers": "root_workers",
               "node": "node_name"},
     "tracer": {"backend": "tracer_backend", "container_runtimes": "tracer_container_runtimes",
-               "map_opens": "tracer_map_opens"},
+               "map_opens": "tracer_map_opens", "ringbuf_pages": "tracer_ringbuf_pages"},
     "prune": {"min_uid": "prune_min_uid", "exempt_uids": "prune_exempt_uids",
               "exempt_users": "prune_exempt_users", "exempt_commands": "prune_exempt_commands",
               "exempt_sshd": "prune_exempt_sshd", "interval_minutes": "prune_interval"},
@@ -305,6 +306,9 @@ def load(path: str | None = None) -> Config:
                 raise InvalidArgument(f"{path}: {section}.{key} must be one of {', '.join(CHOICES[attr])}",
                                       path=path)
             setattr(cfg, attr, float(value) if want == "float" else value)
+    pages = cfg.tracer_ringbuf_pages
+    if not (0 < pages <= 65536 and pages & (pages - 1) == 0):
+        raise InvalidArgument(f"{path}: tracer.ringbuf_pages must be a power of two from 1 to 65536", path=path)
     leaf = cfg.pam_leaf  # a directory name in a batch system's cgroup (cgroups/path.py LEAF_NAME)
     if not (0 < len(leaf) <= 64 and leaf[0].isascii() and leaf[0].isalnum()
             and all(c.isascii() and (c.isalnum() or c in "_.-") for c in leaf)):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import signal
 import socket
 import threading
@@ -42,7 +43,8 @@ def sd_notify(msg: str) -> None:
             pass
 
 
-POLL_WAIT_S = 0.1    # the longest a trail event waits in the kernel's buffer (it holds ~11,000); a read waits less
+POLL_WAIT_S = 0.25   # the longest a trail event waits in the kernel's buffer (it holds ~11,000; a quarter full wakes
+                     # the loop at once, see _watch_ring); a read waits less
 # The proc connector learns ids from /proc when it reads an event: waiting longer lets a helper like sudo
 # switch uid first (the exec would be recorded under the new uid), so that backend polls twice as often.
 POLL_WAIT_PROC_S = 0.05
@@ -71,6 +73,7 @@ class Agent:
         # main-loop turns, for views that must see what the tracer already holds (_await_turn)
         self._turn = threading.Condition()
         self._turns = 0
+        self._awaiting = 0   # views waiting for turns: the loop then runs them back to back, no poll window
         self._wake = threading.Event()
         self._loop_thread: threading.Thread | None = None
         self._next_prune = time.monotonic() + 60 * config.prune_interval
@@ -131,8 +134,12 @@ class Agent:
             return
         with self._turn:
             first = self._turns + 2
+            self._awaiting += 1
             self._wake.set()
-            self._turn.wait_for(lambda: self._turns >= first or self._stop.is_set(), timeout)
+            try:
+                self._turn.wait_for(lambda: self._turns >= first or self._stop.is_set(), timeout)
+            finally:
+                self._awaiting -= 1
 
     def job_ended(self, job_id: str) -> None:
         with self._lock:
@@ -164,11 +171,15 @@ class Agent:
             from .tracer import Tracer
 
             self.tracer = Tracer(self.on_event, backend=backend, runtimes=self.config.tracer_container_runtimes,
-                                 map_opens=self.config.tracer_map_opens)
+                                 map_opens=self.config.tracer_map_opens,
+                                 ringbuf_pages=self.config.tracer_ringbuf_pages)
             self.tracer_backend = self.tracer.backend
         except Exception as e:  # containment must not depend on tracing
             log.warning("tracing disabled: %s", e)
             return
+        fd = self.tracer.wake_fd
+        if fd is not None:
+            threading.Thread(target=self._watch_ring, args=(fd,), name="ring-watch", daemon=True).start()
         try:
             from .accounting import Accounting
 
@@ -178,6 +189,20 @@ class Agent:
         except Exception as e:
             log.warning("per-identity accounting disabled: %s", e)
             self.accounting = None
+
+    def _watch_ring(self, fd: int) -> None:
+        """Wake the loop before its poll window ends when the kernel says the ring buffer is filling (every
+        JC_WAKE_EVERY-th record forces a wakeup; edge-triggered, so records merely waiting wake nothing)."""
+        ep = select.epoll()
+        try:
+            ep.register(fd, select.EPOLLIN | select.EPOLLET)
+            while not self._stop.is_set():
+                if ep.poll(1.0):
+                    self._wake.set()
+        except OSError as e:   # the map went away with the tracer: the loop's timer remains
+            log.debug("ring watch ended: %s", e)
+        finally:
+            ep.close()
 
     def _poll_accounting(self) -> None:
         acc = self.accounting
@@ -283,10 +308,11 @@ class Agent:
                     self._turns += 1
                     self._turn.notify_all()
                 # Batch: between small polls wait as after an empty one, so one transaction, one ring-buffer
-                # poll and one accounting read cover ~100 ms of events instead of one or two (a job paced at
-                # 1,000 exec/s otherwise costs a commit per exec).  A full burst is worked off at once.  A
-                # view waiting for a turn (_await_turn) wakes the loop.
-                if n < POLL_BATCH:
+                # poll and one accounting read cover a poll window of events instead of one or two (a job paced
+                # at 1,000 exec/s otherwise costs a commit per exec).  A full burst is worked off at once; a ring
+                # filling faster than the window drains (_watch_ring) and a view waiting for a turn
+                # (_await_turn) wake the loop.
+                if n < POLL_BATCH and not self._awaiting:
                     self._wake.wait(POLL_WAIT_S if self.tracer_backend == "bpf" else POLL_WAIT_PROC_S)
                 self._wake.clear()
         finally:

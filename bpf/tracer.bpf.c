@@ -12,6 +12,7 @@
  *                        without a usable cgroup2 hierarchy)
  *   JC_PERFBUF           perf buffer instead of a ring buffer (kernels without ringbuf)
  *   JC_RINGBUF_PAGES     ring buffer size in pages (power of two)
+ *   JC_WAKE_EVERY        every this many records (power of two) wake user space (see ev_submit)
  *   JC_HAVE_GROUP_DEAD   sched_process_exit has the group_dead field
  *   JC_OFF_RUNTIME       byte offset of task_struct.se.sum_exec_runtime (from BTF): exits carry
  *                        their CPU time, and the accounting needs no taskstats listener; with
@@ -47,6 +48,9 @@
 #ifndef JC_RINGBUF_PAGES
 #define JC_RINGBUF_PAGES 1024   /* 4 MiB: ~11,000 events of burst */
 #endif
+#ifndef JC_WAKE_EVERY
+#define JC_WAKE_EVERY 2048      /* a power of two, at most a quarter of the ring's records */
+#endif
 
 BPF_HASH(jobs, u64, struct jc_job, JC_MAX_JOBS);                 /* cgroup2 id -> job */
 BPF_ARRAY(filter, struct jc_filter, 1);   /* what a task in no job cgroup must still look at */
@@ -68,6 +72,7 @@ BPF_PERF_OUTPUT(events);
 BPF_PERCPU_ARRAY(scratch, struct jc_event, 1);   /* the event is too big for the stack */
 #else
 BPF_RINGBUF_OUTPUT(events, JC_RINGBUF_PAGES);
+BPF_ARRAY(submitted, u64, 1);   /* records submitted, for the fill wakeup (ev_submit) */
 #endif
 
 #ifdef JC_SUBTREE
@@ -149,16 +154,26 @@ static __always_inline struct jc_event *ev_reserve(const struct jc_job *j)
 	return e;
 }
 
-/* wake = 0: no wakeup of user space for this record (exec, exit: the frequent kinds).  The
- * agent collects them at its next poll, at the latest when its poll timeout expires; identity
- * events wake it at once and flush them too.  Saves a wakeup per exec in exec-heavy jobs. */
-static __always_inline void ev_submit(void *ctx, struct jc_event *e, const struct jc_job *j, int wake)
+/* No record wakes user space by itself: the agent collects them every poll window (its batching:
+ * one transaction per window, not per event).  Only every JC_WAKE_EVERY-th record (a quarter of
+ * the ring or less, set by the agent) forces a wakeup, so a burst faster than the window drains
+ * early instead of filling the ring.  The count is shared and its read racy: a wakeup more or
+ * fewer now and then, never a loss. */
+static __always_inline void ev_submit(void *ctx, struct jc_event *e, const struct jc_job *j)
 {
 #ifdef JC_PERFBUF
 	if (events.perf_submit(ctx, e, sizeof(*e)) != 0)
 		count_lost(j);
 #else
-	events.ringbuf_submit(e, wake ? 0 : BPF_RB_NO_WAKEUP);
+	u32 zero = 0;
+	u64 *q = submitted.lookup(&zero);
+	u64 flags = BPF_RB_NO_WAKEUP;
+	if (q) {
+		__sync_fetch_and_add(q, 1);
+		if ((*q & (JC_WAKE_EVERY - 1)) == 0)
+			flags = BPF_RB_FORCE_WAKEUP;
+	}
+	events.ringbuf_submit(e, flags);
 #endif
 }
 
@@ -299,7 +314,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 		}
 	}
 #endif
-	ev_submit(args, e, &j, 0);
+	ev_submit(args, e, &j);
 	mark_seen(tgid, &j);
 	return 0;
 }
@@ -370,7 +385,7 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
 			ev_common(e, JC_EV_EXIT, &j);   /* reads lineage: before the delete below */
 			e->pid = tgid;
 			e->marked = bits;
-			ev_submit(args, e, &j, 0);
+			ev_submit(args, e, &j);
 		}
 	}
 	lineage.delete(&tgid);
@@ -455,7 +470,7 @@ static __always_inline int id_exit(void *ctx, long ret)
 	e->arg1 = p.arg1;
 	e->arg2 = p.arg2;
 	e->ret = ret;
-	ev_submit(ctx, e, &j, 1);
+	ev_submit(ctx, e, &j);
 	return 0;
 }
 
@@ -507,7 +522,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_setsid)
 	ev_common(e, JC_EV_SETSID, &j);
 	e->sys = JC_SYS_SETSID;
 	e->ret = args->ret;
-	ev_submit(args, e, &j, 1);
+	ev_submit(args, e, &j);
 	mark_seen(tgid, &j);
 	return 0;
 }
@@ -539,7 +554,7 @@ static __always_inline int fork_exit(void *ctx, long ret)
 		return 0;
 	ev_common(e, JC_EV_FORK_FAILED, &j);
 	e->ret = ret;
-	ev_submit(ctx, e, &j, 1);
+	ev_submit(ctx, e, &j);
 	return 0;
 }
 
@@ -651,7 +666,7 @@ static __always_inline int nsmap_open(void *ctx, int dfd, const char *filename, 
 	e->arg0 = (u32)dfd;
 	e->arg1 = (u32)flags;
 	__builtin_memcpy(e->filename, path, JC_NSPATH_LEN);
-	ev_submit(ctx, e, &j, 1);
+	ev_submit(ctx, e, &j);
 	mark_seen(tgid, &j);
 	return 0;
 }

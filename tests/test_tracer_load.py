@@ -169,6 +169,36 @@ def test_max_spawn_rate_every_exec_in_trail(jc_env: JcEnv, agent_proc: AgentProc
     assert show(jc_env, job)["events_lost"] == 0
 
 
+@pytest.mark.jc_config({"tracer": {"backend": "bpf", "ringbuf_pages": 32}})
+def test_a_filling_ring_wakes_the_agent_before_its_window(jc_env: JcEnv, agent_proc: AgentProc,
+                                                          execloop: Path) -> None:
+    """A 128 KiB ring holds ~340 events: at this node's exec rate a poll window (250 ms) brings more than that,
+    so only the kernel's fill wakeup (every 64th record here) makes the agent drain it in time.  Every exec is in
+    the trail, events_lost 0."""
+    job = f"fill-{secrets.token_hex(2)}"
+    jc_env.jobcage("prologue", job, "--uid", "0", "--pids-max", "64").ok()
+    n = 4000
+    t0 = time.monotonic()
+    run_in_job(jc_env, job, [str(execloop), str(n)], timeout=600)
+    rate = n / (time.monotonic() - t0)
+
+    def execs() -> list[dict]:
+        return [e for e in pick(trail(jc_env, job), kind="exec") if e["filename"] == "/bin/true"]
+
+    after_periodic(jc_env)
+    lost = show(jc_env, job)["events_lost"]
+    evs = wait_for(lambda: at_least(execs(), n - lost), 120, "the exec events")
+    print(f"\n{n} execs at ~{rate:.0f}/s through a 32-page ring: {len(evs)} in the trail, events_lost {lost}")
+    assert lost == 0 and len(evs) == n
+
+
+@pytest.mark.parametrize("pages", [0, 3, 131072])
+def test_a_bad_ring_size_stops_the_agent_with_one_line(jc_env: JcEnv, pages: int) -> None:
+    jc_env.write_config({"tracer": {"backend": "bpf", "ringbuf_pages": pages}})
+    jc_env.jobcage("agent", "--config", str(jc_env.config_path), timeout=60).clean_error(1, "ringbuf_pages")
+    assert not Path(jc_env.socket_path).exists()
+
+
 def _netlink_generic_inodes() -> set[int]:
     """Socket inodes of this network namespace's generic netlink sockets (taskstats is a generic family)."""
     lines = Path("/proc/net/netlink").read_text().splitlines()[1:]

@@ -6,6 +6,7 @@ import collections
 import ctypes as ct
 import errno
 import logging
+import mmap
 import os
 from collections.abc import Iterable
 
@@ -35,6 +36,14 @@ FORK_SYSCALLS = ("clone", "clone3", "fork", "vfork")
 NS_SYSCALLS = ("unshare", "setns")       # user namespaces: enter + exit
 OPEN_SYSCALLS = ("openat", "open")       # uid_map/gid_map opens: enter only
 EXITED_BATCH = 4096         # entries per batch read of the kernel's exited map
+RECORD_BYTES = 384          # a ring record (struct jc_event and its 8-byte header), rounded up
+
+
+def wake_every(ringbuf_pages: int) -> int:
+    """JC_WAKE_EVERY: the largest power of two at most a quarter of the records the ring holds, so the
+    fill wakeup comes while three quarters are still free."""
+    quarter = max(1, ringbuf_pages * mmap.PAGESIZE // RECORD_BYTES // 4)
+    return 1 << (quarter.bit_length() - 1)
 
 
 class _BpfBackend:
@@ -53,7 +62,8 @@ class _BpfBackend:
         abi.check()
         self.pid_filter = pid_filter
         # JC_ABI_EXPECTED: the compiler refuses a header of another ABI (tracer.bpf.c checks it)
-        flags = [f"-I{bpf_files.DIR}", f"-DJC_RINGBUF_PAGES={ringbuf_pages}", f"-DJC_ABI_EXPECTED={abi.ABI}"]
+        flags = [f"-I{bpf_files.DIR}", f"-DJC_RINGBUF_PAGES={ringbuf_pages}", f"-DJC_ABI_EXPECTED={abi.ABI}",
+                 f"-DJC_WAKE_EVERY={wake_every(ringbuf_pages)}"]
         self.missing: list[str] = []
         for sc in SET_SYSCALLS + FORK_SYSCALLS:
             # setsid and the fork family only need the exit side
@@ -128,6 +138,12 @@ class _BpfBackend:
             self.events.open_perf_buffer(self._on_data, page_cnt=64, lost_cb=self._on_lost)
         else:
             self.events.open_ring_buffer(self._on_ring)
+
+    @property
+    def wake_fd(self) -> int | None:
+        """The ring buffer map's fd: readable (edge: EPOLLET) when the kernel forced a wakeup, i.e. the ring
+        is filling faster than the agent's poll window drains it (JC_WAKE_EVERY).  None with a perf buffer."""
+        return None if self.perfbuf else self.events.map_fd
 
     # bcc callbacks: copy the bytes out at once (the buffer is reused after return); decoded in
     # one pass per poll with a struct.Struct, not field by field through ctypes.

@@ -200,6 +200,12 @@ class Tracer(EnrichMixin, UsernsMixin):
             self._deliver(e)
         return n
 
+    @property
+    def wake_fd(self) -> int | None:
+        """An fd to wait on (epoll, edge-triggered) for "poll now, the kernel's buffer is filling": BPF with a
+        ring buffer; None otherwise (poll on a timer)."""
+        return self._be.wake_fd if isinstance(self._be, _BpfBackend) else None
+
     def _deliver(self, ev: TraceEvent) -> None:
         try:
             self._on_event(ev)
