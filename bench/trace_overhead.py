@@ -491,6 +491,26 @@ BASELINE = {"none": "none", "none, outside job": "none, outside job", "jobcage":
             "jobcage, outside job": "none, outside job", "auditd execve rule": "none", "bpftrace exec printf": "none"}
 
 
+def interleaved(b: Bench, rounds: int, rng: random.Random, with_agent: list[str], without: list[str],
+                run: Callable[[int, str], None]) -> None:
+    """Rounds of runs: the configurations that need the agent (started once per round, stopped after them) and
+    the others, the two blocks in alternating order from round to round and each shuffled; run(round, name)."""
+    for r in range(rounds):
+        blocks = [("agent", list(with_agent)), ("off", list(without))]
+        if r % 2:
+            blocks.reverse()
+        for kind, block in blocks:
+            rng.shuffle(block)
+            if kind == "agent":
+                b.agent_start()
+            try:
+                for name in block:
+                    run(r, name)
+            finally:
+                if kind == "agent":
+                    b.agent_stop()
+
+
 def throughput(b: Bench, rounds: int, secs: float, rng: random.Random, peers: bool) -> dict:
     job = "tput"
     b.prologue(job)
@@ -503,45 +523,35 @@ def throughput(b: Bench, rounds: int, secs: float, rng: random.Random, peers: bo
         b.auditd_start()
         b.audit_on()    # audit "ever enabled" before the first run: the same kernel state for every run
         b.audit_off()
-    for r in range(rounds):
-        blocks = [("agent", [n for n in names if CONFIGS[n][0] == "agent"]),
-                  ("off", [n for n in names if CONFIGS[n][0] != "agent"])]
-        if r % 2:
-            blocks.reverse()
-        for kind, block in blocks:
-            rng.shuffle(block)
-            if kind == "agent":
-                b.agent_start()
-            try:
-                for name in block:
-                    tracer, in_job = CONFIGS[name]
-                    if tracer == "auditd":
-                        b.audit_on()
-                    elif tracer == "bpftrace":
-                        b.bpftrace_start()
-                    try:
-                        lost0 = b.show(job)["events_lost"] if tracer == "agent" and in_job else 0
-                        b.settle_agent()
-                        a0 = b.agent_cpu() if b.agent else 0.0
-                        n, el = b.spawn(secs, 0, job if in_job else None)
-                        rates[name].append(n / el)
-                        if tracer == "agent" and in_job:
-                            b.settle_agent()
-                            agent_cpu_per_exec.append((b.agent_cpu() - a0) / n)
-                            time.sleep(1.5)   # events_lost reaches the store at the agent's reconcile
-                            lost_per_run.append(b.show(job)["events_lost"] - lost0)
-                        elif tracer == "agent":
-                            b.settle_agent()
-                            agent_cpu_outside.append((b.agent_cpu() - a0) / n)
-                    finally:
-                        if tracer == "auditd":
-                            b.audit_off()
-                        elif tracer == "bpftrace":
-                            b.bpftrace_stop()
-                    log(f"round {r + 1}/{rounds} {name:<22} {n / el:8.0f} exec/s")
-            finally:
-                if kind == "agent":
-                    b.agent_stop()
+    def one(r: int, name: str) -> None:
+        tracer, in_job = CONFIGS[name]
+        if tracer == "auditd":
+            b.audit_on()
+        elif tracer == "bpftrace":
+            b.bpftrace_start()
+        try:
+            lost0 = b.show(job)["events_lost"] if tracer == "agent" and in_job else 0
+            b.settle_agent()
+            a0 = b.agent_cpu() if b.agent else 0.0
+            n, el = b.spawn(secs, 0, job if in_job else None)
+            rates[name].append(n / el)
+            if tracer == "agent" and in_job:
+                b.settle_agent()
+                agent_cpu_per_exec.append((b.agent_cpu() - a0) / n)
+                time.sleep(1.5)   # events_lost reaches the store at the agent's reconcile
+                lost_per_run.append(b.show(job)["events_lost"] - lost0)
+            elif tracer == "agent":
+                b.settle_agent()
+                agent_cpu_outside.append((b.agent_cpu() - a0) / n)
+        finally:
+            if tracer == "auditd":
+                b.audit_off()
+            elif tracer == "bpftrace":
+                b.bpftrace_stop()
+        log(f"round {r + 1}/{rounds} {name:<22} {n / el:8.0f} exec/s")
+
+    interleaved(b, rounds, rng, [n for n in names if CONFIGS[n][0] == "agent"],
+                [n for n in names if CONFIGS[n][0] != "agent"], one)
     if peers:
         b.auditd_stop()
     rows = []
@@ -573,30 +583,21 @@ def cpu_cost(b: Bench, rounds: int, secs: float, rng: random.Random) -> dict:
     b.prologue(job)
     per_exec: dict[str, list[float]] = {n: [] for n in COST_CONFIGS}
     agent_part: dict[str, list[float]] = {n: [] for n in COST_CONFIGS}
-    for r in range(rounds):
-        blocks = [("agent", ["jobcage", "jobcage, outside job"]), ("off", ["none", "none, outside job"])]
-        if r % 2:
-            blocks.reverse()
-        for kind, block in blocks:
-            rng.shuffle(block)
-            if kind == "agent":
-                b.agent_start()
-            try:
-                for name in block:
-                    in_job = "outside" not in name
-                    b.settle_agent()
-                    a0 = b.agent_cpu() if b.agent else 0.0
-                    n, _el = b.spawn(secs, 0, job if in_job else None, workers=1)
-                    b.settle_agent()
-                    agent = (b.agent_cpu() - a0) if b.agent else 0.0
-                    per_exec[name].append(1e6 * (b.spawn_cpu + agent) / n)
-                    agent_part[name].append(1e6 * agent / n)
-                    log(f"round {r + 1}/{rounds} cost {name:<22} {per_exec[name][-1]:7.1f} us CPU/exec "
-                        f"(agent {agent_part[name][-1]:.1f})")
-            finally:
-                if kind == "agent":
-                    b.agent_stop()
-    b.cfg.write_text(saved)
+    def one(r: int, name: str) -> None:
+        b.settle_agent()
+        a0 = b.agent_cpu() if b.agent else 0.0
+        n, _el = b.spawn(secs, 0, job if "outside" not in name else None, workers=1)
+        b.settle_agent()
+        agent = (b.agent_cpu() - a0) if b.agent else 0.0
+        per_exec[name].append(1e6 * (b.spawn_cpu + agent) / n)
+        agent_part[name].append(1e6 * agent / n)
+        log(f"round {r + 1}/{rounds} cost {name:<22} {per_exec[name][-1]:7.1f} us CPU/exec "
+            f"(agent {agent_part[name][-1]:.1f})")
+
+    try:
+        interleaved(b, rounds, rng, ["jobcage", "jobcage, outside job"], ["none", "none, outside job"], one)
+    finally:
+        b.cfg.write_text(saved)
     rows = []
     for name, base in (("jobcage", "none"), ("jobcage, outside job", "none, outside job")):
         rows.append({"config": name, "baseline": base, "us_per_exec": median(per_exec[name]),

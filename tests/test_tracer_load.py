@@ -151,18 +151,24 @@ def test_5000_setuid_calls_per_second_nothing_lost(jc_env: JcEnv, agent_proc: Ag
     assert set(got) <= {0, pool.uid, pilot.uid} and not got.get(pilot.uid), got   # the owner is listed, ran nothing
 
 
-def test_max_spawn_rate_every_exec_in_trail(jc_env: JcEnv, agent_proc: AgentProc, execloop: Path) -> None:
-    job = f"spawn-{secrets.token_hex(2)}"
-    jc_env.jobcage("prologue", job, "--uid", "0", "--pids-max", "64").ok()
-    n = 8000
+def spawn_in_job(env: JcEnv, prefix: str, execloop: Path, n: int) -> tuple[str, float]:
+    """A new job of root's (pids.max 64) that runs `execloop N` (fork + exec /bin/true as fast as it goes);
+    (job id, execs per second)."""
+    job = f"{prefix}-{secrets.token_hex(2)}"
+    env.jobcage("prologue", job, "--uid", "0", "--pids-max", "64").ok()
     t0 = time.monotonic()
-    run_in_job(jc_env, job, [str(execloop), str(n)], timeout=600)
-    rate = n / (time.monotonic() - t0)
+    run_in_job(env, job, [str(execloop), str(n)], timeout=600)
+    return job, n / (time.monotonic() - t0)
 
-    def execs() -> list[dict]:
-        return [e for e in pick(trail(jc_env, job), kind="exec") if e["filename"] == "/bin/true"]
 
-    evs = wait_for(lambda: at_least(execs(), n), 120, "every exec event")
+def true_execs(env: JcEnv, job: str) -> list[dict]:
+    return [e for e in pick(trail(env, job), kind="exec") if e["filename"] == "/bin/true"]
+
+
+def test_max_spawn_rate_every_exec_in_trail(jc_env: JcEnv, agent_proc: AgentProc, execloop: Path) -> None:
+    n = 8000
+    job, rate = spawn_in_job(jc_env, "spawn", execloop, n)
+    evs = wait_for(lambda: at_least(true_execs(jc_env, job), n), 120, "every exec event")
     print(f"\n{n} execs at ~{rate:.0f}/s (fork + exec as fast as it goes): {len(evs)} in the trail")
     assert len(evs) == n
     after_periodic(jc_env)
@@ -175,19 +181,11 @@ def test_a_filling_ring_wakes_the_agent_before_its_window(jc_env: JcEnv, agent_p
     """A 128 KiB ring holds ~340 events: at this node's exec rate a poll window (250 ms) brings more than that,
     so only the kernel's fill wakeup (every 64th record here) makes the agent drain it in time.  Every exec is in
     the trail, events_lost 0."""
-    job = f"fill-{secrets.token_hex(2)}"
-    jc_env.jobcage("prologue", job, "--uid", "0", "--pids-max", "64").ok()
     n = 4000
-    t0 = time.monotonic()
-    run_in_job(jc_env, job, [str(execloop), str(n)], timeout=600)
-    rate = n / (time.monotonic() - t0)
-
-    def execs() -> list[dict]:
-        return [e for e in pick(trail(jc_env, job), kind="exec") if e["filename"] == "/bin/true"]
-
+    job, rate = spawn_in_job(jc_env, "fill", execloop, n)
     after_periodic(jc_env)
     lost = show(jc_env, job)["events_lost"]
-    evs = wait_for(lambda: at_least(execs(), n - lost), 120, "the exec events")
+    evs = wait_for(lambda: at_least(true_execs(jc_env, job), n - lost), 120, "the exec events")
     print(f"\n{n} execs at ~{rate:.0f}/s through a 32-page ring: {len(evs)} in the trail, events_lost {lost}")
     assert lost == 0 and len(evs) == n
 
