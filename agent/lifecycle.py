@@ -1074,6 +1074,8 @@ class JobManager:
                     self._record(job["jid"], job["job_id"], "epilogue", ts=ended, uid=job["owner_uid"],
                                  euid=job["owner_uid"], detail={"reason": "cgroup vanished",
                                                                 "owner_uid": job["owner_uid"]})
+                if self.observer:   # the tracer and accounting let go of it, as at any other end
+                    self.observer.job_ended(job["job_id"])
         return live
 
     def _note_kernel_state(self, job: dict) -> None:

@@ -43,8 +43,9 @@ def sd_notify(msg: str) -> None:
             pass
 
 
-POLL_WAIT_S = 0.25   # the longest a trail event waits in the kernel's buffer (it holds ~11,000; a quarter full wakes
-                     # the loop at once, see _watch_ring); a read waits less
+POLL_WAIT_S = 0.25   # the longest a trail event waits in the kernel's ring buffer (it holds ~11,000; a quarter full
+                     # wakes the loop at once, see _watch_ring); a read waits less
+POLL_WAIT_PERF_S = 0.1   # a perf buffer (kernels without a ring buffer) has no fill wakeup and holds ~680 a CPU
 # The proc connector learns ids from /proc when it reads an event: waiting longer lets a helper like sudo
 # switch uid first (the exec would be recorded under the new uid), so that backend polls twice as often.
 POLL_WAIT_PROC_S = 0.05
@@ -63,6 +64,7 @@ class Agent:
         self.control: ControlServer | None = None
         self.accounting = None
         self.tracer_backend = "off"
+        self._poll_wait = POLL_WAIT_PROC_S   # set with the tracer
         self.exporter: Exporter | None = None
         self._jids: dict[str, int] = {}
         self._owner: dict[str, int] = {}
@@ -84,8 +86,14 @@ class Agent:
         if not job:
             return
         with self._lock:
-            if self.accounting is not None and self._jids.get(job["job_id"]) not in (None, job["jid"]):
-                self.accounting.forget(job["job_id"])   # a new run of a reused batch id starts from zero
+            if self._jids.get(job["job_id"]) not in (None, job["jid"]):
+                # A new run of a reused batch id starts from zero: a fresh cookie in the tracer (the kernel's
+                # exit sums are by cookie) even if the old run ended without job_ended, and no old totals.
+                if self.tracer is not None and job["job_id"] in self.tracer.jobs():
+                    self.tracer.remove_job(job["job_id"])
+                    self._flush()
+                if self.accounting is not None:
+                    self.accounting.forget(job["job_id"])
             self._jids[job["job_id"]] = job["jid"]
             self._owner[job["job_id"]] = job["owner_uid"]
             self._lost_base[job["job_id"]] = int(job.get("events_lost") or 0)
@@ -180,6 +188,8 @@ class Agent:
         fd = self.tracer.wake_fd
         if fd is not None:
             threading.Thread(target=self._watch_ring, args=(fd,), name="ring-watch", daemon=True).start()
+        self._poll_wait = POLL_WAIT_PROC_S if self.tracer_backend != "bpf" else \
+            POLL_WAIT_S if fd is not None else POLL_WAIT_PERF_S
         try:
             from .accounting import Accounting
 
@@ -313,7 +323,7 @@ class Agent:
                 # filling faster than the window drains (_watch_ring) and a view waiting for a turn
                 # (_await_turn) wake the loop.
                 if n < POLL_BATCH and not self._awaiting:
-                    self._wake.wait(POLL_WAIT_S if self.tracer_backend == "bpf" else POLL_WAIT_PROC_S)
+                    self._wake.wait(self._poll_wait)
                 self._wake.clear()
         finally:
             self._loop_thread = None

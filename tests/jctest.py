@@ -1147,6 +1147,31 @@ def whois(env: JcEnv, uid: int, at: float | str | None = None) -> list[dict]:
     return env.jobcage(*args).json()
 
 
+def vanish(env: JcEnv, job: str) -> None:
+    """The job's cgroup goes behind jobcage's back (an admin's rmdir after killing its processes)."""
+    dirs = env.cgroup_dirs(job)
+    member = env.member_dir(job)
+    if (member / "cgroup.kill").exists():
+        (member / "cgroup.kill").write_text("1")
+    else:
+        for pid in env.job_pids(job):
+            os.kill(pid, 9)   # our test job's processes, found through its cgroup
+    wait_for(lambda: not env.job_pids(job) and not (member / "cgroup.procs").read_text().split(), 30,
+             "the job's cgroup to empty")
+    for d in dirs.values():
+        wait_for(lambda d=d: _rmdir(d), 30, f"rmdir {d}")
+
+
+def _rmdir(d: Path) -> bool:
+    try:
+        d.rmdir()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
 def idents(s: dict) -> dict[int, dict]:
     return {i["uid"]: i for i in s["identities"]}
 

@@ -10,7 +10,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from jctest import JOBTRACE, AgentProc, JcEnv, User, freeze_directly, hierarchies, wait_for
+from jctest import JOBTRACE, AgentProc, JcEnv, User, freeze_directly, hierarchies, vanish, wait_for
 
 
 def store_dump(env: JcEnv) -> dict[str, list[tuple]]:
@@ -92,31 +92,6 @@ def assert_reads_change_nothing(env: JcEnv, job: str, user: User, agent_up: bool
     assert now == cgfs, ("a read changed cgroupfs", {d: {k: (v, now[d].get(k)) for k, v in cgfs[d].items()  # type: ignore[attr-defined]
                                                          if now.get(d, {}).get(k) != v} for d in cgfs if now.get(d) != cgfs[d]})
     return outs
-
-
-def vanish(env: JcEnv, job: str) -> None:
-    """The job's cgroup goes behind jobcage's back (an admin's rmdir after killing its processes)."""
-    dirs = env.cgroup_dirs(job)
-    member = env.member_dir(job)
-    if (member / "cgroup.kill").exists():
-        (member / "cgroup.kill").write_text("1")
-    else:
-        for pid in env.job_pids(job):
-            os.kill(pid, 9)   # our test job's processes, found through its cgroup
-    wait_for(lambda: not env.job_pids(job) and not (member / "cgroup.procs").read_text().split(), 30,
-             "the job's cgroup to empty")
-    for d in dirs.values():
-        wait_for(lambda d=d: _rmdir(d), 30, f"rmdir {d}")
-
-
-def _rmdir(d: Path) -> bool:
-    try:
-        d.rmdir()
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
-    return True
 
 
 @pytest.mark.jc_config({"tracer": {"backend": "auto"}, "agent": {"reconcile_interval": 3600.0}})

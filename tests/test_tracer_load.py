@@ -33,6 +33,7 @@ from jctest import (
     require,
     show,
     trail,
+    vanish,
     wait_for,
 )
 
@@ -188,6 +189,32 @@ def test_a_filling_ring_wakes_the_agent_before_its_window(jc_env: JcEnv, agent_p
     evs = wait_for(lambda: at_least(true_execs(jc_env, job), n - lost), 120, "the exec events")
     print(f"\n{n} execs at ~{rate:.0f}/s through a 32-page ring: {len(evs)} in the trail, events_lost {lost}")
     assert lost == 0 and len(evs) == n
+
+
+BURN = "i=0; while [ $i -lt 400000 ]; do i=$((i+1)); done"   # ~0.3-0.5 s of a shell's CPU
+
+
+def test_a_reused_job_id_starts_its_cpu_from_zero(jc_env: JcEnv, agent_proc: AgentProc) -> None:
+    """The CPU of a run's exited children is summed in the kernel by the run's tracer cookie: a job id used again
+    after its first run ended without an epilogue (its cgroup removed behind jobcage's back, ended by the agent's
+    reconcile) starts from zero, not from the first run's sum."""
+    job = f"again-{secrets.token_hex(2)}"
+    jc_env.jobcage("prologue", job, "--uid", "0", "--pids-max", "64").ok()
+    dash = os.path.realpath("/bin/sh")
+    run_in_job(jc_env, job, [dash, "-c", f"read _; {dash} -c '{BURN}'"], timeout=300)   # a child born in the job
+    first = idents(show(jc_env, job)).get(0, {}).get("cpu_seconds", 0)
+    assert first >= 0.1, f"the first run's child burnt {first} s"
+    vanish(jc_env, job)
+    t = time.time()
+    wait_for(lambda: heartbeat(jc_env) > t + 0.01, 60, "the agent's reconcile")   # ends the job: cgroup vanished
+    wait_for(lambda: show(jc_env, job)["state"] == "ended", 30, "the first run to end")
+    jc_env.jobcage("prologue", job, "--uid", "0", "--pids-max", "64").ok()
+    run_in_job(jc_env, job, [dash, "-c", "read _; /bin/true"], timeout=300)   # uid 0 is an identity of the new run
+    wait_for(lambda: 0 in idents(show(jc_env, job)), 30, "the new run's identity")
+    again = idents(show(jc_env, job))[0]["cpu_seconds"]
+    print(f"\nfirst run {first} s, the id's new run {again} s")
+    assert again < 0.05, f"the new run of {job} starts with {again} s (the first run had {first} s)"
+    jc_env.jobcage("epilogue", job).ok()
 
 
 @pytest.mark.parametrize("pages", [0, 3, 131072])
