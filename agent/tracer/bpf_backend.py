@@ -195,16 +195,14 @@ class _BpfBackend:
 
     def sum_exits(self) -> None:
         """From now on the exits of tasks born in their job add to the kernel's per (job, uid) sums
-        instead of an `exited` entry each (only with the exit CPU offset; see struct jc_cpu_key)."""
-        if self.cpu_sums_map is None:
-            raise Unsupported("the tracer records no CPU time at exit (no kernel BTF)")
+        instead of an `exited` entry each (only with the exit CPU offset, which Tracer.sum_exits checks;
+        see struct jc_cpu_key)."""
         self.cpu_sums = True
         self._set_filter()
 
     def exit_sums(self, job: _Job) -> dict[int, int]:
         """uid -> CPU ns of the job's exited tasks that were born in it (the kernel's running sums)."""
-        if self.cpu_sums_map is None:
-            return {}
+        assert self.cpu_sums_map is not None
         return {k.uid: v.value for k, v in self.cpu_sums_map.items() if k.cookie == job.cookie}
 
     def add_job(self, job: _Job) -> None:
