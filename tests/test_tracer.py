@@ -7,6 +7,7 @@ same job, so both see the very same processes.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import secrets
@@ -143,6 +144,59 @@ def test_exec_through_a_swapped_symlink_keeps_the_kernels_facts(trace_users: Tra
     hx = _first(col.of("swap"), "exec through the link", kind="exec", filename=str(link))
     assert hx.uid == pilot.uid and hx.euid == 0, "the effective uid the kernel gave"
     assert hx.detail.get("setuid_file") is True and hx.detail.get("file_uid") == 0, hx.detail
+
+def test_plain_execs_read_from_the_record_match_the_full_enrichment(trace_users: TraceUsers, helpers: Helpers,
+                                                                      make_cgroup, make_tracer) -> None:
+    """The common exec (no set-id file, absolute path, no user namespace) is read straight from the kernel's
+    record; every other event goes through the full enrichment.  The very records of a job that mixes both, fed
+    through each way from the same tracer state, give the same events: the short way leaves nothing out."""
+    require(os.path.exists("/sys/kernel/btf/vmlinux"), "kernel BTF (/sys/kernel/btf/vmlinux)")
+    pilot, pool = trace_users.pilot, trace_users.pool
+    tracer, _col = make_tracer("bpf")
+    be = tracer._be
+    cg = make_cgroup()
+    thread_exec = "import os, threading; threading.Thread(target=os.execv, args=('/bin/true', ['true'])).start()"
+    job = shell_job(cg, "cd /usr/bin && ./basename x >/dev/null; /bin/true; /usr/bin/env true; "
+                        f"{helpers.sutest} {pool.uid} {pool.gid} /usr/bin/id -u; "
+                        f'{PYTHON} -c "{thread_exec}"; /usr/bin/unshare -U /bin/sh -c "/usr/bin/printenv HOME >/dev/null; exit"',
+                    pilot)
+    tracer.add_job("plain", pilot.uid, cg.id, pids=[job.pid])
+    job.release()
+    out, err = job.proc.communicate(timeout=30)   # the records wait in the ring meanwhile
+    assert job.proc.returncode == 0 and out.split() == [str(pool.uid)], err
+    recs = be.poll(0)
+    tracked = tracer._jobs["plain"]
+    before = copy.deepcopy((tracked.procs, tracked.userns))
+    short: list[TraceEvent] = []
+    plain = tracer._plain_exec
+    taken: list[tuple[int, str]] = []
+
+    def counted(f: tuple) -> TraceEvent | None:
+        ev = plain(f)
+        if ev is not None:
+            taken.append((ev.pid, ev.filename))
+        return ev
+
+    tracer._on_event, tracer._plain_exec = short.append, counted
+    tracer._deliver_bpf(recs)
+    tracked.procs, tracked.userns = copy.deepcopy(before)
+    full: list[TraceEvent] = []
+    tracer._on_event, tracer._plain_exec = full.append, lambda f: None
+    tracer._deliver_bpf(recs)
+    execs = [e for e in full if e.kind == "exec"]
+    names = [e.filename for e in execs]
+    # the relative one is resolved against the cwd only while the process lives (here: gone, as it stands)
+    assert {"./basename", "/bin/true", "/usr/bin/env", str(helpers.sutest), "/usr/bin/id",
+            "/usr/bin/unshare"} <= set(names), names
+    assert len(taken) >= 5, f"the short way took only {len(taken)} of {len(execs)} execs"
+    assert not [t for t in taken if t[1] in (str(helpers.sutest), "./basename")], "set-id file, relative path"
+    assert [e.detail.get("tid") for e in execs if e.detail.get("tid")], "the thread's exec names its thread"
+    assert [e.detail.get("userns") for e in execs if e.filename == "/usr/bin/printenv" and e.detail.get("userns")], \
+        "the exec of a child in the new user namespace says so"
+    ident = next(e for e in execs if e.filename == "/usr/bin/id")
+    assert (ident.pid, ident.filename) in taken and ident.uid == pool.uid and ident.detail["via"] == str(helpers.sutest)
+    assert short == full
+
 
 @pytest.mark.parametrize("backend", ["bpf", "proc"])
 def test_failed_setuid_recorded(backend: str, trace_users: TraceUsers, make_cgroup, make_tracer) -> None:

@@ -5,6 +5,7 @@ bits, the event kinds and syscalls (``enum jc_kind``, ``enum jc_sys``), ``JC_ABI
 from __future__ import annotations
 
 import ctypes as ct
+import operator
 import re
 import struct
 
@@ -44,6 +45,8 @@ MARK_USERNS = define("JC_MARK_USERNS")
 KIND_NAMES = enum("jc_kind", "JC_EV_")                                      # 1 -> "exec", ...
 SYS_NAMES = {k: v for k, v in enum("jc_sys", "JC_SYS_").items() if k}    # 1 -> "setuid", ...; 0 = none
 NOARG = 0xFFFFFFFF          # (uid_t)-1: "leave unchanged" in set*id arguments
+PLAIN_EXEC_FIELDS = ("ts_ns", "cookie", "pid", "tid", "ppid", "uid", "gid", "euid", "ret", "comm", "filename",
+                     "cgroup_id")
 _EXITED = struct.Struct("=QIIQ")         # struct jc_exited: ts_ns, cookie, uid, cpu_ns
 
 
@@ -80,3 +83,5 @@ class EventLayout:
             fmt += f"{ct.sizeof(cls) - pos}x"
         self.struct = struct.Struct(fmt)
         self.unpack = self.struct.unpack_from
+        # the fields of an exec the front end reads straight from the tuple (Tracer._plain_exec), in one call
+        self.plain_exec = operator.itemgetter(*(getattr(self, f) for f in PLAIN_EXEC_FIELDS))

@@ -7,6 +7,7 @@ import ctypes as ct
 import errno
 import logging
 import mmap
+import operator
 import os
 from collections.abc import Iterable
 
@@ -157,30 +158,26 @@ class _BpfBackend:
     def _on_lost(self, count: int) -> None:
         self.perf_lost += count   # kernel side already counted them per job
 
-    def _decode_all(self, raws: list[bytes]) -> list[_Raw]:
+    @property
+    def layout(self) -> EventLayout:
+        """struct jc_event's layout: the field indexes of the tuples :meth:`poll` returns."""
         if self._ev is None:
             from bcc.table import _get_event_class
 
             self._ev = EventLayout(_get_event_class(self.events))
-        ev = self._ev
-        unpack, kinds, sysn = ev.unpack, KIND_NAMES, SYS_NAMES
-        i_kind, i_ts, i_cookie, i_pid, i_tid, i_ppid = ev.kind, ev.ts_ns, ev.cookie, ev.pid, ev.tid, ev.ppid
-        i_uid, i_gid, i_ouid, i_ogid, i_ret, i_sys = ev.uid, ev.gid, ev.old_uid, ev.old_gid, ev.ret, ev.sys
-        i_a0, i_a1, i_a2, i_comm, i_fn, i_mk, i_cg = ev.arg0, ev.arg1, ev.arg2, ev.comm, ev.filename, ev.marked, \
-            ev.cgroup_id
-        i_eu, i_xm, i_xu, i_xg = ev.euid, ev.exe_mode, ev.exe_uid, ev.exe_gid
-        out = []
-        for data in raws:   # positional: this loop runs once per event
-            e = unpack(data)
-            k, mk, eu = e[i_kind], e[i_mk], e[i_eu]
-            out.append(_Raw(kinds.get(k) or f"unknown{k}", e[i_ts], e[i_cookie], e[i_pid], e[i_tid], e[i_ppid],
-                            e[i_uid], e[i_gid], e[i_ouid], e[i_ogid], -1 if eu == NOARG else eu, -1, e[i_ret],
-                            sysn.get(e[i_sys], ""), (_sid(e[i_a0]), _sid(e[i_a1]), _sid(e[i_a2])),
-                            e[i_comm].partition(b"\0")[0].decode(errors="replace"),
-                            e[i_fn].partition(b"\0")[0].decode(errors="surrogateescape"),
-                            bool(mk & MARK_CHANGED), e[i_cg], bool(mk & MARK_USERNS),
-                            eu != NOARG, e[i_xm], _sid(e[i_xu]), _sid(e[i_xg])))
-        return out
+        return self._ev
+
+    def raw(self, e: tuple) -> _Raw:
+        """One unpacked record (from :meth:`poll`) as a :class:`_Raw`, for the general enrichment."""
+        ev = self.layout
+        k, mk, eu = e[ev.kind], e[ev.marked], e[ev.euid]
+        return _Raw(KIND_NAMES.get(k) or f"unknown{k}", e[ev.ts_ns], e[ev.cookie], e[ev.pid], e[ev.tid], e[ev.ppid],
+                    e[ev.uid], e[ev.gid], e[ev.old_uid], e[ev.old_gid], -1 if eu == NOARG else eu, -1, e[ev.ret],
+                    SYS_NAMES.get(e[ev.sys], ""), (_sid(e[ev.arg0]), _sid(e[ev.arg1]), _sid(e[ev.arg2])),
+                    e[ev.comm].partition(b"\0")[0].decode(errors="replace"),
+                    e[ev.filename].partition(b"\0")[0].decode(errors="surrogateescape"),
+                    bool(mk & MARK_CHANGED), e[ev.cgroup_id], bool(mk & MARK_USERNS),
+                    eu != NOARG, e[ev.exe_mode], _sid(e[ev.exe_uid]), _sid(e[ev.exe_gid]))
 
     def _leaf(self, job: _Job) -> ct.Structure:
         return self.jobs.Leaf(job.slot, job.cookie, job.owner_uid, JOB_SUBTREE if job.level else 0)
@@ -250,14 +247,22 @@ class _BpfBackend:
         bits |= MARK_CHANGED | MARK_SEEN | (MARK_USERNS if userns else 0)
         self.marked_map[key] = self.marked_map.Leaf(bits)
 
-    def poll(self, timeout_ms: int) -> list[_Raw]:
+    def poll(self, timeout_ms: int) -> list[tuple]:
+        """The records buffered so far, each unpacked into a tuple (indexes: :attr:`layout`), in time order
+        (perf buffers are per CPU; a ring buffer's order is that of the reservations).  Decoded further only
+        where the front end needs it (:meth:`raw`): the common exec is read straight from the tuple."""
         if self.perfbuf:
             self.b.perf_buffer_poll(timeout_ms)
         else:
             self.b.ring_buffer_poll(timeout_ms)
             self.b.ring_buffer_consume()   # records submitted without a wakeup (exec, exit)
         raws, self._raw = self._raw, []
-        return self._decode_all(raws) if raws else []
+        if not raws:
+            return []
+        lay = self.layout
+        out = list(map(lay.unpack, raws))
+        out.sort(key=operator.itemgetter(lay.ts_ns))
+        return out
 
     def counters(self, job: _Job) -> dict[str, int | None]:
         per_cpu = self.counters_map[job.slot]

@@ -12,7 +12,7 @@ from jobcage.cgroups import proc
 
 from .procfs import proc_exe, proc_ppid, proc_status
 from .records import _errname, _Job, _Raw
-from .userns import MAP_WAIT_S, UNKNOWN_NS, host_mapped, to_host
+from .userns import INIT_USERNS, MAP_WAIT_S, UNKNOWN_NS, host_mapped, to_host
 
 # Container runtimes marked at exec: a basename, or a path suffix when it holds a '/'.
 DEFAULT_RUNTIMES = ("apptainer", "singularity", "apptainer/bin/starter", "apptainer/bin/starter-suid",
@@ -186,6 +186,43 @@ class EnrichMixin:
             self._deferred.append((time.monotonic() + MAP_WAIT_S, job, ev, None, "entry"))
             return None   # the creator writes the map just after: wait for it (or for the process's end)
         return ev
+
+    def _plain_exec(self, f: tuple) -> TraceEvent | None:
+        """The common exec, read from the record's fields (``PLAIN_EXEC_FIELDS``) without a :class:`_Raw`: the
+        kernel said the file has no set-id bit, gave the euid, the path is absolute and no user namespace was
+        entered.  Makes the event :meth:`_enrich` would make, or returns None for it to do the work (a record
+        naming a user namespace, a container runtime, a job no longer traced)."""
+        ts_ns, cookie, pid, tid, ppid, uid, gid, euid, old_pid, comm_b, fn_b, cgroup_id = f
+        job = self._by_cookie.get(cookie)
+        if job is None:
+            return None
+        rec = job.procs.get(pid)
+        if rec is not None and rec["userns"] not in (None, INIT_USERNS):
+            return None
+        path = fn_b.partition(b"\0")[0].decode(errors="surrogateescape")
+        if self._runtime(path):
+            return None
+        ts = ts_ns / 1e9 + self._mono_to_epoch
+        if rec is None:
+            rec = self._rec(job, pid, ts)
+        if ppid:
+            if not rec["ppid"]:
+                rec["ppid"] = ppid   # the original parent wins
+        elif not rec["ppid"]:
+            rec["ppid"] = proc_ppid(pid)
+        comm = comm_b.partition(b"\0")[0].decode(errors="replace") or rec["comm"]
+        detail: dict = {"tid": tid} if tid and tid != pid else {}
+        detail["gid"] = gid
+        if old_pid and old_pid != pid:
+            detail["tid"] = old_pid   # a non-leader thread exec'd
+        rec["exe"] = path
+        rec["uid"], rec["euid"], rec["gid"], rec["comm"], rec["last_seen"] = uid, euid, gid, comm, ts
+        if not rec["via"] and uid != job.owner_uid:
+            rec["via"] = self._inherited_via(job, pid)
+        detail["orig_ppid"] = rec["ppid"]
+        if rec["via"]:
+            detail["via"] = rec["via"]
+        return TraceEvent("exec", pid, rec["ppid"], uid, euid, comm, path, detail, job.job_id, ts, cgroup_id)
 
     @staticmethod
     def _prev_euid(job: _Job, rec: dict, raw: _Raw) -> int:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import collections
 import logging
+import stat
 import time
 from collections.abc import Callable, Container, Iterable
 
 from jobcage.agent.events import TraceEvent
 
 from ..errors import InvalidArgument, JobcageError, NoSuchJob, Unsupported
-from .abi import MAX_JOBS, MAX_LEVEL
+from .abi import KIND_NAMES, MARK_USERNS, MAX_JOBS, MAX_LEVEL, NOARG, SYS_NAMES
 from .bpf_backend import _BpfBackend
 from .enrich import DEFAULT_RUNTIMES, EnrichMixin
 from .proc_connector import _ProcBackend
@@ -23,6 +24,11 @@ log = logging.getLogger("jobcage.tracer")
 BACKENDS = ("auto", "bpf", "proc")
 REMOVED_KEEP = 64           # removed jobs whose lineage/counters stay queryable
 EXITED_MAX_AGE_NS = 30 * 1_000_000_000   # an exit whose taskstats record never came (lost) is dropped
+KIND_EXEC = next(k for k, v in KIND_NAMES.items() if v == "exec")
+KIND_USERNS = next(k for k, v in KIND_NAMES.items() if v == "userns")
+SYS_UNSHARE = next(k for k, v in SYS_NAMES.items() if v == "unshare")
+SYS_SETNS = next(k for k, v in SYS_NAMES.items() if v == "setns")
+SETID_BITS = stat.S_ISUID | stat.S_ISGID
 
 
 class Tracer(EnrichMixin, UsernsMixin):
@@ -182,22 +188,61 @@ class Tracer(EnrichMixin, UsernsMixin):
         """Wait up to ``timeout_ms`` for events, deliver all that are buffered; return how many.
 
         BPF: exec and exit records are queued without waking us (a wakeup per exec would cost more
-        than the exec); they are delivered at the latest when ``timeout_ms`` expires, or at once
-        with the next identity event.  So keep ``timeout_ms`` modest (100-1000 ms)."""
-        raws = self._be.poll(timeout_ms)
+        than the exec); they are delivered at the latest when ``timeout_ms`` expires, or earlier when
+        the ring buffer fills.  So keep ``timeout_ms`` modest (100-1000 ms)."""
+        recs = self._be.poll(timeout_ms)
         self._mono_to_epoch = time.time() - time.monotonic()
-        raws.sort(key=lambda r: r.ts_ns)   # perf buffers are per CPU: restore one order
-        n = 0
-        self._ns_changing = {r.pid for r in raws if r.kind == "userns" and r.sys in ("unshare", "setns")}
-        for raw in raws:
-            ev = self._enrich(raw)
-            extra, self._extra = self._extra, []
-            for e in extra + ([ev] if ev is not None else []):
-                n += 1
-                self._deliver(e)
+        if isinstance(self._be, _BpfBackend):
+            n = self._deliver_bpf(recs) if recs else 0
+        else:
+            recs.sort(key=lambda r: r.ts_ns)
+            self._ns_changing = {r.pid for r in recs if r.kind == "userns" and r.sys in ("unshare", "setns")}
+            n = 0
+            for raw in recs:
+                n += self._deliver_one(self._enrich(raw))
         for e in self._retry_maps():
             n += 1
             self._deliver(e)
+        return n
+
+    def _deliver_bpf(self, recs: list[tuple]) -> int:
+        """BPF records (unpacked tuples, in time order): an exec the kernel already vouches for as plain (see
+        :meth:`_plain_exec`) is read straight from its tuple; everything else goes through :meth:`_enrich`."""
+        be = self._be
+        assert isinstance(be, _BpfBackend)
+        lay = be.layout
+        i_kind, i_sys, i_pid, i_mk, i_eu, i_xm, i_fn = lay.kind, lay.sys, lay.pid, lay.marked, lay.euid, \
+            lay.exe_mode, lay.filename
+        self._ns_changing = {e[i_pid] for e in recs
+                             if e[i_kind] == KIND_USERNS and e[i_sys] in (SYS_UNSHARE, SYS_SETNS)}
+        plain = lay.plain_exec
+        n = 0
+        for e in recs:
+            ev = None
+            xm = e[i_xm]
+            # the kernel's facts: an exec, no user namespace in its ancestry since seeding, the euid it gave, a
+            # file with no set-id bit, an absolute path (nothing to stat, no cwd to read)
+            if e[i_kind] == KIND_EXEC and not e[i_mk] & MARK_USERNS and e[i_eu] != NOARG and xm \
+                    and not xm & SETID_BITS and e[i_fn][:1] == b"/":
+                ev = self._plain_exec(plain(e))
+            if ev is None:
+                n += self._deliver_one(self._enrich(be.raw(e)))
+            else:
+                n += 1
+                self._deliver(ev)
+        return n
+
+    def _deliver_one(self, ev: TraceEvent | None) -> int:
+        """Deliver what an enrichment added before its event (a namespace first seen), then the event."""
+        n = 0
+        if self._extra:
+            extra, self._extra = self._extra, []
+            for e in extra:
+                n += 1
+                self._deliver(e)
+        if ev is not None:
+            n += 1
+            self._deliver(ev)
         return n
 
     @property
