@@ -936,37 +936,41 @@ class JobManager:
     # -- what the agent saw (the tracer's events, its own downtime) ----------------------
     def record_trace(self, batch: list, runs: dict[str, tuple[int, int]]) -> None:
         """Write a batch of trace events of the job runs the tracer follows (job id -> (jid, owner uid)):
-        the trail, the identities they show and the lineage they carry; one transaction."""
+        the trail (whose events carry the lineage: Store.lineage reads it from there) and the identities they
+        show; one transaction."""
         by_job: dict[int, list] = {}
         # (jid, uid) -> [first ts, last ts, via]: one identity write per uid and batch
         seen: dict[tuple[int, int], list] = {}
-        # one row per process and batch too (an exec-heavy job names thousands): executemany
-        lineage: dict[tuple[int, int], tuple[int, int, int, str | None, float]] = {}
-        for ev in batch:
-            run = runs.get(ev.job_id or "")
+        for ev in batch:   # once per event of an exec-heavy job: plain locals and dict reads
+            run = runs.get(ev.job_id)
             if run is None:
                 continue
             jid, owner = run
-            by_job.setdefault(jid, []).append(ev)
+            evs = by_job.get(jid)
+            if evs is None:
+                evs = by_job[jid] = []
+            evs.append(ev)
+            uid, ts = ev.uid, ev.ts
             # An identity is a uid the job's processes *run as*: the real uid of every event
             # (exec, set*uid, fork, exit...), so that whois names the job at the time of any
             # event the trail shows -- sudo's real uid 0 included.  Helpers' transient euids
             # (sudo passes through root and daemon) are in the trail, not identities.
-            if ev.uid >= 0:
-                via = ev.detail.get("via") if ev.uid != owner else None
-                cur = seen.get((jid, ev.uid))
+            if uid >= 0:
+                cur = seen.get((jid, uid))
                 if cur is None:
-                    seen[(jid, ev.uid)] = [ev.ts, ev.ts, via]
+                    seen[(jid, uid)] = [ts, ts, ev.detail.get("via") if uid != owner else None]
                 else:
-                    cur[0], cur[1], cur[2] = min(cur[0], ev.ts), max(cur[1], ev.ts), cur[2] or via
-            if ev.detail.get("orig_ppid") is not None:
-                lineage[(jid, ev.pid)] = (jid, ev.pid, int(ev.detail["orig_ppid"]), ev.detail.get("via"), ev.ts)
+                    if ts < cur[0]:
+                        cur[0] = ts
+                    elif ts > cur[1]:
+                        cur[1] = ts
+                    if cur[2] is None and uid != owner:
+                        cur[2] = ev.detail.get("via")
         if not by_job:
             return
         with self.store.transaction():
             for (jid, uid), (t0, t1, via) in seen.items():
                 self.store.touch_identity(jid, uid, t0, via, last=t1)
-            self.store.set_lineages(lineage.values())
             for jid, evs in by_job.items():
                 self.store.add_events(jid, evs)
 

@@ -202,6 +202,23 @@ def text_rows(text: str) -> tuple[list[str], dict[int, tuple[int, str]]]:
 
 # -- the tree ------------------------------------------------------------------------------------------------
 
+@pytest.mark.jc_config({"tracer": {"backend": "bpf"}})
+def test_original_parent_survives_an_agent_crash(jc_env: JcEnv, agent_proc: AgentProc,
+                                                 make_user: Callable[..., User], sudoers: Callable[..., Path]) -> None:
+    """With the tracer on, the daemon's original parent is in the trail the agent wrote.  Killed (SIGKILL) and
+    started again, the agent has lost what it held in memory; jobtrace still says where the daemon came from."""
+    sc = start_scenario(jc_env, agent_proc, make_user, sudoers)
+    trail = lambda: jobtrace(jc_env, sc.job, "--events", "--json").out   # noqa: E731
+    wait_for(lambda: any(json.loads(ln).get("pid") == sc.daemon_pid for ln in trail().splitlines() if ln.strip()),
+             30, "the daemon's exec in the trail")
+    daemon = by_pid(sc.tree()["tree"])[sc.daemon_pid][0]
+    assert daemon["reparented"] and daemon["orig_ppid"] == sc.mid_pid, daemon
+    agent_proc.stop(signal.SIGKILL)
+    agent_proc.start()
+    daemon = by_pid(sc.tree()["tree"])[sc.daemon_pid][0]
+    assert daemon["reparented"] and daemon["orig_ppid"] == sc.mid_pid, daemon
+
+
 def test_json_tree_from_proc(cgroup_mode: str, scenario: Scenario) -> None:
     """Tracer off: the tree comes from /proc; parents, uids, threads and marks are right."""
     check_tree(scenario, scenario.tree())
@@ -210,8 +227,10 @@ def test_json_tree_from_proc(cgroup_mode: str, scenario: Scenario) -> None:
 
 
 def test_tree_under_original_parent_with_lineage(scenario: Scenario) -> None:
-    """With the lineage the tracer stores (here written into the store as the agent would), the daemon is shown
-    under its original parent's surviving ancestor, with its current ppid, and the helper of the switch."""
+    """With the lineage the tracer's events carry (here written into the trail as the agent writes them), the
+    daemon is shown under its original parent's surviving ancestor, with its current ppid, and the helper of the
+    switch.  A lineage row of the table older stores hold is read too."""
+    from jobcage.agent.events import TraceEvent
     from jobcage.agent.store import Store
 
     sc = scenario
@@ -219,9 +238,11 @@ def test_tree_under_original_parent_with_lineage(scenario: Scenario) -> None:
     try:
         jid = store.job(sc.job)["jid"]  # type: ignore[index]
         now = time.time()
-        store.set_lineage(jid, sc.daemon_pid, sc.mid_pid, None, now)
-        store.set_lineage(jid, sc.mid_pid, sc.payload_pid, None, now)
-        store.set_lineage(jid, sc.payload_pid, sc.ancestors(sc.payload_pid)[0], "/usr/bin/sudo", now)
+        orig = {sc.daemon_pid: (sc.mid_pid, None), sc.mid_pid: (sc.payload_pid, None),
+                sc.payload_pid: (sc.ancestors(sc.payload_pid)[0], "/usr/bin/sudo")}
+        store.add_events(jid, [TraceEvent("exec", pid, pp, sc.payload.uid, sc.payload.uid, "sh", "/bin/sh",
+                                          {"orig_ppid": pp, **({"via": via} if via else {})}, sc.job, now)
+                               for pid, (pp, via) in orig.items()])
         # a stale record of an earlier process with the pilot's pid must be ignored
         store.set_lineage(jid, sc.pilot_pid, 4242, None, now - 10 * 86400)
     finally:
