@@ -43,8 +43,13 @@ def sd_notify(msg: str) -> None:
             pass
 
 
-POLL_WAIT_S = 0.25   # the longest a trail event waits in the kernel's ring buffer (it holds ~11,000; a quarter full
-                     # wakes the loop at once, see _watch_ring); a read waits less
+# The longest a trail event waits in the kernel's ring buffer (it holds ~11,000; a quarter full wakes the loop at
+# once, see _watch_ring); a view forces a turn (_await_turn).  Each turn is a transaction and a few syscalls: at
+# 1,000 exec/s a 1 s window costs ~9 us of agent CPU per exec, 250 ms ~11 (bench/trace_overhead.py --only cpu).
+POLL_WAIT_S = 1.0
+# ... but a taskstats accounting (kernels without BTF) must read every exit record of the node as it comes, or
+# the netlink socket overruns: it keeps the loop at this
+POLL_WAIT_TASKSTATS_S = 0.25
 POLL_WAIT_PERF_S = 0.1   # a perf buffer (kernels without a ring buffer) has no fill wakeup and holds ~680 a CPU
 # The proc connector learns ids from /proc when it reads an event: waiting longer lets a helper like sudo
 # switch uid first (the exec would be recorded under the new uid), so that backend polls twice as often.
@@ -196,6 +201,8 @@ class Agent:
             self.accounting = Accounting(self.tracer)
             self.accounting.start()
             log.info("per-identity accounting: exited tasks' CPU from %s", self.accounting.source)
+            if self.accounting.source == "taskstats":
+                self._poll_wait = min(self._poll_wait, POLL_WAIT_TASKSTATS_S)
         except Exception as e:
             log.warning("per-identity accounting disabled: %s", e)
             self.accounting = None

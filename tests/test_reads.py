@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from jctest import JOBTRACE, AgentProc, JcEnv, User, freeze_directly, hierarchies, vanish, wait_for
 
+from jobcage.agent.server import POLL_WAIT_S
+
 
 def store_dump(env: JcEnv) -> dict[str, list[tuple]]:
     """Every row of every table of the node's store."""
@@ -68,7 +70,7 @@ def do_reads(env: JcEnv, job: str, user: User, agent_up: bool) -> dict[str, str]
 
 def settled(env: JcEnv) -> dict[str, list[tuple]]:
     """The store once the tracer's events of what the test just did are written (a writer, not a read): the
-    same in two dumps a few agent loop turns apart."""
+    same in two dumps more than one agent poll window apart (the loop took a turn in between)."""
     last: list[dict | None] = [None]
 
     def same() -> bool:   # wait_for asks at once, then every interval: the first answer only primes
@@ -76,7 +78,7 @@ def settled(env: JcEnv) -> dict[str, list[tuple]]:
         ok, last[0] = now == last[0], now
         return ok
 
-    wait_for(same, 30, "the store to settle", interval=0.5)
+    wait_for(same, 30, "the store to settle", interval=1.5 * POLL_WAIT_S)
     assert last[0] is not None
     return last[0]
 

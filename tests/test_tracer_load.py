@@ -179,7 +179,7 @@ def test_max_spawn_rate_every_exec_in_trail(jc_env: JcEnv, agent_proc: AgentProc
 @pytest.mark.jc_config({"tracer": {"backend": "bpf", "ringbuf_pages": 32}})
 def test_a_filling_ring_wakes_the_agent_before_its_window(jc_env: JcEnv, agent_proc: AgentProc,
                                                           execloop: Path) -> None:
-    """A 128 KiB ring holds ~340 events: at this node's exec rate a poll window (250 ms) brings more than that,
+    """A 128 KiB ring holds ~340 events: at this node's exec rate a poll window (1 s) brings more than that,
     so only the kernel's fill wakeup (every 64th record here) makes the agent drain it in time.  Every exec is in
     the trail, events_lost 0."""
     n = 4000
