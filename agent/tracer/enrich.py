@@ -22,10 +22,13 @@ IMAGE_SCHEMES = ("docker://", "docker-archive:", "library://", "oras://", "shub:
 # what the exec program read from the running file's inode: stat's names, so the set-id logic reads either
 _FileFacts = collections.namedtuple("_FileFacts", "st_mode st_uid st_gid")
 LINEAGE_CAP = 50_000        # records kept per job before dead uninteresting ones are dropped
+PLAIN_PATHS_KEEP = 4096     # decoded exec paths and comms remembered (by their raw bytes) for the common exec
 
 
 class EnrichMixin:
     _runtime_match: tuple | None = None
+    _plain_paths: dict[bytes, str | None]   # raw filename -> path, None for a container runtime's (set by Tracer)
+    _plain_comms: dict[bytes, str]
     """Tracer methods that turn a :class:`_Raw` into a :class:`TraceEvent` (mixed into :class:`Tracer`)."""
 
     def _rec(self, job: _Job, pid: int, ts: float) -> dict:
@@ -199,8 +202,16 @@ class EnrichMixin:
         rec = job.procs.get(pid)
         if rec is not None and rec["userns"] not in (None, INIT_USERNS):
             return None
-        path = fn_b.partition(b"\0")[0].decode(errors="surrogateescape")
-        if self._runtime(path):
+        # the same few programs run over and over: their decoded path, or None for a container runtime's
+        path = self._plain_paths.get(fn_b, False)
+        if path is False:
+            path = fn_b.partition(b"\0")[0].decode(errors="surrogateescape")
+            if self._runtime(path):
+                path = None
+            if len(self._plain_paths) >= PLAIN_PATHS_KEEP:
+                self._plain_paths.clear()
+            self._plain_paths[fn_b] = path
+        if path is None:
             return None
         ts = ts_ns / 1e9 + self._mono_to_epoch
         if rec is None:
@@ -210,7 +221,13 @@ class EnrichMixin:
                 rec["ppid"] = ppid   # the original parent wins
         elif not rec["ppid"]:
             rec["ppid"] = proc_ppid(pid)
-        comm = comm_b.partition(b"\0")[0].decode(errors="replace") or rec["comm"]
+        comm = self._plain_comms.get(comm_b)
+        if comm is None:
+            comm = comm_b.partition(b"\0")[0].decode(errors="replace")
+            if len(self._plain_comms) >= PLAIN_PATHS_KEEP:
+                self._plain_comms.clear()
+            self._plain_comms[comm_b] = comm
+        comm = comm or rec["comm"]
         detail: dict = {"tid": tid} if tid and tid != pid else {}
         detail["gid"] = gid
         if old_pid and old_pid != pid:

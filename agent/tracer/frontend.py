@@ -75,6 +75,9 @@ class Tracer(EnrichMixin, UsernsMixin):
         self._free_slots = list(range(MAX_JOBS - 1, -1, -1))
         self._mono_to_epoch = time.time() - time.monotonic()
         self.runtimes = tuple(runtimes)
+        self._plain_paths: dict[bytes, str | None] = {}
+        self._plain_rt = self.runtimes   # the runtimes _plain_paths was filled with
+        self._plain_comms: dict[bytes, str] = {}
         self._ns: collections.OrderedDict[int, dict] = collections.OrderedDict()   # inode -> facts, maps
         self._deferred: list[tuple[float, _Job, TraceEvent, int | None, str]] = []  # map events awaiting the map
         self._extra: list[TraceEvent] = []   # events an enrichment adds before its own
@@ -216,6 +219,10 @@ class Tracer(EnrichMixin, UsernsMixin):
         self._ns_changing = {e[i_pid] for e in recs
                              if e[i_kind] == KIND_USERNS and e[i_sys] in (SYS_UNSHARE, SYS_SETNS)}
         plain = lay.plain_exec
+        if self._plain_rt is not self.runtimes:   # reconfigured: which paths are runtimes' may differ now
+            self._plain_paths.clear()
+            self._plain_rt = self.runtimes
+        on_event = self._on_event
         n = 0
         for e in recs:
             ev = None
@@ -227,9 +234,12 @@ class Tracer(EnrichMixin, UsernsMixin):
                 ev = self._plain_exec(plain(e))
             if ev is None:
                 n += self._deliver_one(self._enrich(be.raw(e)))
-            else:
-                n += 1
-                self._deliver(ev)
+                continue
+            n += 1
+            try:   # _deliver, inline: once per exec
+                on_event(ev)
+            except Exception:
+                log.exception("on_event failed for %s", ev)
         return n
 
     def _deliver_one(self, ev: TraceEvent | None) -> int:
