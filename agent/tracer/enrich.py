@@ -25,11 +25,19 @@ LINEAGE_CAP = 50_000        # records kept per job before dead uninteresting one
 PLAIN_PATHS_KEEP = 4096     # decoded exec paths and comms remembered (by their raw bytes) for the common exec
 
 
+def _remember(cache: dict, key: bytes, value: object) -> None:
+    """Keep a decoded exec field by its raw bytes, at most PLAIN_PATHS_KEEP of them (then start afresh)."""
+    if len(cache) >= PLAIN_PATHS_KEEP:
+        cache.clear()
+    cache[key] = value
+
+
 class EnrichMixin:
-    _runtime_match: tuple | None = None
-    _plain_paths: dict[bytes, str | None]   # raw filename -> path, None for a container runtime's (set by Tracer)
-    _plain_comms: dict[bytes, str]
     """Tracer methods that turn a :class:`_Raw` into a :class:`TraceEvent` (mixed into :class:`Tracer`)."""
+    # (runtimes, basenames, path suffixes, suffix -> entry, raw filename -> path or None for a runtime's): built for
+    # the runtimes configured now, so a new list drops the remembered paths with the rest (_runtime_state)
+    _runtime_match: tuple | None = None
+    _plain_comms: dict[bytes, str]   # raw comm -> comm (set by Tracer)
 
     def _rec(self, job: _Job, pid: int, ts: float) -> dict:
         rec = job.procs.get(pid)
@@ -203,14 +211,13 @@ class EnrichMixin:
         if rec is not None and rec["userns"] not in (None, INIT_USERNS):
             return None
         # the same few programs run over and over: their decoded path, or None for a container runtime's
-        path = self._plain_paths.get(fn_b, False)
+        paths = self._runtime_state()[4]
+        path = paths.get(fn_b, False)
         if path is False:
             path = fn_b.partition(b"\0")[0].decode(errors="surrogateescape")
             if self._runtime(path):
                 path = None
-            if len(self._plain_paths) >= PLAIN_PATHS_KEEP:
-                self._plain_paths.clear()
-            self._plain_paths[fn_b] = path
+            _remember(paths, fn_b, path)
         if path is None:
             return None
         ts = ts_ns / 1e9 + self._mono_to_epoch
@@ -224,9 +231,7 @@ class EnrichMixin:
         comm = self._plain_comms.get(comm_b)
         if comm is None:
             comm = comm_b.partition(b"\0")[0].decode(errors="replace")
-            if len(self._plain_comms) >= PLAIN_PATHS_KEEP:
-                self._plain_comms.clear()
-            self._plain_comms[comm_b] = comm
+            _remember(self._plain_comms, comm_b, comm)
         comm = comm or rec["comm"]
         detail: dict = {"tid": tid} if tid and tid != pid else {}
         detail["gid"] = gid
@@ -335,15 +340,20 @@ class EnrichMixin:
             if image:
                 detail["image"] = image
 
-    def _runtime(self, path: str) -> str | None:
-        """The configured container-runtime entry the exec'd file matches, if any (once per exec: a set
-        lookup for the basenames, one endswith for the path suffixes)."""
+    def _runtime_state(self) -> tuple:
+        """_runtime_match for the runtimes configured now."""
         rt = self._runtime_match
         if rt is None or rt[0] is not self.runtimes:
             names = {r: r for r in self.runtimes if "/" not in r}
             suffixes = tuple("/" + r.lstrip("/") for r in self.runtimes if "/" in r)
             rt = self._runtime_match = (self.runtimes, names, suffixes,
-                                        {"/" + r.lstrip("/"): r for r in self.runtimes if "/" in r})
+                                        {"/" + r.lstrip("/"): r for r in self.runtimes if "/" in r}, {})
+        return rt
+
+    def _runtime(self, path: str) -> str | None:
+        """The configured container-runtime entry the exec'd file matches, if any (once per exec: a set
+        lookup for the basenames, one endswith for the path suffixes)."""
+        rt = self._runtime_state()
         hit = rt[1].get(path.rpartition("/")[2])
         if hit is None and rt[2] and path.endswith(rt[2]):
             hit = next(r for s, r in rt[3].items() if path.endswith(s))

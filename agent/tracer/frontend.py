@@ -75,8 +75,6 @@ class Tracer(EnrichMixin, UsernsMixin):
         self._free_slots = list(range(MAX_JOBS - 1, -1, -1))
         self._mono_to_epoch = time.time() - time.monotonic()
         self.runtimes = tuple(runtimes)
-        self._plain_paths: dict[bytes, str | None] = {}
-        self._plain_rt = self.runtimes   # the runtimes _plain_paths was filled with
         self._plain_comms: dict[bytes, str] = {}
         self._ns: collections.OrderedDict[int, dict] = collections.OrderedDict()   # inode -> facts, maps
         self._deferred: list[tuple[float, _Job, TraceEvent, int | None, str]] = []  # map events awaiting the map
@@ -219,9 +217,6 @@ class Tracer(EnrichMixin, UsernsMixin):
         self._ns_changing = {e[i_pid] for e in recs
                              if e[i_kind] == KIND_USERNS and e[i_sys] in (SYS_UNSHARE, SYS_SETNS)}
         plain = lay.plain_exec
-        if self._plain_rt is not self.runtimes:   # reconfigured: which paths are runtimes' may differ now
-            self._plain_paths.clear()
-            self._plain_rt = self.runtimes
         on_event = self._on_event
         n = 0
         for e in recs:
