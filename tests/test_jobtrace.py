@@ -26,7 +26,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from jctest import JOBCAGE, JOBTRACE, AgentProc, JcEnv, Result, User, alive, proc, read_int, require, wait_for
+from jctest import (
+    JOBCAGE,
+    JOBTRACE,
+    AgentProc,
+    JcEnv,
+    Result,
+    User,
+    alive,
+    pick,
+    proc,
+    read_int,
+    require,
+    trail,
+    wait_for,
+)
 
 pytestmark = pytest.mark.root
 
@@ -208,9 +222,7 @@ def test_original_parent_survives_an_agent_crash(jc_env: JcEnv, agent_proc: Agen
     """With the tracer on, the daemon's original parent is in the trail the agent wrote.  Killed (SIGKILL) and
     started again, the agent has lost what it held in memory; jobtrace still says where the daemon came from."""
     sc = start_scenario(jc_env, agent_proc, make_user, sudoers)
-    trail = lambda: jobtrace(jc_env, sc.job, "--events", "--json").out   # noqa: E731
-    wait_for(lambda: any(json.loads(ln).get("pid") == sc.daemon_pid for ln in trail().splitlines() if ln.strip()),
-             30, "the daemon's exec in the trail")
+    wait_for(lambda: pick(trail(jc_env, sc.job), pid=sc.daemon_pid), 30, "the daemon's exec in the trail")
     daemon = by_pid(sc.tree()["tree"])[sc.daemon_pid][0]
     assert daemon["reparented"] and daemon["orig_ppid"] == sc.mid_pid, daemon
     agent_proc.stop(signal.SIGKILL)

@@ -145,6 +145,7 @@ def test_exec_through_a_swapped_symlink_keeps_the_kernels_facts(trace_users: Tra
     assert hx.uid == pilot.uid and hx.euid == 0, "the effective uid the kernel gave"
     assert hx.detail.get("setuid_file") is True and hx.detail.get("file_uid") == 0, hx.detail
 
+
 def test_plain_execs_read_from_the_record_match_the_full_enrichment(trace_users: TraceUsers, helpers: Helpers,
                                                                       make_cgroup, make_tracer) -> None:
     """The common exec (no set-id file, absolute path, no user namespace) is read straight from the kernel's
