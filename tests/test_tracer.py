@@ -405,3 +405,64 @@ def test_kinds_and_abi_come_from_the_header(monkeypatch: pytest.MonkeyPatch, cap
         BPF(src_file=str(bpf_files.SOURCE).encode(),
             cflags=[f"-I{bpf_files.DIR}", f"-DJC_ABI_EXPECTED={abi.ABI + 1}", "-DJC_SUBTREE"])
     assert "another JC_ABI" in capfd.readouterr().err   # the #error of tracer.bpf.c
+
+
+RING_PROG = r"""
+struct rec { u64 seq; u32 pid; u32 keep; u64 sq; u32 tail; };   /* 32 bytes: a 40-byte step, which 4096 does not divide */
+BPF_RINGBUF_OUTPUT(ring, 1);
+BPF_ARRAY(seq, u64, 1);
+TRACEPOINT_PROBE(syscalls, sys_enter_getppid)
+{
+    if ((bpf_get_current_pid_tgid() >> 32) != TGID)
+        return 0;
+    u32 zero = 0;
+    u64 *s = seq.lookup(&zero);
+    if (!s)
+        return 0;
+    u64 n = (*s)++;
+    struct rec *r = ring.ringbuf_reserve(sizeof(*r));
+    if (!r)
+        return 0;
+    r->seq = n;
+    r->pid = TGID;
+    r->keep = !DISCARD || n % 3 != 2;
+    r->sq = n * n;
+    r->tail = 0xabcdef;
+    if (r->keep)
+        ring.ringbuf_submit(r, BPF_RB_NO_WAKEUP);
+    else
+        ring.ringbuf_discard(r, BPF_RB_NO_WAKEUP);
+    return 0;
+}
+"""
+
+
+@pytest.mark.parametrize("discard", [0, 1])
+def test_ring_reader_reads_the_kernels_records_across_the_wrap(discard: int) -> None:
+    """The agent's reader of the ring's pages (agent/tracer/ringbuf.py) against a real ring of one page filled by a
+    real program, lap after lap: records that straddle the end of the ring (a 40-byte step), the consumer position
+    handed back so the kernel can reuse the room (a ring that is never read back loses records: the sequence
+    numbers would jump; one that is read twice repeats them).  With ``discard`` every third record is discarded,
+    which sends the reader the slow way, record by record."""
+    import struct
+
+    from bcc import BPF
+
+    from jobcage.agent.tracer import ringbuf
+
+    require(ringbuf.usable(), "the ring reader is for x86 (ordered loads)")
+    b = BPF(text=RING_PROG.encode(), cflags=[f"-DTGID={os.getpid()}", f"-DDISCARD={discard}"])
+    reader = ringbuf.RingReader(b[b"ring"].map_fd, struct.Struct("=QIIQI4x"))
+    try:
+        got: list[tuple] = []
+        for _ in range(40):   # 40 x 60 records of 40 bytes: ~35 laps of a 4096-byte ring
+            for _ in range(60):
+                os.getppid()
+            got += reader.read()
+        assert reader.read() == []
+    finally:
+        reader.close()
+        b.cleanup()
+    kept = [n for n in range(2400) if not discard or n % 3 != 2]
+    assert [r[0] for r in got] == kept
+    assert all(r == (n, os.getpid(), 1, n * n, 0xABCDEF) for r, n in zip(got, kept, strict=True))

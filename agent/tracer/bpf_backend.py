@@ -9,12 +9,13 @@ import logging
 import mmap
 import operator
 import os
+import select
 from collections.abc import Iterable
 
 from jobcage import bpf as bpf_files
 
 from ..errors import Unsupported
-from . import abi
+from . import abi, ringbuf
 from .abi import (
     _EXITED,
     JOB_SUBTREE,
@@ -29,6 +30,7 @@ from .abi import (
 from .btf import exec_offsets, task_runtime_offset
 from .procfs import _read, tracefs
 from .records import _Job, _Raw, _sid
+from .ringbuf import RingReader
 
 log = logging.getLogger("jobcage.tracer")
 
@@ -135,8 +137,11 @@ class _BpfBackend:
         self.perf_lost = 0
         self._xkeys: ct.Array | None = None   # drain_exited's buffers, allocated on first use
         self._xvals: ct.Array | None = None
+        self._ring: RingReader | None = None
         if self.perfbuf:
             self.events.open_perf_buffer(self._on_data, page_cnt=64, lost_cb=self._on_lost)
+        elif ringbuf.usable():
+            self._ring = RingReader(self.events.map_fd, self.layout.struct)
         else:
             self.events.open_ring_buffer(self._on_ring)
 
@@ -146,8 +151,8 @@ class _BpfBackend:
         is filling faster than the agent's poll window drains it (JC_WAKE_EVERY).  None with a perf buffer."""
         return None if self.perfbuf else self.events.map_fd
 
-    # bcc callbacks: copy the bytes out at once (the buffer is reused after return); decoded in
-    # one pass per poll with a struct.Struct, not field by field through ctypes.
+    # bcc callbacks (perf buffers; ring buffers where RingReader cannot be used): copy the bytes out at once
+    # (the buffer is reused after return); decoded in one pass per poll with a struct.Struct.
     def _on_ring(self, ctx: object, data: int, size: int) -> int:
         self._raw.append(ct.string_at(data, size))
         return 0
@@ -251,17 +256,21 @@ class _BpfBackend:
         """The records buffered so far, each unpacked into a tuple (indexes: :attr:`layout`), in time order
         (perf buffers are per CPU; a ring buffer's order is that of the reservations).  Decoded further only
         where the front end needs it (:meth:`raw`): the common exec is read straight from the tuple."""
-        if self.perfbuf:
-            self.b.perf_buffer_poll(timeout_ms)
-        else:
-            self.b.ring_buffer_poll(timeout_ms)
-            self.b.ring_buffer_consume()   # records submitted without a wakeup (exec, exit)
-        raws, self._raw = self._raw, []
-        if not raws:
-            return []
         lay = self.layout
-        out = list(map(lay.unpack, raws))
-        out.sort(key=operator.itemgetter(lay.ts_ns))
+        if self._ring is not None:
+            out = self._ring.read()
+            if not out and timeout_ms > 0 and select.select([self.events.map_fd], [], [], timeout_ms / 1000)[0]:
+                out = self._ring.read()
+        else:
+            if self.perfbuf:
+                self.b.perf_buffer_poll(timeout_ms)
+            else:
+                self.b.ring_buffer_poll(timeout_ms)
+                self.b.ring_buffer_consume()   # records submitted without a wakeup (exec, exit)
+            raws, self._raw = self._raw, []
+            out = list(map(lay.unpack, raws))
+        if out:
+            out.sort(key=operator.itemgetter(lay.ts_ns))
         return out
 
     def counters(self, job: _Job) -> dict[str, int | None]:
@@ -305,6 +314,9 @@ class _BpfBackend:
         return out
 
     def close(self) -> None:
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
         if self.perfbuf:   # free the per-CPU readers while the map is open (bcc's __del__ would fail later)
             for key in list(getattr(self.events, "_open_key_fds", {})):
                 del self.events[key]
