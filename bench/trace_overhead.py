@@ -505,13 +505,21 @@ BASELINE = {"none": "none", "none, outside job": "none, outside job", "jobcage":
 def interleaved(b: Bench, rounds: int, rng: random.Random, with_agent: list[str], without: list[str],
                 run: Callable[[int, str], None]) -> None:
     """Rounds of runs: the configurations that need the agent (started once per round, stopped after them) and
-    the others, the two blocks in alternating order from round to round and each shuffled; run(round, name)."""
+    the others, the two blocks in alternating order from round to round; run(round, name).  The agent's
+    configurations are shuffled; their baselines (BASELINE) sit next to them across the block boundary, in
+    mirrored order, so each pair is run as close together as the agent's start allows (the node's speed
+    drifts by several % over minutes: pairs far apart share less of it)."""
     for r in range(rounds):
-        blocks = [("agent", list(with_agent)), ("off", list(without))]
-        if r % 2:
-            blocks.reverse()
+        agent = list(with_agent)
+        rng.shuffle(agent)
+        bases = [BASELINE[n] for n in agent if BASELINE.get(n) in without]
+        others = [n for n in without if n not in bases]
+        rng.shuffle(others)
+        if r % 2 == 0:
+            blocks = [("agent", agent), ("off", bases[::-1] + others)]
+        else:
+            blocks = [("off", others + bases[::-1]), ("agent", agent)]
         for kind, block in blocks:
-            rng.shuffle(block)
             if kind == "agent":
                 b.agent_start()
             try:
