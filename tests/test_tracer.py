@@ -378,6 +378,10 @@ def test_auto_backend_prefers_bpf(make_tracer) -> None:
     except ImportError:
         require(False, "bcc is not importable")
     assert tracer.backend == "bpf" and tracer.fallback_reason is None
+    from jobcage.agent.tracer import ringbuf
+
+    # x86: the ring's pages are read directly, not through bcc's per-record callback
+    assert (tracer._be._ring is not None) == ringbuf.usable()
 
 
 def test_kinds_and_abi_come_from_the_header(monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture) -> None:

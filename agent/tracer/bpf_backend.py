@@ -140,10 +140,14 @@ class _BpfBackend:
         self._ring: RingReader | None = None
         if self.perfbuf:
             self.events.open_perf_buffer(self._on_data, page_cnt=64, lost_cb=self._on_lost)
-        elif ringbuf.usable():
-            self._ring = RingReader(self.events.map_fd, self.layout.struct)
         else:
-            self.events.open_ring_buffer(self._on_ring)
+            if ringbuf.usable():
+                try:
+                    self._ring = RingReader(self.events.map_fd, self.layout.struct)
+                except OSError as e:   # a kernel that refuses the mapping: bcc's callback still reads the ring
+                    log.info("ring buffer pages not readable (%s): records come through bcc's callback", e)
+            if self._ring is None:
+                self.events.open_ring_buffer(self._on_ring)
 
     @property
     def wake_fd(self) -> int | None:
