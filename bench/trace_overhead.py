@@ -530,11 +530,24 @@ def interleaved(b: Bench, rounds: int, rng: random.Random, with_agent: list[str]
                     b.agent_stop()
 
 
+SPLIT = ("spawner", "agent", "idle", "rest")
+
+
+def node_times() -> tuple[float, float]:
+    """(busy, idle) CPU seconds of the whole node so far, from /proc/stat's first line (idle = idle + iowait)."""
+    v = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle = v[3] + v[4]
+    return (sum(v) - idle) / CLK_TCK, idle / CLK_TCK
+
+
 def throughput(b: Bench, rounds: int, secs: float, rng: random.Random, peers: bool) -> dict:
     job = "tput"
     b.prologue(job)
     names = [n for n in CONFIGS if peers or CONFIGS[n][0] in ("none", "agent")]
     rates: dict[str, list[float]] = {n: [] for n in names}
+    # where the 2 CPUs' time went in each run, us per exec: the spawner (with every /bin/true: the BPF programs
+    # and the syscall slow path run there), the agent, the node's idle time, everything else (from /proc/stat)
+    split: dict[str, list[tuple[float, ...]]] = {n: [] for n in names}
     agent_cpu_per_exec: list[float] = []
     agent_cpu_outside: list[float] = []   # the node's exits still reach the accounting
     lost_per_run: list[int] = []
@@ -552,8 +565,12 @@ def throughput(b: Bench, rounds: int, secs: float, rng: random.Random, peers: bo
             lost0 = b.show(job)["events_lost"] if tracer == "agent" and in_job else 0
             b.settle_agent()
             a0 = b.agent_cpu() if b.agent else 0.0
+            st0 = node_times()
             n, el = b.spawn(secs, 0, job if in_job else None)
+            busy, idle = (y - x for x, y in zip(st0, node_times(), strict=True))
+            agent = (b.agent_cpu() - a0) if b.agent else 0.0   # before the drain: what ran beside the spawner
             rates[name].append(n / el)
+            split[name].append(tuple(1e6 * v / n for v in (b.spawn_cpu, agent, idle, busy - b.spawn_cpu - agent)))
             if tracer == "agent" and in_job:
                 b.settle_agent()
                 agent_cpu_per_exec.append((b.agent_cpu() - a0) / n)
@@ -578,7 +595,12 @@ def throughput(b: Bench, rounds: int, secs: float, rng: random.Random, peers: bo
         base = median(rates[BASELINE[name]])
         # paired: each round's run against the same round's baseline run (cancels drift of the node's load)
         paired = median([x / y for x, y in zip(rates[name], rates[BASELINE[name]], strict=True)])
-        rows.append({"config": name, "median": median(rates[name]), "min": min(rates[name]),
+        sp = split[name]
+        base_sp = split[BASELINE[name]]
+        rows.append({"split_us": {k: sum(r[i] for r in sp) / len(sp) for i, k in enumerate(SPLIT)},
+                     "split_diff_us": {k: sum(r[i] - q[i] for r, q in zip(sp, base_sp, strict=True)) / len(sp)
+                                       for i, k in enumerate(SPLIT)},
+                     "config": name, "median": median(rates[name]), "min": min(rates[name]),
                      "max": max(rates[name]), "runs": len(rates[name]), "ratio": median(rates[name]) / base,
                      "paired_ratio": paired, "baseline": BASELINE[name], "rates": [round(x) for x in rates[name]]})
     return {"rows": rows, "run_seconds": secs, "rounds": rounds, "workers": b.workers,
@@ -1062,6 +1084,11 @@ def report(res: dict) -> None:
             print(f"  {row['config']:<24}{row['median']:9.0f}{row['min']:9.0f}{row['max']:9.0f}"
                   f"{row['ratio']:8.3f}{row['paired_ratio']:8.3f}   {row['baseline']}")
         print("  ratio: median / baseline median; paired: median over rounds of run / same round's baseline run")
+        print("  where the CPUs' time went, us per exec (means; change against the baseline's runs of the same rounds):")
+        print(f"  {'configuration':<24}" + "".join(f"{k:>16}" for k in SPLIT))
+        for row in t["rows"]:
+            print(f"  {row['config']:<24}" + "".join(f"{row['split_us'][k]:8.1f} ({row['split_diff_us'][k]:+5.1f})"
+                                                     for k in SPLIT))
         print(f"  agent CPU per traced exec: {t['agent_cpu_us_per_exec']:.1f} us in a job, "
               f"{t['agent_cpu_us_per_exec_outside']:.1f} us per exec outside any job; "
               f"events lost per jobcage run: {t['events_lost_per_run']}")
