@@ -16,7 +16,9 @@ setuid calls/s, and the agent's CPU while a job execs 1,000 times a second.
    The agent is started before and stopped after each round's jobcage runs (its BPF programs are detached for
    the others); auditd runs throughout, but audit is enabled and the rule loaded only for its own runs.  Audit is
    enabled once before the first round so every run sees the same kernel state: once enabled, the kernel gives
-   every new task an audit context until reboot (a small cost the "none" runs then include too).
+   every new task an audit context until reboot (a small cost the "none" runs then include too).  Each run also
+   says where the 2 CPUs' time went per exec: the spawner (with its children), the agent, the node's idle time and
+   the rest (/proc/stat), as means and as the change against the baseline's runs of the same rounds.
 2. Identity events.  A C loop, root inside a job, alternates setresuid(U, U, 0) / setresuid(0, 0, 0) (a real uid
    switch and back) paced at 5,000 calls/s for 5 s; the setuid events in the job's trail are counted (read from
    the agent's store: the trail is too long for one control-socket answer) and `show` gives events_lost.
