@@ -173,6 +173,20 @@ def fd_path(pid: int | str, fd: int) -> str | None:
         return None
 
 
+def fdinfo(fd: int) -> dict[str, str] | None:
+    """This process's /proc/self/fdinfo/FD as key -> value (a BPF map's ``map_type``, ``max_entries``...),
+    None when the fd is not open."""
+    data = read(f"/proc/self/fdinfo/{fd}")
+    if data is None:
+        return None
+    out = {}
+    for line in data.decode("ascii", "replace").splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            out[key.strip()] = value.strip()
+    return out
+
+
 def userns_inode(pid: int | str) -> int | None:
     try:
         return os.stat(f"/proc/{pid}/ns/user").st_ino

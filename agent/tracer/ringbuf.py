@@ -24,6 +24,8 @@ import mmap
 import platform
 import struct
 
+from jobcage.cgroups import proc
+
 BUSY = 1 << 31
 DISCARD = 1 << 30
 HDR = 8
@@ -36,11 +38,10 @@ def usable() -> bool:
 
 def map_size(fd: int) -> int:
     """The ring's data size (the map's max_entries), from /proc/self/fdinfo."""
-    with open(f"/proc/self/fdinfo/{fd}") as f:
-        for line in f:
-            if line.startswith("max_entries:"):
-                return int(line.split()[1])
-    raise OSError(f"fd {fd} is not a BPF map")
+    info = proc.fdinfo(fd)
+    if not info or not info.get("max_entries", "").isdigit():
+        raise OSError(f"fd {fd} is not a BPF map")
+    return int(info["max_entries"])
 
 
 class RingReader:
