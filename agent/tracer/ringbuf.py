@@ -54,9 +54,7 @@ class RingReader:
             raise OSError(f"ring buffer size {size} is not a power of two")
         page = mmap.PAGESIZE
         self._size = sample.size
-        self._step = (sample.size + HDR + 7) & ~7
-        if self._step % 4:
-            raise OSError("record step not a multiple of 4")
+        self._step = (sample.size + HDR + 7) & ~7   # a multiple of 8: the length words are u32 aligned
         # the header's 8 bytes skipped, the sample, the padding to the next record
         self._rec = struct.Struct(f"={HDR}x{sample.format.lstrip('=@<>!')}{self._step - HDR - sample.size}x")
         self._mask = size - 1
