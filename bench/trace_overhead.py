@@ -82,6 +82,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobcage.agent.client import call  # noqa: E402
 from jobcage.agent.errors import JobcageError  # noqa: E402
+from jobcage.cgroups import proc  # noqa: E402
 
 _BIN = Path(sys.executable).parent
 JOBCAGE = str(_BIN / "jobcage") if (_BIN / "jobcage").exists() else (shutil.which("jobcage") or "jobcage")
@@ -733,7 +734,7 @@ def _prog_stats(fds: dict[str, int]) -> dict[str, tuple[int, int]]:
     """program -> (run_time_ns, run_cnt) from /proc/self/fdinfo (counted while bpf_stats_enabled is 1)."""
     out = {}
     for name, fd in fds.items():
-        f = dict(ln.split(":", 1) for ln in Path(f"/proc/self/fdinfo/{fd}").read_text().splitlines() if ":" in ln)
+        f = proc.fdinfo(fd) or {}
         out[name] = (int(f.get("run_time_ns", "0")), int(f.get("run_cnt", "0")))
     return out
 
