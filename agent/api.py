@@ -76,7 +76,8 @@ class Api:
     # -- methods ------------------------------------------------------------
     def ping(self, caller: Caller) -> dict:
         return {"pid": __import__("os").getpid(), "uid": caller.uid,
-                "tracer": getattr(self.agent, "tracer_backend", "off")}
+                "tracer": getattr(self.agent, "tracer_backend", "off"),
+                "syscall_hooks": getattr(getattr(self.agent, "tracer", None), "syscall_hooks", None)}
 
     def prologue(self, caller: Caller, job_id: str, uid: int, gid: int | None = None,
                  pids_max: int | None = None, pid: int | None = None, pids_request: int | None = None,

@@ -47,6 +47,8 @@ class Config:
     node_name: str = ""                # this node's name in exported records; "" = the hostname
     # [tracer]
     tracer_backend: str = "auto"       # auto | bpf | proc | off
+    # BPF: auto | kprobe | tracepoint: how the set*id/setsid/fork/userns syscalls are hooked (docs/operations.md)
+    tracer_syscall_hooks: str = "auto"
     tracer_map_opens: bool = False     # BPF: report uid_map/gid_map write-opens (costs every open of the node)
     tracer_ringbuf_pages: int = 1024   # BPF: the event ring buffer in pages (power of two; 1024 = 4 MiB, ~11,000 events)
     # exec of these is marked in the trail (basename, or a path suffix when it holds a '/')
@@ -143,7 +145,8 @@ SECTIONS = {
               "request_timeout": "request_timeout", "workers": "workers", "root_workers": "root_workers",
               "node": "node_name"},
     "tracer": {"backend": "tracer_backend", "container_runtimes": "tracer_container_runtimes",
-               "map_opens": "tracer_map_opens", "ringbuf_pages": "tracer_ringbuf_pages"},
+               "map_opens": "tracer_map_opens", "ringbuf_pages": "tracer_ringbuf_pages",
+               "syscall_hooks": "tracer_syscall_hooks"},
     "prune": {"min_uid": "prune_min_uid", "exempt_uids": "prune_exempt_uids",
               "exempt_users": "prune_exempt_users", "exempt_commands": "prune_exempt_commands",
               "exempt_sshd": "prune_exempt_sshd", "interval_minutes": "prune_interval"},
@@ -161,7 +164,8 @@ SECTIONS = {
                "batch_daemons": "attach_batch_daemons"},
 }
 CHOICES = {"pam_mode": ("deny", "allow-unadopted", "log-only"), "pam_pick": ("newest", "oldest"),
-           "pam_on_failure": ("allow", "deny"), "pam_attached": ("batch", "leaf")}
+           "pam_on_failure": ("allow", "deny"), "pam_attached": ("batch", "leaf"),
+           "tracer_syscall_hooks": ("auto", "kprobe", "tracepoint")}
 
 
 def _check_trusted(path: str, st: os.stat_result) -> None:

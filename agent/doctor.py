@@ -50,6 +50,23 @@ def _kernel_facts() -> str:
     return "; ".join(got) if got else "none (no usable BTF): CPU of exited tasks from taskstats, exec'd files stat'ed"
 
 
+def _syscall_hooks(configured: str) -> str:
+    """How the agent's tracer will hook the set*id/setsid/fork/userns syscalls (agent/tracer/bpf_backend.py)."""
+    if configured == "tracepoint":
+        return "tracepoint (configured): every syscall of the node takes the kernel's slow path"
+    try:
+        from bcc import BPF
+
+        from .tracer.bpf_backend import kprobes_unusable
+        why = kprobes_unusable(BPF)
+    except ImportError:
+        return "-"
+    if why is None:
+        return "kprobe: only the hooked syscalls pay"
+    return (f"{'unusable' if configured == 'kprobe' else 'tracepoint'}: {why}"
+            + ("" if configured == "kprobe" else "; every syscall of the node takes the kernel's slow path"))
+
+
 def report() -> dict:
     cfg = load()
     layout = detect()
@@ -89,6 +106,7 @@ def report() -> dict:
                     "kernel facts": _kernel_facts() if backend == "bpf" else "none (proc connector): CPU of "
                     "exited tasks from taskstats, exec'd files stat'ed",
                     "kernel headers": bpf["kernel_headers"],
+                    "syscall hooks": _syscall_hooks(cfg.tracer_syscall_hooks) if backend == "bpf" else "-",
                     **{f"tp {k}": v for k, v in bpf["tracepoints"].items()},
                     **{f"tp {k}": v for k, v in bpf["userns tracepoints"].items()},
                     "user namespaces": ("traced: entry, setns" + (", uid/gid map write-opens" if cfg.tracer_map_opens

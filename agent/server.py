@@ -185,6 +185,7 @@ class Agent:
 
             self.tracer = Tracer(self.on_event, backend=backend, runtimes=self.config.tracer_container_runtimes,
                                  map_opens=self.config.tracer_map_opens,
+                                 syscall_hooks=self.config.tracer_syscall_hooks,
                                  ringbuf_pages=self.config.tracer_ringbuf_pages)
             self.tracer_backend = self.tracer.backend
         except Exception as e:  # containment must not depend on tracing
@@ -297,8 +298,9 @@ class Agent:
         t.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: (self._stop.set(), self._wake.set()))
-        log.info("agent ready: cgroups %s, tracer %s, %d job(s), socket %s",
-                 self.manager.driver.mode, self.tracer_backend, len(live), cfg.socket_path)
+        hooks = getattr(self.tracer, "syscall_hooks", None)
+        log.info("agent ready: cgroups %s, tracer %s%s, %d job(s), socket %s", self.manager.driver.mode,
+                 self.tracer_backend, f" (syscalls by {hooks})" if hooks else "", len(live), cfg.socket_path)
         sd_notify("READY=1")
         next_reconcile = next_accounting = 0.0
         self._loop_thread = threading.current_thread()

@@ -21,6 +21,8 @@
  *                        INODE_GID} (from BTF): exec events carry the euid and the file's mode/owner
  *   JC_TP_<SYSCALL>      the syscalls:sys_{enter,exit}_<syscall> tracepoints exist
  *   JC_TP_CLONE_ENTER    sys_enter_clone/clone3 exist (CLONE_NEWUSER is seen at entry)
+ *   JC_KPROBES           compile the kp_ and kr_ programs (end of file) that the agent attaches to the
+ *                        syscalls' functions instead of any JC_TP_<SYSCALL> tracepoint
  *   JC_SUBTREE           jobs that hold a whole cgroup subtree (attach mode: a batch system's
  *                        job cgroup with its steps below it) are matched through
  *                        bpf_get_current_ancestor_cgroup_id() at the depths in `filter`
@@ -507,8 +509,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_setgroups) { return id_enter(JC_SYS_SETGROU
 TRACEPOINT_PROBE(syscalls, sys_exit_setgroups) { return id_exit(args, args->ret); }
 #endif
 
-#ifdef JC_TP_SETSID
-TRACEPOINT_PROBE(syscalls, sys_exit_setsid)
+static __always_inline int setsid_exit(void *ctx, long ret)
 {
 	u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	struct jc_job j;
@@ -521,11 +522,13 @@ TRACEPOINT_PROBE(syscalls, sys_exit_setsid)
 		return 0;
 	ev_common(e, JC_EV_SETSID, &j);
 	e->sys = JC_SYS_SETSID;
-	e->ret = args->ret;
-	ev_submit(args, e, &j);
+	e->ret = ret;
+	ev_submit(ctx, e, &j);
 	mark_seen(tgid, &j);
 	return 0;
 }
+#ifdef JC_TP_SETSID
+TRACEPOINT_PROBE(syscalls, sys_exit_setsid) { return setsid_exit(args, args->ret); }
 #endif
 
 /* ---- failed forks ------------------------------------------------------------------ */
@@ -566,7 +569,7 @@ static __always_inline int clone_exit(void *ctx, long ret)
 {
 	if (ret == 0)
 		return 0;
-#ifdef JC_TP_CLONE_ENTER
+#if defined(JC_TP_CLONE_ENTER) || defined(JC_KPROBES)
 	u32 zero = 0;
 	u64 *nsf = ns_inflight.lookup(&zero);
 	if (nsf && *nsf)
@@ -676,4 +679,82 @@ TRACEPOINT_PROBE(syscalls, sys_enter_openat) { return nsmap_open(args, args->dfd
 #endif
 #ifdef JC_TP_OPEN
 TRACEPOINT_PROBE(syscalls, sys_enter_open) { return nsmap_open(args, -100 /* AT_FDCWD */, args->filename, args->flags); }
+#endif
+
+/* ---- the same syscalls through kprobes (JC_KPROBES) --------------------------------
+ *
+ * Why: while any syscalls:* tracepoint is in use the kernel sends every syscall of every task of the node
+ * through its slow path (SYSCALL_WORK_SYSCALL_TRACEPOINT; ~20-35 ns each here, see docs/benchmarks.md), so
+ * a job that makes many cheap syscalls pays for tracing that never concerns it.  A kprobe costs only when
+ * its own function runs.  Where the kernel has kprobes (x86-64 only: the agent attaches these to the
+ * __x64_sys_* wrappers and falls back to the tracepoints above) the programs below replace every syscall
+ * tracepoint; the sched tracepoints stay.
+ *
+ * The wrappers (4.17+) take one argument: the user register frame of the syscall, laid out as the ptrace
+ * ABI's user_regs_struct (an ABI, not a kernel struct that moves); the arguments are read from there. */
+#ifdef JC_KPROBES
+#define JC_REG_DX 96    /* byte offsets in the x86-64 register frame (user_regs_struct) */
+#define JC_REG_SI 104
+#define JC_REG_DI 112
+
+static __always_inline u64 sysarg(struct pt_regs *ctx, int off)
+{
+	u64 v = 0;
+	bpf_probe_read_kernel(&v, sizeof(v), (void *)(PT_REGS_PARM1(ctx) + off));
+	return v;
+}
+#define ARG1 U32(sysarg(ctx, JC_REG_DI))
+#define ARG2 U32(sysarg(ctx, JC_REG_SI))
+#define ARG3 U32(sysarg(ctx, JC_REG_DX))
+#define RET ((long)PT_REGS_RC(ctx))
+
+int kp_setuid(struct pt_regs *ctx) { return id_enter(JC_SYS_SETUID, ARG1, NOARG, NOARG); }
+int kp_setreuid(struct pt_regs *ctx) { return id_enter(JC_SYS_SETREUID, ARG1, ARG2, NOARG); }
+int kp_setresuid(struct pt_regs *ctx) { return id_enter(JC_SYS_SETRESUID, ARG1, ARG2, ARG3); }
+int kp_setgid(struct pt_regs *ctx) { return id_enter(JC_SYS_SETGID, ARG1, NOARG, NOARG); }
+int kp_setregid(struct pt_regs *ctx) { return id_enter(JC_SYS_SETREGID, ARG1, ARG2, NOARG); }
+int kp_setresgid(struct pt_regs *ctx) { return id_enter(JC_SYS_SETRESGID, ARG1, ARG2, ARG3); }
+int kp_setgroups(struct pt_regs *ctx) { return id_enter(JC_SYS_SETGROUPS, ARG1, NOARG, NOARG); }
+/* the return of every syscall that id_enter left a pending record for (set*id, unshare, setns) */
+int kr_id(struct pt_regs *ctx) { return id_exit(ctx, RET); }
+int kr_setsid(struct pt_regs *ctx) { return setsid_exit(ctx, RET); }
+int kr_clone(struct pt_regs *ctx) { return clone_exit(ctx, RET); }
+int kr_fork(struct pt_regs *ctx) { return fork_exit(ctx, RET); }
+
+int kp_unshare(struct pt_regs *ctx)
+{
+	u32 flags = ARG1;
+	if (!(flags & JC_CLONE_NEWUSER))
+		return 0;
+	return id_enter(JC_SYS_UNSHARE, flags, NOARG, NOARG);
+}
+int kp_clone(struct pt_regs *ctx)
+{
+	u32 flags = ARG1;   /* x86-64 clone(flags, newsp, parent_tid, child_tid, tls) */
+	if (!(flags & JC_CLONE_NEWUSER))
+		return 0;
+	return id_enter(JC_SYS_CLONE, flags, NOARG, NOARG);
+}
+int kp_clone3(struct pt_regs *ctx)
+{
+	u64 flags = 0;   /* struct clone_args starts with its u64 flags (user memory) */
+	if (bpf_probe_read_user(&flags, sizeof(flags), (void *)sysarg(ctx, JC_REG_DI)) || !(flags & JC_CLONE_NEWUSER))
+		return 0;
+	return id_enter(JC_SYS_CLONE3, U32(flags), NOARG, NOARG);
+}
+int kp_setns(struct pt_regs *ctx)
+{
+	u32 nstype = ARG2;
+	if (nstype && !(nstype & JC_CLONE_NEWUSER))
+		return 0;
+	return id_enter(JC_SYS_SETNS, ARG1, nstype, NOARG);
+}
+int kp_openat(struct pt_regs *ctx)
+{
+	return nsmap_open(ctx, (int)ARG1, (const char *)sysarg(ctx, JC_REG_SI), (int)ARG3);
+}
+int kp_open(struct pt_regs *ctx)
+{
+	return nsmap_open(ctx, -100 /* AT_FDCWD */, (const char *)sysarg(ctx, JC_REG_DI), (int)ARG2);
+}
 #endif

@@ -220,6 +220,52 @@ def test_failed_setuid_recorded(backend: str, trace_users: TraceUsers, make_cgro
     assert e.filename == PYTHON or e.filename.startswith("/usr/bin/python3")
 
 
+def _kernel_has_kprobes() -> bool:
+    """The kernel's own answer: its kprobe perf PMU or tracefs' kprobe_events (and the x86-64 register frame the
+    programs read)."""
+    return os.uname().machine == "x86_64" and (os.path.exists("/sys/bus/event_source/devices/kprobe/type")
+                                               or os.path.exists("/sys/kernel/tracing/kprobe_events"))
+
+
+def test_syscall_hooks_follow_the_kernel(trace_users: TraceUsers, make_cgroup, make_tracer) -> None:
+    """The set*id/setsid/fork/user-namespace syscalls are hooked by kprobe where the kernel has kprobes (then only
+    the three sched tracepoints are in use: no syscall tracepoint sends the node's other syscalls through the
+    kernel's slow path), else by tracepoint, and asking for kprobes there is refused with the reason.  Every way
+    the kernel offers gives the same trail: a refused setuid(0), a setsid, an unshare(CLONE_NEWUSER)."""
+    pilot = trace_users.pilot
+    has = _kernel_has_kprobes()
+    auto, _ = make_tracer("bpf")
+    assert auto.syscall_hooks == ("kprobe" if has else "tracepoint")
+    if not has:
+        with pytest.raises(Unsupported, match="no kprobes"):
+            make_tracer("bpf", syscall_hooks="kprobe")
+    auto.close()
+    code = ("import os\ntry:\n    os.setuid(0)\nexcept PermissionError:\n    pass\n"
+            "pid = os.fork()\nif pid == 0:\n    os.setsid()\n    os._exit(0)\nos.waitpid(pid, 0)\nprint(pid)")
+    trails = {}
+    for mode in (["kprobe", "tracepoint"] if has else ["tracepoint"]):
+        tracer, col = make_tracer("bpf", syscall_hooks=mode)
+        assert tracer.syscall_hooks == mode
+        if mode == "kprobe":
+            assert tracer._be.b.num_open_tracepoints() == 3, "only the sched tracepoints"
+            assert tracer._be.b.num_open_kprobes() > 0
+        cg = make_cgroup()
+        job_id = f"hooks-{mode}"
+        out = _run([tracer], shell_job(cg, f"{PYTHON} -c \"{code}\"\n/usr/bin/unshare -U /bin/true", pilot),
+                   job_id, pilot.uid, cg.id)
+        child = int(out.split()[0])
+        su = _first(col.of(job_id), "refused setuid", kind="setuid", detail_syscall="setuid")
+        assert (su.detail["ok"], su.detail["errno"], su.detail["args"]) == (False, "EPERM", [0])
+        sid = _first(col.of(job_id), "setsid", kind="setsid", pid=child)
+        assert sid.detail["ok"] and sid.detail["ret"] == child
+        ns = _first(col.of(job_id), "unshare", kind="userns", detail_syscall="unshare")
+        assert ns.detail["ok"] and ns.uid == pilot.uid
+        trails[mode] = sorted((e.kind, e.detail.get("syscall"), e.detail.get("ok")) for e in col.of(job_id)
+                              if e.kind in ("setuid", "setgid", "setsid", "userns"))
+        tracer.close()
+    assert len({tuple(t) for t in trails.values()}) == 1, trails
+
+
 @pytest.mark.parametrize("backend", ["bpf", "proc"])
 def test_double_fork_setsid_keeps_original_parent(backend: str, trace_users: TraceUsers, helpers: Helpers,
                                                   make_cgroup, make_tracer) -> None:

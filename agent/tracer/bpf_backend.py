@@ -11,6 +11,7 @@ import operator
 import os
 import select
 from collections.abc import Iterable
+from typing import Any
 
 from jobcage import bpf as bpf_files
 
@@ -38,6 +39,17 @@ SET_SYSCALLS = ("setuid", "setreuid", "setresuid", "setgid", "setregid", "setres
 FORK_SYSCALLS = ("clone", "clone3", "fork", "vfork")
 NS_SYSCALLS = ("unshare", "setns")       # user namespaces: enter + exit
 OPEN_SYSCALLS = ("openat", "open")       # uid_map/gid_map opens: enter only
+SYSCALL_HOOKS = ("auto", "kprobe", "tracepoint")
+# JC_KPROBES: syscall -> (program on entry, program on return) in tracer.bpf.c, attached to KPROBE_PREFIX + syscall
+KPROBE_PREFIX = "__x64_sys_"
+KPROBES = {"setuid": ("kp_setuid", "kr_id"), "setreuid": ("kp_setreuid", "kr_id"),
+           "setresuid": ("kp_setresuid", "kr_id"), "setgid": ("kp_setgid", "kr_id"),
+           "setregid": ("kp_setregid", "kr_id"), "setresgid": ("kp_setresgid", "kr_id"),
+           "setgroups": ("kp_setgroups", "kr_id"), "setsid": (None, "kr_setsid"),
+           "clone": ("kp_clone", "kr_clone"), "clone3": ("kp_clone3", "kr_clone"),
+           "fork": (None, "kr_fork"), "vfork": (None, "kr_fork"),
+           "unshare": ("kp_unshare", "kr_id"), "setns": ("kp_setns", "kr_id"),
+           "openat": ("kp_openat", None), "open": ("kp_open", None)}
 EXITED_BATCH = 4096         # entries per batch read of the kernel's exited map
 RECORD_BYTES = 384          # a ring record (struct jc_event and its 8-byte header), rounded up
 
@@ -49,10 +61,24 @@ def wake_every(ringbuf_pages: int) -> int:
     return 1 << (quarter.bit_length() - 1)
 
 
+def kprobes_unusable(bpf: type) -> str | None:
+    """Why the syscalls cannot be hooked by kprobes here (JC_KPROBES), or None: x86-64 (the register frame
+    tracer.bpf.c reads), a kernel with kprobes (its perf PMU or tracefs' kprobe_events) and the __x64_sys_*
+    syscall wrappers (4.17+)."""
+    if os.uname().machine != "x86_64":
+        return f"the syscall arguments are read for x86-64 only, this is {os.uname().machine}"
+    if not (os.path.exists("/sys/bus/event_source/devices/kprobe/type") or os.path.exists(f"{tracefs()}/kprobe_events")):
+        return "the kernel has no kprobes (CONFIG_KPROBES)"
+    if bpf.ksymname(f"{KPROBE_PREFIX}setuid".encode()) < 0:
+        return f"no {KPROBE_PREFIX}* syscall functions"
+    return None
+
+
 class _BpfBackend:
     name = "bpf"
 
-    def __init__(self, pid_filter: bool, ringbuf_pages: int, perf_buffer: bool, map_opens: bool = False) -> None:
+    def __init__(self, pid_filter: bool, ringbuf_pages: int, perf_buffer: bool, map_opens: bool = False,
+                 syscall_hooks: str = "auto") -> None:
         try:
             from bcc import BPF  # Debian python3-bpfcc, visible through system site packages
         except ImportError as e:
@@ -68,29 +94,37 @@ class _BpfBackend:
         flags = [f"-I{bpf_files.DIR}", f"-DJC_RINGBUF_PAGES={ringbuf_pages}", f"-DJC_ABI_EXPECTED={abi.ABI}",
                  f"-DJC_WAKE_EVERY={wake_every(ringbuf_pages)}"]
         self.missing: list[str] = []
+        want = list(SET_SYSCALLS + FORK_SYSCALLS + NS_SYSCALLS) + (list(OPEN_SYSCALLS) if map_opens else [])
+        why_not = kprobes_unusable(BPF) if syscall_hooks != "tracepoint" else "tracepoints asked for"
+        if why_not and syscall_hooks == "kprobe":
+            raise Unsupported(f"syscall hooks by kprobe: {why_not}")
+        self.syscall_hooks = "tracepoint" if why_not else "kprobe"
+        # the syscalls' own flags: -DJC_TP_<SYSCALL> per tracepoint, or -DJC_KPROBES and kprobes attached after the load
+        tp_flags: list[str] = []
+        tp_missing: list[str] = []
         for sc in SET_SYSCALLS + FORK_SYSCALLS:
             # setsid and the fork family only need the exit side
             need = ("exit",) if sc in FORK_SYSCALLS or sc == "setsid" else ("enter", "exit")
             if all(BPF.tracepoint_exists("syscalls", f"sys_{w}_{sc}") for w in need):
-                flags.append(f"-DJC_TP_{sc.upper()}")
+                tp_flags.append(f"-DJC_TP_{sc.upper()}")
             else:
-                self.missing.append(sc)
+                tp_missing.append(sc)
         for sc in NS_SYSCALLS:
             if all(BPF.tracepoint_exists("syscalls", f"sys_{w}_{sc}") for w in ("enter", "exit")):
-                flags.append(f"-DJC_TP_{sc.upper()}")
+                tp_flags.append(f"-DJC_TP_{sc.upper()}")
             else:
-                self.missing.append(sc)
+                tp_missing.append(sc)
         if all(BPF.tracepoint_exists("syscalls", f"sys_enter_{sc}") for sc in ("clone", "clone3")):
-            flags.append("-DJC_TP_CLONE_ENTER")
+            tp_flags.append("-DJC_TP_CLONE_ENTER")
         else:
-            self.missing.append("clone entry")
+            tp_missing.append("clone entry")
         # every open of the node would pay for it (see bench/userns_overhead.py): off unless asked for;
         # without it the map is read from /proc and its writer is the job's exec of newuidmap
         for sc in OPEN_SYSCALLS if map_opens else ():
             if BPF.tracepoint_exists("syscalls", f"sys_enter_{sc}"):
-                flags.append(f"-DJC_TP_{sc.upper()}")
+                tp_flags.append(f"-DJC_TP_{sc.upper()}")
             elif sc == "openat":
-                self.missing.append(sc)
+                tp_missing.append(sc)
         fmt = _read(f"{tracefs()}/events/sched/sched_process_exit/format") or ""
         if "group_dead" in fmt:
             flags.append("-DJC_HAVE_GROUP_DEAD")
@@ -108,19 +142,23 @@ class _BpfBackend:
         flags.append("-DJC_SUBTREE")
         self._levels: collections.Counter[int] = collections.Counter()   # depth -> subtree jobs there
         self.perfbuf = perf_buffer
-        src = str(bpf_files.SOURCE).encode()
-        try:
-            self.b = BPF(src_file=src, cflags=flags + (["-DJC_PERFBUF"] if perf_buffer else []))
-        except Exception as first:  # bcc raises bare Exception
-            if perf_buffer:
-                raise Unsupported(f"cannot load {bpf_files.SOURCE}: {first}") from first
-            # kernels before 5.8 have no ring buffer: the same program with a perf buffer
-            log.info("ring buffer program failed (%s), trying a perf buffer", first)
+        if self.syscall_hooks == "kprobe":
             try:
-                self.b = BPF(src_file=src, cflags=flags + ["-DJC_PERFBUF"])
-                self.perfbuf = True
+                b = self._load(flags + ["-DJC_KPROBES"], perf_buffer)
+                try:
+                    self.missing = self._attach_kprobes(b, want)
+                except Exception:  # bcc raises bare Exception
+                    b.cleanup()
+                    raise
+                self.b = b
             except Exception as e:
-                raise Unsupported(f"cannot load {bpf_files.SOURCE}: {e}") from e
+                if syscall_hooks == "kprobe":
+                    raise Unsupported(f"syscall hooks by kprobe: {e}") from e
+                log.warning("kprobes on the syscalls failed (%s): syscall tracepoints instead", e)
+                self.syscall_hooks = "tracepoint"
+        if self.syscall_hooks == "tracepoint":
+            self.b = self._load(flags + tp_flags, perf_buffer)
+            self.missing = tp_missing
         self.jobs = self.b[b"jobs"]
         self.counters_map = self.b[b"counters"]
         self.lineage_map = self.b[b"lineage"]
@@ -148,6 +186,43 @@ class _BpfBackend:
                     log.info("ring buffer pages not readable (%s): records come through bcc's callback", e)
             if self._ring is None:
                 self.events.open_ring_buffer(self._on_ring)
+
+    def _load(self, flags: list[str], perf_buffer: bool) -> Any:
+        from bcc import BPF
+
+        src = str(bpf_files.SOURCE).encode()
+        try:
+            return BPF(src_file=src, cflags=flags + (["-DJC_PERFBUF"] if perf_buffer else []))
+        except Exception as first:  # bcc raises bare Exception
+            if perf_buffer:
+                raise Unsupported(f"cannot load {bpf_files.SOURCE}: {first}") from first
+            # kernels before 5.8 have no ring buffer: the same program with a perf buffer
+            log.info("ring buffer program failed (%s), trying a perf buffer", first)
+            try:
+                b = BPF(src_file=src, cflags=flags + ["-DJC_PERFBUF"])
+            except Exception as e:
+                raise Unsupported(f"cannot load {bpf_files.SOURCE}: {e}") from e
+            self.perfbuf = True
+            return b
+
+    @staticmethod
+    def _attach_kprobes(b: Any, syscalls: list[str]) -> list[str]:
+        """JC_KPROBES: tracer.bpf.c's kp_*/kr_* programs on the syscalls' __x64_sys_* functions; returns the
+        syscalls the kernel has no such function for."""
+        missing = []
+        for sc in syscalls:
+            fn = f"{KPROBE_PREFIX}{sc}".encode()
+            if b.ksymname(fn) < 0:
+                missing.append(sc)
+                continue
+            entry, ret = KPROBES[sc]
+            if entry:
+                b.attach_kprobe(event=fn, fn_name=entry.encode())
+            if ret:
+                # the kernel's own number of return instances (maxactive 0): a larger one would make bcc write a
+                # named event into tracefs' kprobe_events, which outlives an agent killed with SIGKILL
+                b.attach_kretprobe(event=fn, fn_name=ret.encode())
+        return missing
 
     @property
     def wake_fd(self) -> int | None:

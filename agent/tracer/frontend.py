@@ -12,7 +12,7 @@ from jobcage.agent.events import TraceEvent
 
 from ..errors import InvalidArgument, JobcageError, NoSuchJob, Unsupported
 from .abi import KIND_NAMES, MARK_USERNS, MAX_JOBS, MAX_LEVEL, NOARG, SYS_NAMES
-from .bpf_backend import _BpfBackend
+from .bpf_backend import SYSCALL_HOOKS, _BpfBackend
 from .enrich import DEFAULT_RUNTIMES, EnrichMixin
 from .proc_connector import _ProcBackend
 from .procfs import cgroup_procs, proc_comm, proc_exe, proc_status
@@ -40,13 +40,19 @@ class Tracer(EnrichMixin, UsernsMixin):
     per traced syscall of tasks outside any job's cgroup; ``False`` drops it.
     ``ringbuf_pages``: ring buffer size (power of two; 1024 pages = 4 MiB, ~11,000 events of burst).
     ``perf_buffer``: use a perf buffer even where a ring buffer works (what kernels < 5.8 get).
+    ``syscall_hooks`` (BPF): how the identity, setsid, fork and user-namespace syscalls are hooked: ``kprobe``
+    (only those syscalls pay), ``tracepoint`` (every syscall of the node takes the kernel's slow path) or
+    ``auto`` (kprobes where the kernel has them, else tracepoints); :attr:`syscall_hooks` says which.
     """
 
     def __init__(self, on_event: Callable[[TraceEvent], None], backend: str = "auto", *,
                  pid_filter: bool = True, ringbuf_pages: int = 1024, perf_buffer: bool = False,
-                 runtimes: Iterable[str] = DEFAULT_RUNTIMES, map_opens: bool = False) -> None:
+                 runtimes: Iterable[str] = DEFAULT_RUNTIMES, map_opens: bool = False,
+                 syscall_hooks: str = "auto") -> None:
         if backend not in BACKENDS:
             raise InvalidArgument(f"unknown tracer backend {backend!r} (use one of {', '.join(BACKENDS)})")
+        if syscall_hooks not in SYSCALL_HOOKS:
+            raise InvalidArgument(f"unknown syscall hooks {syscall_hooks!r} (use one of {', '.join(SYSCALL_HOOKS)})")
         if ringbuf_pages <= 0 or ringbuf_pages & (ringbuf_pages - 1):
             raise InvalidArgument(f"ringbuf_pages must be a power of two, not {ringbuf_pages}")
         self._on_event = on_event
@@ -55,7 +61,7 @@ class Tracer(EnrichMixin, UsernsMixin):
         self._be: _BpfBackend | _ProcBackend
         if backend in ("auto", "bpf"):
             try:
-                self._be = _BpfBackend(self.pid_filter, ringbuf_pages, perf_buffer, map_opens)
+                self._be = _BpfBackend(self.pid_filter, ringbuf_pages, perf_buffer, map_opens, syscall_hooks)
             except Unsupported as e:
                 if backend == "bpf":
                     raise
@@ -67,6 +73,7 @@ class Tracer(EnrichMixin, UsernsMixin):
         self.backend: str = self._be.name
         self.buffer: str | None = ("perf" if self._be.perfbuf else "ring") if isinstance(self._be, _BpfBackend) \
             else None
+        self.syscall_hooks: str | None = self._be.syscall_hooks if isinstance(self._be, _BpfBackend) else None
         self._closed = False
         self._jobs: dict[str, _Job] = {}
         self._by_cookie: dict[int, _Job] = {}
