@@ -144,6 +144,37 @@ int main(int argc, char **argv) {
 }
 """
 
+SYSLOOP_C = r"""
+/* sysloop SECONDS: after one byte on stdin, read 512 bytes of /dev/zero and write them to /dev/null (what
+ * `dd bs=512` does) for SECONDS.  Prints "SYSCALLS ELAPSED_SECONDS CPU_SECONDS" (CPU: its user + system). */
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/resource.h>
+#include <time.h>
+#include <unistd.h>
+static double now(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec + t.tv_nsec / 1e9; }
+int main(int argc, char **argv) {
+    if (argc < 2) return 2;
+    double secs = atof(argv[1]);
+    char c, buf[512];
+    int in = open("/dev/zero", O_RDONLY), out = open("/dev/null", O_WRONLY);
+    if (in < 0 || out < 0 || read(0, &c, 1) != 1) return 2;
+    long n = 0;
+    double t0 = now(), end = t0 + secs;
+    while ((n & 1023) || now() < end) {
+        if (read(in, buf, sizeof buf) != sizeof buf || write(out, buf, sizeof buf) != sizeof buf) return 1;
+        n += 2;
+    }
+    double el = now() - t0;
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    printf("%ld %.6f %.6f\n", n, el, ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 + ru.ru_stime.tv_sec
+           + ru.ru_stime.tv_usec / 1e6);
+    return 0;
+}
+"""
+
 SETUIDLOOP_C = r"""
 /* setuidloop UID RATE SECONDS: as root, after one byte on stdin, alternate setresuid(UID, UID, 0) and
  * setresuid(0, 0, 0) at RATE calls/s for SECONDS (the saved uid 0 allows the way back).
@@ -258,10 +289,11 @@ class Bench:
         self.spawner = self.dir / "spawner"
         self.spawn_cpu = 0.0
         self.setuidloop = self.dir / "setuidloop"
+        self.sysloop = self.dir / "sysloop"
 
     # -- setup --------------------------------------------------------------------------------------------------
     def build(self) -> None:
-        for exe, src in ((self.spawner, SPAWNER_C), (self.setuidloop, SETUIDLOOP_C)):
+        for exe, src in ((self.spawner, SPAWNER_C), (self.setuidloop, SETUIDLOOP_C), (self.sysloop, SYSLOOP_C)):
             exe.with_suffix(".c").write_text(src)
             run(["gcc", "-O2", "-Wall", "-o", str(exe), str(exe.with_suffix(".c"))])
 
@@ -651,6 +683,52 @@ def cpu_cost(b: Bench, rounds: int, secs: float, rng: random.Random) -> dict:
                      "runs": [round(x, 1) for x in per_exec[name]],
                      "baseline_runs": [round(x, 1) for x in per_exec[base]]})
     return {"rows": rows, "rounds": rounds, "run_seconds": secs}
+
+
+SYSCALL_CONFIGS = ("none", "none, outside job", "jobcage", "jobcage, outside job", "lone syscall tracepoint")
+
+
+def syscall_cost(b: Bench, rounds: int, secs: float, rng: random.Random) -> dict:
+    """What a job that makes many cheap syscalls pays: `sysloop` (read + write of 512 bytes, like `dd bs=512`)
+    for ``secs``, CPU per syscall from its rusage; none / jobcage, in a job and outside any job, interleaved
+    rounds, paired ratios.  None of these syscalls is one the tracer hooks: what it costs them is the kernel's
+    syscall slow path, taken by every syscall of every task while any syscalls:* tracepoint is in use (the
+    agent's hooks by tracepoint).  "lone syscall tracepoint" is that mechanism alone: one empty program on
+    syscalls:sys_enter_setns, loaded by this process, the loop outside any job."""
+    job = "syscalls"
+    b.prologue(job)
+    per_call: dict[str, list[float]] = {n: [] for n in SYSCALL_CONFIGS}
+    hooks: set[str] = set()
+
+    def one(r: int, name: str) -> None:
+        lone = None
+        if name == "lone syscall tracepoint":
+            from bcc import BPF
+
+            lone = BPF(text="TRACEPOINT_PROBE(syscalls, sys_enter_setns) { return 0; }")
+        if b.agent:
+            b.settle_agent()
+            hooks.add(str(call(b.sock, "ping", timeout=5).get("syscall_hooks")))
+        try:
+            p = b.start_gated([str(b.sysloop), f"{secs}"], job if name in ("none", "jobcage") else None)
+            n, _el, cpu = b.release(p, secs + 120)
+        finally:
+            if lone is not None:
+                lone.cleanup()
+        per_call[name].append(1e9 * float(cpu) / int(n))
+        log(f"round {r + 1}/{rounds} syscalls {name:<24} {per_call[name][-1]:6.1f} ns CPU/syscall")
+
+    interleaved(b, rounds, rng, ["jobcage", "jobcage, outside job"],
+                ["none", "none, outside job", "lone syscall tracepoint"], one)
+    rows = []
+    for name in SYSCALL_CONFIGS[2:]:
+        base = "none" if name == "jobcage" else "none, outside job"
+        rows.append({"config": name, "baseline": base, "ns_per_syscall": median(per_call[name]),
+                     "baseline_ns_per_syscall": median(per_call[base]),
+                     "paired_ratio": median([x / y for x, y in zip(per_call[base], per_call[name], strict=True)]),
+                     "runs": [round(x, 1) for x in per_call[name]],
+                     "baseline_runs": [round(x, 1) for x in per_call[base]]})
+    return {"rows": rows, "rounds": rounds, "run_seconds": secs, "syscall_hooks": sorted(hooks)}
 
 
 def setuid_rate(b: Bench, rate: float, secs: float) -> dict:
@@ -1104,6 +1182,16 @@ def report(res: dict) -> None:
             print(f"  {row['config']:<24}{row['us_per_exec']:9.1f}{row['baseline_us_per_exec']:10.1f}"
                   f"{row['agent_us_per_exec']:8.1f}{row['paired_ratio']:8.3f}")
         print("  paired: median over rounds of baseline CPU per exec / traced CPU per exec (what a CPU-bound job keeps)")
+    sc = res.get("syscalls")
+    if sc:
+        print(f"\ncheap syscalls (read + write of 512 bytes, like dd bs=512): {sc['rounds']} interleaved runs of "
+              f"{sc['run_seconds']:g} s per configuration; the agent hooked the syscalls by "
+              f"{', '.join(sc['syscall_hooks'])}; CPU per syscall, medians")
+        print(f"  {'configuration':<26}{'ns/call':>9}{'baseline':>10}{'paired':>8}")
+        for row in sc["rows"]:
+            print(f"  {row['config']:<26}{row['ns_per_syscall']:9.1f}{row['baseline_ns_per_syscall']:10.1f}"
+                  f"{row['paired_ratio']:8.3f}")
+        print("  paired: median over rounds of baseline CPU per syscall / traced CPU per syscall")
     s = res.get("setuid")
     if s:
         print(f"\nidentity events: {s['calls']} setresuid calls at {s['achieved_rate']:.0f}/s "
@@ -1162,8 +1250,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--setuid-seconds", type=float, default=5.0)
     ap.add_argument("--exec-rate", type=float, default=1000.0)
     ap.add_argument("--cpu-seconds", type=float, default=10.0)
-    ap.add_argument("--only", default="throughput,setuid,cpu,work,bpf,real",
-                    help="comma list of throughput, setuid, cpu, work, bpf, real; cost, floor, idle (not in the default)")
+    ap.add_argument("--only", default="throughput,setuid,cpu,work,bpf,real,syscalls",
+                    help="comma list of throughput, setuid, cpu, work, bpf, real, syscalls; cost, floor, idle (not in "
+                         "the default)")
     ap.add_argument("--real-rounds", type=int, default=4, help="interleaved rounds of the real jobs (default 4)")
     ap.add_argument("--loop-iterations", type=int, default=300, help="coreutils loop iterations (6 execs each)")
     ap.add_argument("--profile", action="store_true", help="work: a cProfile of each timed pass, to stderr")
@@ -1190,6 +1279,8 @@ def main(argv: list[str] | None = None) -> int:
             res["throughput"] = throughput(b, args.rounds, args.run_seconds, random.Random(seed), not args.no_peers)
         if "cost" in only:
             res["cost"] = cpu_cost(b, args.rounds, args.run_seconds, random.Random(seed + 3))
+        if "syscalls" in only:
+            res["syscalls"] = syscall_cost(b, args.rounds, args.run_seconds, random.Random(seed + 4))
         if "setuid" in only:
             res["setuid"] = setuid_rate(b, args.setuid_rate, args.setuid_seconds)
         if "cpu" in only:
