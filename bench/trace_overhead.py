@@ -42,6 +42,12 @@ setuid calls/s, and the agent's CPU while a job execs 1,000 times a second.
    /bin/true it waited for, where the BPF programs and the syscall slow path run) plus the agent's CPU over the
    run, per exec; none / jobcage, in a job and outside any job, interleaved rounds, paired ratios.  What a
    CPU-bound job keeps, without the scheduling and steal noise of a saturated run on 2 vCPUs.
+10. Cheap syscalls (`syscalls`).  A C loop reading 512 bytes of /dev/zero and writing them to /dev/null (what
+   `dd bs=512` does) for --run-seconds; its CPU per syscall, none / jobcage in a job and outside any job, and
+   "lone syscall tracepoint" (one empty program on syscalls:sys_enter_setns loaded by this process: the
+   kernel's mechanism alone), interleaved rounds, paired ratios.  No syscall of the loop is one the tracer
+   hooks: what it pays is the slow path every syscall of the node takes while any syscalls:* tracepoint is in
+   use, i.e. with `[tracer] syscall_hooks` resolved to tracepoint (the report says which the agent used).
 8. Idle (`idle`, not in the default set).  The agent with the node's default reconcile_interval and one job that
    runs nothing: its CPU over 30 s.
 

@@ -687,15 +687,20 @@ TRACEPOINT_PROBE(syscalls, sys_enter_open) { return nsmap_open(args, -100 /* AT_
  * through its slow path (SYSCALL_WORK_SYSCALL_TRACEPOINT; ~20-35 ns each here, see docs/benchmarks.md), so
  * a job that makes many cheap syscalls pays for tracing that never concerns it.  A kprobe costs only when
  * its own function runs.  Where the kernel has kprobes (x86-64 only: the agent attaches these to the
- * __x64_sys_* wrappers and falls back to the tracepoints above) the programs below replace every syscall
- * tracepoint; the sched tracepoints stay.
+ * __x64_sys_* and __ia32_sys_* wrappers, else falls back to the tracepoints above) the programs below
+ * replace every syscall tracepoint; the sched tracepoints stay.
  *
  * The wrappers (4.17+) take one argument: the user register frame of the syscall, laid out as the ptrace
  * ABI's user_regs_struct (an ABI, not a kernel struct that moves); the arguments are read from there. */
 #ifdef JC_KPROBES
-#define JC_REG_DX 96    /* byte offsets in the x86-64 register frame (user_regs_struct) */
-#define JC_REG_SI 104
-#define JC_REG_DI 112
+/* Byte offsets in the register frame (user_regs_struct): an x86-64 syscall's arguments are in di, si, dx; a
+ * 32-bit one's (int 0x80 or sysenter: the __ia32_sys_* functions) in bx, cx, dx.  The 32-bit calls are hooked
+ * too: the syscall tracepoints never see them, so with tracepoints a payload can change identity unseen. */
+#define R_BX 40
+#define R_CX 88
+#define R_DX 96
+#define R_SI 104
+#define R_DI 112
 
 static __always_inline u64 sysarg(struct pt_regs *ctx, int off)
 {
@@ -703,58 +708,95 @@ static __always_inline u64 sysarg(struct pt_regs *ctx, int off)
 	bpf_probe_read_kernel(&v, sizeof(v), (void *)(PT_REGS_PARM1(ctx) + off));
 	return v;
 }
-#define ARG1 U32(sysarg(ctx, JC_REG_DI))
-#define ARG2 U32(sysarg(ctx, JC_REG_SI))
-#define ARG3 U32(sysarg(ctx, JC_REG_DX))
+/* an id of the old 16-bit calls (setuid16 ...), where -1 is 0xffff */
+static __always_inline u32 id16(u64 v)
+{
+	v &= 0xffff;
+	return v == 0xffff ? NOARG : (u32)v;
+}
+#define A(r) U32(sysarg(ctx, r))
+#define A16(r) id16(sysarg(ctx, r))
 #define RET ((long)PT_REGS_RC(ctx))
 
-int kp_setuid(struct pt_regs *ctx) { return id_enter(JC_SYS_SETUID, ARG1, NOARG, NOARG); }
-int kp_setreuid(struct pt_regs *ctx) { return id_enter(JC_SYS_SETREUID, ARG1, ARG2, NOARG); }
-int kp_setresuid(struct pt_regs *ctx) { return id_enter(JC_SYS_SETRESUID, ARG1, ARG2, ARG3); }
-int kp_setgid(struct pt_regs *ctx) { return id_enter(JC_SYS_SETGID, ARG1, NOARG, NOARG); }
-int kp_setregid(struct pt_regs *ctx) { return id_enter(JC_SYS_SETREGID, ARG1, ARG2, NOARG); }
-int kp_setresgid(struct pt_regs *ctx) { return id_enter(JC_SYS_SETRESGID, ARG1, ARG2, ARG3); }
-int kp_setgroups(struct pt_regs *ctx) { return id_enter(JC_SYS_SETGROUPS, ARG1, NOARG, NOARG); }
+/* kp_<name>: x86-64; kp32_<name>: the 32-bit call; kp16_<name>: its 16-bit-id variant */
+#define KP_ID1(name, sys) \
+	int kp_##name(struct pt_regs *ctx) { return id_enter(sys, A(R_DI), NOARG, NOARG); } \
+	int kp32_##name(struct pt_regs *ctx) { return id_enter(sys, A(R_BX), NOARG, NOARG); } \
+	int kp16_##name(struct pt_regs *ctx) { return id_enter(sys, A16(R_BX), NOARG, NOARG); }
+#define KP_ID2(name, sys) \
+	int kp_##name(struct pt_regs *ctx) { return id_enter(sys, A(R_DI), A(R_SI), NOARG); } \
+	int kp32_##name(struct pt_regs *ctx) { return id_enter(sys, A(R_BX), A(R_CX), NOARG); } \
+	int kp16_##name(struct pt_regs *ctx) { return id_enter(sys, A16(R_BX), A16(R_CX), NOARG); }
+#define KP_ID3(name, sys) \
+	int kp_##name(struct pt_regs *ctx) { return id_enter(sys, A(R_DI), A(R_SI), A(R_DX)); } \
+	int kp32_##name(struct pt_regs *ctx) { return id_enter(sys, A(R_BX), A(R_CX), A(R_DX)); } \
+	int kp16_##name(struct pt_regs *ctx) { return id_enter(sys, A16(R_BX), A16(R_CX), A16(R_DX)); }
+KP_ID1(setuid, JC_SYS_SETUID)
+KP_ID2(setreuid, JC_SYS_SETREUID)
+KP_ID3(setresuid, JC_SYS_SETRESUID)
+KP_ID1(setgid, JC_SYS_SETGID)
+KP_ID2(setregid, JC_SYS_SETREGID)
+KP_ID3(setresgid, JC_SYS_SETRESGID)
+/* arg0 = number of groups (an int in every variant) */
+int kp_setgroups(struct pt_regs *ctx) { return id_enter(JC_SYS_SETGROUPS, A(R_DI), NOARG, NOARG); }
+int kp32_setgroups(struct pt_regs *ctx) { return id_enter(JC_SYS_SETGROUPS, A(R_BX), NOARG, NOARG); }
 /* the return of every syscall that id_enter left a pending record for (set*id, unshare, setns) */
 int kr_id(struct pt_regs *ctx) { return id_exit(ctx, RET); }
 int kr_setsid(struct pt_regs *ctx) { return setsid_exit(ctx, RET); }
 int kr_clone(struct pt_regs *ctx) { return clone_exit(ctx, RET); }
 int kr_fork(struct pt_regs *ctx) { return fork_exit(ctx, RET); }
 
-int kp_unshare(struct pt_regs *ctx)
+static __always_inline int unshare_enter(u32 flags)
 {
-	u32 flags = ARG1;
 	if (!(flags & JC_CLONE_NEWUSER))
 		return 0;
 	return id_enter(JC_SYS_UNSHARE, flags, NOARG, NOARG);
 }
-int kp_clone(struct pt_regs *ctx)
+int kp_unshare(struct pt_regs *ctx) { return unshare_enter(A(R_DI)); }
+int kp32_unshare(struct pt_regs *ctx) { return unshare_enter(A(R_BX)); }
+
+static __always_inline int clone_enter(u32 flags)
 {
-	u32 flags = ARG1;   /* x86-64 clone(flags, newsp, parent_tid, child_tid, tls) */
 	if (!(flags & JC_CLONE_NEWUSER))
 		return 0;
 	return id_enter(JC_SYS_CLONE, flags, NOARG, NOARG);
 }
-int kp_clone3(struct pt_regs *ctx)
+int kp_clone(struct pt_regs *ctx) { return clone_enter(A(R_DI)); }   /* flags come first in both ABIs */
+int kp32_clone(struct pt_regs *ctx) { return clone_enter(A(R_BX)); }
+
+static __always_inline int clone3_enter(u64 uargs)
 {
-	u64 flags = 0;   /* struct clone_args starts with its u64 flags (user memory) */
-	if (bpf_probe_read_user(&flags, sizeof(flags), (void *)sysarg(ctx, JC_REG_DI)) || !(flags & JC_CLONE_NEWUSER))
+	u64 flags = 0;   /* struct clone_args starts with its u64 flags (user memory, the same for 32-bit callers) */
+	if (bpf_probe_read_user(&flags, sizeof(flags), (void *)uargs) || !(flags & JC_CLONE_NEWUSER))
 		return 0;
 	return id_enter(JC_SYS_CLONE3, U32(flags), NOARG, NOARG);
 }
-int kp_setns(struct pt_regs *ctx)
+int kp_clone3(struct pt_regs *ctx) { return clone3_enter(sysarg(ctx, R_DI)); }
+int kp32_clone3(struct pt_regs *ctx) { return clone3_enter(U32(sysarg(ctx, R_BX))); }
+
+static __always_inline int setns_enter(u32 fd, u32 nstype)
 {
-	u32 nstype = ARG2;
 	if (nstype && !(nstype & JC_CLONE_NEWUSER))
 		return 0;
-	return id_enter(JC_SYS_SETNS, ARG1, nstype, NOARG);
+	return id_enter(JC_SYS_SETNS, fd, nstype, NOARG);
 }
+int kp_setns(struct pt_regs *ctx) { return setns_enter(A(R_DI), A(R_SI)); }
+int kp32_setns(struct pt_regs *ctx) { return setns_enter(A(R_BX), A(R_CX)); }
+
 int kp_openat(struct pt_regs *ctx)
 {
-	return nsmap_open(ctx, (int)ARG1, (const char *)sysarg(ctx, JC_REG_SI), (int)ARG3);
+	return nsmap_open(ctx, (int)A(R_DI), (const char *)sysarg(ctx, R_SI), (int)A(R_DX));
+}
+int kp32_openat(struct pt_regs *ctx)
+{
+	return nsmap_open(ctx, (int)A(R_BX), (const char *)(u64)A(R_CX), (int)A(R_DX));
 }
 int kp_open(struct pt_regs *ctx)
 {
-	return nsmap_open(ctx, -100 /* AT_FDCWD */, (const char *)sysarg(ctx, JC_REG_DI), (int)ARG2);
+	return nsmap_open(ctx, -100 /* AT_FDCWD */, (const char *)sysarg(ctx, R_DI), (int)A(R_SI));
+}
+int kp32_open(struct pt_regs *ctx)
+{
+	return nsmap_open(ctx, -100 /* AT_FDCWD */, (const char *)(u64)A(R_BX), (int)A(R_CX));
 }
 #endif

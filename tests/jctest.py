@@ -910,6 +910,27 @@ int main(int argc, char **argv) {
 }
 """
 
+INT80_C = r"""
+/* int80: 32-bit syscalls (int 0x80) from this 64-bit process, one after the other: setuid32(0), setuid16(0),
+ * setresuid32(-1, -1, -1), unshare(CLONE_NEWUSER); prints each return value (-38: the kernel runs no 32-bit
+ * syscalls). */
+#include <stdio.h>
+static long sc32(long nr, long a, long b, long c) {
+    long r;
+    __asm__ volatile("int $0x80" : "=a"(r) : "a"(nr), "b"(a), "c"(b), "d"(c) : "memory", "r8", "r9", "r10", "r11");
+    return r;
+}
+int main(void) {
+    long r[4];
+    r[0] = sc32(213, 0, 0, 0);
+    r[1] = sc32(23, 0, 0, 0);
+    r[2] = sc32(208, -1, -1, -1);
+    r[3] = sc32(310, 0x10000000, 0, 0);
+    printf("%ld %ld %ld %ld\n", r[0], r[1], r[2], r[3]);
+    return 0;
+}
+"""
+
 FORKBOMB_C = r"""
 /* forkbomb SECONDS [STOPFILE]: waits for one byte on stdin, then forks as fast as it can; odd-pid
  * children exit at once (churn), the others join in.  Every process stops by itself after SECONDS, or
@@ -1026,6 +1047,7 @@ class Helpers:
     daemonize: Path
     burn: Path
     idloop: Path
+    int80: Path
 
 
 @dataclass
@@ -1052,7 +1074,7 @@ def build_helpers(d: Path) -> Helpers:
     """Compile and write the tracer scenarios' helper programs into d (sutest setuid root)."""
     require(shutil.which("gcc") is not None, "gcc is missing (needed to build the setuid test helper)")
     d.chmod(0o755)   # the test users must reach the helper
-    for name, src in (("sutest", SUTEST_C), ("forkbomb", FORKBOMB_C)):
+    for name, src in (("sutest", SUTEST_C), ("forkbomb", FORKBOMB_C), ("int80", INT80_C)):
         (d / f"{name}.c").write_text(src)
         subprocess.run(["gcc", "-O2", "-o", str(d / name), str(d / f"{name}.c")], check=True)
     sutest = d / "sutest"
@@ -1063,7 +1085,7 @@ def build_helpers(d: Path) -> Helpers:
     for name, src in (("daemonize.py", DAEMONIZE_PY), ("burn.py", BURN_PY), ("idloop.py", IDLOOP_PY)):
         (d / name).write_text(src)
         (d / name).chmod(0o644)
-    return Helpers(d, sutest, d / "forkbomb", d / "daemonize.py", d / "burn.py", d / "idloop.py")
+    return Helpers(d, sutest, d / "forkbomb", d / "daemonize.py", d / "burn.py", d / "idloop.py", d / "int80")
 
 
 class GatedJob:

@@ -40,16 +40,24 @@ FORK_SYSCALLS = ("clone", "clone3", "fork", "vfork")
 NS_SYSCALLS = ("unshare", "setns")       # user namespaces: enter + exit
 OPEN_SYSCALLS = ("openat", "open")       # uid_map/gid_map opens: enter only
 SYSCALL_HOOKS = ("auto", "kprobe", "tracepoint")
-# JC_KPROBES: syscall -> (program on entry, program on return) in tracer.bpf.c, attached to KPROBE_PREFIX + syscall
 KPROBE_PREFIX = "__x64_sys_"
-KPROBES = {"setuid": ("kp_setuid", "kr_id"), "setreuid": ("kp_setreuid", "kr_id"),
-           "setresuid": ("kp_setresuid", "kr_id"), "setgid": ("kp_setgid", "kr_id"),
-           "setregid": ("kp_setregid", "kr_id"), "setresgid": ("kp_setresgid", "kr_id"),
-           "setgroups": ("kp_setgroups", "kr_id"), "setsid": (None, "kr_setsid"),
-           "clone": ("kp_clone", "kr_clone"), "clone3": ("kp_clone3", "kr_clone"),
-           "fork": (None, "kr_fork"), "vfork": (None, "kr_fork"),
-           "unshare": ("kp_unshare", "kr_id"), "setns": ("kp_setns", "kr_id"),
-           "openat": ("kp_openat", None), "open": ("kp_open", None)}
+COMPAT_PROBE = "__ia32_sys_setuid"   # present when the kernel runs 32-bit syscalls (CONFIG_IA32_EMULATION)
+_KP_RETURN = {"setsid": "kr_setsid", "clone": "kr_clone", "clone3": "kr_clone", "fork": "kr_fork",
+              "vfork": "kr_fork", "openat": None, "open": None}   # the others: kr_id
+_UID16 = ("setuid", "setreuid", "setresuid", "setgid", "setregid", "setresgid", "setgroups")
+
+
+def kprobe_points(sc: str) -> list[tuple[str, str | None, str | None]]:
+    """JC_KPROBES: (kernel function, program on entry, program on return) in tracer.bpf.c for one syscall: its
+    x86-64 function, then its 32-bit ones (int 0x80: __ia32_sys_*, and the *16 calls with 16-bit ids), which
+    the syscall tracepoints never see."""
+    ret = _KP_RETURN.get(sc, "kr_id")
+    entry = None if sc in ("setsid", "fork", "vfork") else sc
+    compat = "__ia32_compat_sys_" if sc in ("openat", "open") else "__ia32_sys_"
+    out = [(f"{KPROBE_PREFIX}{sc}", entry and f"kp_{entry}", ret), (f"{compat}{sc}", entry and f"kp32_{entry}", ret)]
+    if sc in _UID16:   # setgroups16's one argument is an int like setgroups'
+        out.append((f"__ia32_sys_{sc}16", "kp32_setgroups" if sc == "setgroups" else f"kp16_{sc}", ret))
+    return out
 EXITED_BATCH = 4096         # entries per batch read of the kernel's exited map
 RECORD_BYTES = 384          # a ring record (struct jc_event and its 8-byte header), rounded up
 
@@ -207,21 +215,24 @@ class _BpfBackend:
 
     @staticmethod
     def _attach_kprobes(b: Any, syscalls: list[str]) -> list[str]:
-        """JC_KPROBES: tracer.bpf.c's kp_*/kr_* programs on the syscalls' __x64_sys_* functions; returns the
-        syscalls the kernel has no such function for."""
+        """JC_KPROBES: tracer.bpf.c's kp_*/kr_* programs on the syscalls' functions (kprobe_points); returns what
+        the kernel has no function for (a 32-bit one only matters where 32-bit syscalls run at all)."""
         missing = []
+        compat = b.ksymname(COMPAT_PROBE.encode()) >= 0
         for sc in syscalls:
-            fn = f"{KPROBE_PREFIX}{sc}".encode()
-            if b.ksymname(fn) < 0:
-                missing.append(sc)
-                continue
-            entry, ret = KPROBES[sc]
-            if entry:
-                b.attach_kprobe(event=fn, fn_name=entry.encode())
-            if ret:
-                # the kernel's own number of return instances (maxactive 0): a larger one would make bcc write a
-                # named event into tracefs' kprobe_events, which outlives an agent killed with SIGKILL
-                b.attach_kretprobe(event=fn, fn_name=ret.encode())
+            for i, (fn, entry, ret) in enumerate(kprobe_points(sc)):
+                if b.ksymname(fn.encode()) < 0:
+                    if i == 0:
+                        missing.append(sc)
+                    elif compat:
+                        missing.append(f"{sc} (32-bit {fn})")
+                    continue
+                if entry:
+                    b.attach_kprobe(event=fn.encode(), fn_name=entry.encode())
+                if ret:
+                    # the kernel's own number of return instances (maxactive 0): a larger one would make bcc write
+                    # a named event into tracefs' kprobe_events, which outlives an agent killed with SIGKILL
+                    b.attach_kretprobe(event=fn.encode(), fn_name=ret.encode())
         return missing
 
     @property
