@@ -12,6 +12,7 @@ import math
 import os
 import secrets
 import time
+from pathlib import Path
 
 import pytest
 from jctest import (
@@ -227,6 +228,12 @@ def _kernel_has_kprobes() -> bool:
                                                or os.path.exists("/sys/kernel/tracing/kprobe_events"))
 
 
+def _kprobed(fn: str) -> int:
+    """How many kprobes the kernel has on fn (its own list, debugfs)."""
+    return sum(1 for line in Path("/sys/kernel/debug/kprobes/list").read_text().splitlines()
+               if line.split()[2:3] == [f"{fn}+0x0"])   # "ADDRESS  k|r  SYMBOL+OFFSET  [FLAGS]"
+
+
 def test_syscall_hooks_follow_the_kernel(trace_users: TraceUsers, helpers: Helpers, make_cgroup, make_tracer) -> None:
     """The set*id/setsid/fork/user-namespace syscalls are hooked by kprobe where the kernel has kprobes (then only
     the three sched tracepoints are in use: no syscall tracepoint sends the node's other syscalls through the
@@ -236,20 +243,20 @@ def test_syscall_hooks_follow_the_kernel(trace_users: TraceUsers, helpers: Helpe
     tracepoints never see them (docs/architecture.md says so)."""
     pilot = trace_users.pilot
     has = _kernel_has_kprobes()
-    auto, _ = make_tracer("bpf")
-    assert auto.syscall_hooks == ("kprobe" if has else "tracepoint")
     if not has:
         with pytest.raises(Unsupported, match="no kprobes"):
             make_tracer("bpf", syscall_hooks="kprobe")
-    auto.close()
     code = ("import os\ntry:\n    os.setuid(0)\nexcept PermissionError:\n    pass\n"
             "pid = os.fork()\nif pid == 0:\n    os.setsid()\n    os._exit(0)\nos.waitpid(pid, 0)\nprint(pid)")
-    for mode in (["kprobe", "tracepoint"] if has else ["tracepoint"]):
-        tracer, col = make_tracer("bpf", syscall_hooks=mode)
+    # the default (auto) first, then where there is a choice the other way, asked for
+    for mode, asked in ([("kprobe", "auto"), ("tracepoint", "tracepoint")] if has else [("tracepoint", "auto")]):
+        tracer, col = make_tracer("bpf", syscall_hooks=asked)
         assert tracer.syscall_hooks == mode
         if mode == "kprobe":
             assert tracer._be.b.num_open_tracepoints() == 3, "only the sched tracepoints"
             assert tracer._be.b.num_open_kprobes() > 0
+            if os.path.exists("/sys/kernel/debug/kprobes/list"):   # the kernel's word: entry and return probe
+                assert _kprobed("__x64_sys_setuid") >= 2 and _kprobed("__ia32_sys_setuid16") >= 2
         cg = make_cgroup()
         job_id = f"hooks-{mode}"
         out = _run([tracer], shell_job(cg, f"{PYTHON} -c \"{code}\"\n/usr/bin/unshare -U /bin/true\n{helpers.int80}",
@@ -271,6 +278,35 @@ def test_syscall_hooks_follow_the_kernel(trace_users: TraceUsers, helpers: Helpe
         assert (len(refused), len(noop), len(userns)) == (1 + 2 * seen32, seen32, 1 + seen32), \
             [(e.kind, e.pid, e.detail) for e in evs if e.kind in ("setuid", "userns")]
         tracer.close()
+
+
+@pytest.mark.v2guest
+def test_a_refused_kprobe_falls_back_to_tracepoints(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+                                                     make_tracer) -> None:
+    """A kprobe the kernel refuses -- on a function of its kprobe blacklist, put where setsid's function goes,
+    after the set*id ones are attached -- makes `auto` load the tracepoints instead, with a warning, and leaves
+    no kprobe of the attempt in the kernel; `kprobe` asked for is refused with the reason."""
+    require(_kernel_has_kprobes(), "a kernel with kprobes")
+    require(os.path.exists("/sys/kernel/debug/kprobes/list"), "debugfs at /sys/kernel/debug")
+    from bcc import BPF
+
+    from jobcage.agent.tracer import bpf_backend
+
+    refused = next(name for line in Path("/sys/kernel/debug/kprobes/blacklist").read_text().splitlines()
+                   for name in line.split()[-1:] if BPF.ksymname(name.encode()) >= 0)
+    points = bpf_backend.kprobe_points
+    monkeypatch.setattr(bpf_backend, "kprobe_points",
+                        lambda sc: [(refused, None, "kr_setsid")] if sc == "setsid" else points(sc))
+    before = _kprobed("__x64_sys_setuid")
+    with caplog.at_level("WARNING", logger="jobcage.tracer"):
+        tracer, _ = make_tracer("bpf")
+    assert tracer.syscall_hooks == "tracepoint"
+    assert "kprobes on the syscalls failed" in caplog.text
+    assert tracer._be.b.num_open_kprobes() == 0 and tracer._be.b.num_open_tracepoints() > 3
+    assert _kprobed("__x64_sys_setuid") == before, "the set*id kprobes attached before the refusal are gone"
+    with pytest.raises(Unsupported, match="syscall hooks by kprobe"):
+        make_tracer("bpf", syscall_hooks="kprobe")
+    assert _kprobed("__x64_sys_setuid") == before
 
 
 @pytest.mark.parametrize("backend", ["bpf", "proc"])

@@ -58,6 +58,8 @@ def kprobe_points(sc: str) -> list[tuple[str, str | None, str | None]]:
     if sc in _UID16:   # setgroups16's one argument is an int like setgroups'
         out.append((f"__ia32_sys_{sc}16", "kp32_setgroups" if sc == "setgroups" else f"kp16_{sc}", ret))
     return out
+
+
 EXITED_BATCH = 4096         # entries per batch read of the kernel's exited map
 RECORD_BYTES = 384          # a ring record (struct jc_event and its 8-byte header), rounded up
 
