@@ -56,7 +56,7 @@ Root only.  Everything is private and removed at the end: a config with its own 
 script started (by pid); the audit rule; the kernel's audit enabled flag and backlog limit are restored.
 
     .venv/bin/python bench/trace_overhead.py [--rounds 6] [--run-seconds 2] [--only throughput,setuid,cpu,work,bpf,real,cost,floor,idle]
-        [--real-rounds 4] [--loop-iterations 300] [--profile] [--json]
+        [--real-rounds 4] [--loop-iterations 300] [--profile] [--syscall-hooks auto|kprobe|tracepoint] [--json]
 """
 
 from __future__ import annotations
@@ -274,7 +274,7 @@ def median(xs: Sequence[float]) -> float:
 class Bench:
     """A private jobcage (config, subtree, state, agent) and the peers, all torn down by cleanup()."""
 
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, syscall_hooks: str = "auto") -> None:
         self.workers = workers
         self.dir = Path(tempfile.mkdtemp(prefix="jcbench-", dir="/tmp"))
         self.dir.chmod(0o755)
@@ -284,7 +284,7 @@ class Bench:
         self.cfg.write_text(
             f'[cgroups]\nmode = "auto"\nsubtree = "{self.subtree}"\n'
             f'[agent]\nstate_dir = "{self.dir / "state"}"\nsocket = "{self.sock}"\nreconcile_interval = 1.0\n'
-            '[tracer]\nbackend = "bpf"\n[cleanup]\nenabled = false\n')
+            f'[tracer]\nbackend = "bpf"\nsyscall_hooks = "{syscall_hooks}"\n[cleanup]\nenabled = false\n')
         self.env = dict(os.environ, JOBCAGE_CONFIG=str(self.cfg))
         self.jobs: list[str] = []
         self.agent: subprocess.Popen | None = None
@@ -1263,6 +1263,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--loop-iterations", type=int, default=300, help="coreutils loop iterations (6 execs each)")
     ap.add_argument("--profile", action="store_true", help="work: a cProfile of each timed pass, to stderr")
     ap.add_argument("--no-peers", action="store_true", help="skip auditd and bpftrace")
+    ap.add_argument("--syscall-hooks", default="auto", choices=("auto", "kprobe", "tracepoint"),
+                    help="the agent's [tracer] syscall_hooks (default auto, the agent's default)")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args(argv)
@@ -1277,7 +1279,7 @@ def main(argv: list[str] | None = None) -> int:
     only = set(args.only.split(","))
     seed = args.seed if args.seed is not None else int(time.time())
     res: dict[str, Any] = {"seed": seed, "load_before": os.getloadavg()[0]}
-    b = Bench(args.workers)
+    b = Bench(args.workers, args.syscall_hooks)
     problems: list[str] = []
     try:
         b.build()

@@ -684,7 +684,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_open) { return nsmap_open(args, -100 /* AT_
 /* ---- the same syscalls through kprobes (JC_KPROBES) --------------------------------
  *
  * Why: while any syscalls:* tracepoint is in use the kernel sends every syscall of every task of the node
- * through its slow path (SYSCALL_WORK_SYSCALL_TRACEPOINT; ~20-35 ns each here, see docs/benchmarks.md), so
+ * through its slow path (SYSCALL_WORK_SYSCALL_TRACEPOINT; ~30-40 ns each on the CI VMs, see docs/benchmarks.md), so
  * a job that makes many cheap syscalls pays for tracing that never concerns it.  A kprobe costs only when
  * its own function runs.  Where the kernel has kprobes (x86-64 only: the agent attaches these to the
  * __x64_sys_* and __ia32_sys_* wrappers, else falls back to the tracepoints above) the programs below
