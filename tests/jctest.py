@@ -1111,6 +1111,13 @@ class GatedJob:
         self.proc.stdin = None   # so communicate() does not flush it
 
 
+def kernel_has_kprobes() -> bool:
+    """The kernel's own answer: its kprobe perf PMU or tracefs' kprobe_events (and the x86-64 register frame the
+    tracer's kprobe programs read): where the agent hooks the syscalls by kprobe (`[tracer] syscall_hooks`)."""
+    return os.uname().machine == "x86_64" and (os.path.exists("/sys/bus/event_source/devices/kprobe/type")
+                                               or os.path.exists("/sys/kernel/tracing/kprobe_events"))
+
+
 def shell_job(cg: TestCgroup, script: str, user: User | None = None) -> GatedJob:
     """bash that waits for the gate, then runs `script` (ending in `exit` so bash does not exec the last
     command in place: the trail's parent pid is then this bash)."""

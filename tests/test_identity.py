@@ -42,6 +42,7 @@ from jctest import (
     first,
     idents,
     job_scratch,
+    kernel_has_kprobes,
     open_gate,
     pick,
     pid_file,
@@ -454,7 +455,8 @@ def test_proc_backend_same_identities_and_doctor(jc_env: JcEnv, agent_proc: Agen
                                                  helpers: Helpers, sudoers: Callable[..., Path]) -> None:
     """The same sudo scenario under the BPF tracer, then (agent restarted with [tracer] backend = proc) under the
     proc-connector fallback: the same identities through the same helper; `jobcage doctor --json` names the
-    backend the running agent uses."""
+    backend the running agent uses and, under BPF, how it hooks the syscalls (kprobe where the kernel has
+    kprobes, else tracepoint)."""
     got: dict[str, dict[int, str | None]] = {}
     for backend in ("bpf", "proc"):
         if backend == "proc":
@@ -463,6 +465,9 @@ def test_proc_backend_same_identities_and_doctor(jc_env: JcEnv, agent_proc: Agen
         doc = jc_env.jobcage("doctor", "--json").json()
         assert doc["agent"]["running"] is True and doc["agent"]["tracer"] == backend, doc["agent"]
         assert doc["tracing"]["configured"] == backend and doc["tracing"]["will use"] == backend
+        hooks = ("kprobe" if kernel_has_kprobes() else "tracepoint") if backend == "bpf" else None
+        assert doc["agent"]["syscall_hooks"] == hooks, doc["agent"]
+        assert doc["tracing"]["syscall hooks"].startswith(hooks or "-"), doc["tracing"]
         job = f"same-{backend}-{secrets.token_hex(2)}"
         sw = run_switch(jc_env, agent_proc, ids, helpers, "sudo", job, sudoers)
         check_switch_trail(trail(jc_env, job), sw, ids, backend)
@@ -472,6 +477,12 @@ def test_proc_backend_same_identities_and_doctor(jc_env: JcEnv, agent_proc: Agen
     agent_proc.stop()
     doc = jc_env.jobcage("doctor", "--json").json()
     assert doc["agent"]["running"] is False
+
+
+def test_bad_syscall_hooks_value(jc_env: JcEnv) -> None:
+    """A [tracer] syscall_hooks the agent does not know: one line naming the choices, exit 1."""
+    jc_env.write_config({"tracer": {"syscall_hooks": "fentry"}})
+    jc_env.jobcage("list").clean_error(1, contains="tracer.syscall_hooks must be one of auto, kprobe, tracepoint")
 
 
 @pytest.mark.jc_config(BPF)

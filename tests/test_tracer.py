@@ -21,6 +21,7 @@ from jctest import (
     Helpers,
     TraceUsers,
     drive,
+    kernel_has_kprobes,
     require,
     shell_job,
 )
@@ -221,13 +222,6 @@ def test_failed_setuid_recorded(backend: str, trace_users: TraceUsers, make_cgro
     assert e.filename == PYTHON or e.filename.startswith("/usr/bin/python3")
 
 
-def _kernel_has_kprobes() -> bool:
-    """The kernel's own answer: its kprobe perf PMU or tracefs' kprobe_events (and the x86-64 register frame the
-    programs read)."""
-    return os.uname().machine == "x86_64" and (os.path.exists("/sys/bus/event_source/devices/kprobe/type")
-                                               or os.path.exists("/sys/kernel/tracing/kprobe_events"))
-
-
 def _kprobed(fn: str) -> int:
     """How many kprobes the kernel has on fn (its own list, debugfs)."""
     return sum(1 for line in Path("/sys/kernel/debug/kprobes/list").read_text().splitlines()
@@ -242,7 +236,7 @@ def test_syscall_hooks_follow_the_kernel(trace_users: TraceUsers, helpers: Helpe
     syscalls (int 0x80: setuid32, setuid16, setresuid32, unshare) are in the trail with kprobes only: the syscall
     tracepoints never see them (docs/architecture.md says so)."""
     pilot = trace_users.pilot
-    has = _kernel_has_kprobes()
+    has = kernel_has_kprobes()
     if not has:
         with pytest.raises(Unsupported, match="no kprobes"):
             make_tracer("bpf", syscall_hooks="kprobe")
@@ -286,7 +280,7 @@ def test_a_refused_kprobe_falls_back_to_tracepoints(monkeypatch: pytest.MonkeyPa
     """A kprobe the kernel refuses -- on a function of its kprobe blacklist, put where setsid's function goes,
     after the set*id ones are attached -- makes `auto` load the tracepoints instead, with a warning, and leaves
     no kprobe of the attempt in the kernel; `kprobe` asked for is refused with the reason."""
-    require(_kernel_has_kprobes(), "a kernel with kprobes")
+    require(kernel_has_kprobes(), "a kernel with kprobes")
     require(os.path.exists("/sys/kernel/debug/kprobes/list"), "debugfs at /sys/kernel/debug")
     from bcc import BPF
 
