@@ -88,6 +88,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jobcage.agent.client import call  # noqa: E402
 from jobcage.agent.errors import JobcageError  # noqa: E402
+from jobcage.agent.tracer.bpf_backend import SYSCALL_HOOKS  # noqa: E402
 from jobcage.cgroups import proc  # noqa: E402
 
 _BIN = Path(sys.executable).parent
@@ -269,6 +270,12 @@ def free_uid(start: int = 61000) -> int:
 
 def median(xs: Sequence[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
+
+
+def paired(num: Sequence[float], den: Sequence[float]) -> float:
+    """Median of the per-round ratios num[i] / den[i]: each run against the same round's other run (cancels the
+    drift of the node's speed between rounds)."""
+    return median([x / y for x, y in zip(num, den, strict=True)])
 
 
 class Bench:
@@ -540,7 +547,8 @@ CONFIGS = {   # name -> (tracer, inside a job)
     "bpftrace exec printf": ("bpftrace", True),
 }
 BASELINE = {"none": "none", "none, outside job": "none, outside job", "jobcage": "none",
-            "jobcage, outside job": "none, outside job", "auditd execve rule": "none", "bpftrace exec printf": "none"}
+            "jobcage, outside job": "none, outside job", "auditd execve rule": "none", "bpftrace exec printf": "none",
+            "lone syscall tracepoint": "none, outside job"}
 
 
 def interleaved(b: Bench, rounds: int, rng: random.Random, with_agent: list[str], without: list[str],
@@ -634,8 +642,6 @@ def throughput(b: Bench, rounds: int, secs: float, rng: random.Random, peers: bo
     rows = []
     for name in names:
         base = median(rates[BASELINE[name]])
-        # paired: each round's run against the same round's baseline run (cancels drift of the node's load)
-        paired = median([x / y for x, y in zip(rates[name], rates[BASELINE[name]], strict=True)])
         sp = split[name]
         base_sp = split[BASELINE[name]]
         rows.append({"split_us": {k: sum(r[i] for r in sp) / len(sp) for i, k in enumerate(SPLIT)},
@@ -643,7 +649,7 @@ def throughput(b: Bench, rounds: int, secs: float, rng: random.Random, peers: bo
                                        for i, k in enumerate(SPLIT)},
                      "config": name, "median": median(rates[name]), "min": min(rates[name]),
                      "max": max(rates[name]), "runs": len(rates[name]), "ratio": median(rates[name]) / base,
-                     "paired_ratio": paired, "baseline": BASELINE[name], "rates": [round(x) for x in rates[name]]})
+                     "paired_ratio": paired(rates[name], rates[BASELINE[name]]), "baseline": BASELINE[name], "rates": [round(x) for x in rates[name]]})
     return {"rows": rows, "run_seconds": secs, "rounds": rounds, "workers": b.workers,
             "agent_cpu_us_per_exec": 1e6 * median(agent_cpu_per_exec),
             "agent_cpu_us_per_exec_outside": 1e6 * median(agent_cpu_outside), "events_lost_per_run": lost_per_run}
@@ -685,7 +691,7 @@ def cpu_cost(b: Bench, rounds: int, secs: float, rng: random.Random) -> dict:
         rows.append({"config": name, "baseline": base, "us_per_exec": median(per_exec[name]),
                      "baseline_us_per_exec": median(per_exec[base]),
                      "agent_us_per_exec": median(agent_part[name]),
-                     "paired_ratio": median([x / y for x, y in zip(per_exec[base], per_exec[name], strict=True)]),
+                     "paired_ratio": paired(per_exec[base], per_exec[name]),
                      "runs": [round(x, 1) for x in per_exec[name]],
                      "baseline_runs": [round(x, 1) for x in per_exec[base]]})
     return {"rows": rows, "rounds": rounds, "run_seconds": secs}
@@ -728,10 +734,10 @@ def syscall_cost(b: Bench, rounds: int, secs: float, rng: random.Random) -> dict
                 ["none", "none, outside job", "lone syscall tracepoint"], one)
     rows = []
     for name in SYSCALL_CONFIGS[2:]:
-        base = "none" if name == "jobcage" else "none, outside job"
+        base = BASELINE[name]
         rows.append({"config": name, "baseline": base, "ns_per_syscall": median(per_call[name]),
                      "baseline_ns_per_syscall": median(per_call[base]),
-                     "paired_ratio": median([x / y for x, y in zip(per_call[base], per_call[name], strict=True)]),
+                     "paired_ratio": paired(per_call[base], per_call[name]),
                      "runs": [round(x, 1) for x in per_call[name]],
                      "baseline_runs": [round(x, 1) for x in per_call[base]]})
     return {"rows": rows, "rounds": rounds, "run_seconds": secs, "syscall_hooks": sorted(hooks)}
@@ -953,7 +959,7 @@ def floor_parts(b: Bench, rounds: int, secs: float, rng: random.Random) -> dict:
     rows = []
     for conf in FLOOR_CONFIGS:
         rows.append({"config": conf, "median": median(rates[conf]),
-                     "paired_ratio": median([x / y for x, y in zip(rates[conf], rates["none"], strict=True)]),
+                     "paired_ratio": paired(rates[conf], rates["none"]),
                      "consumer_cpu_us_per_exec": median(cpu[conf]), "rates": [round(x) for x in rates[conf]]})
     return {"rounds": rounds, "run_seconds": secs, "rows": rows}
 
@@ -1151,7 +1157,7 @@ def real_jobs(b: Bench, rounds: int, loop_n: int, rng: random.Random) -> dict:
         # throughput ratio = untraced time / traced time; paired per round as in the throughput table
         rows.append({"workload": name, "none_s": median(base), "jobcage_s": median(traced),
                      "ratio": median(base) / median(traced),
-                     "paired_ratio": median([x / y for x, y in zip(base, traced, strict=True)]),
+                     "paired_ratio": paired(base, traced),
                      "execs": median(execs[name]), "agent_cpu_us_per_exec": median(agent_us[name]),
                      "none_runs": [round(x, 3) for x in base], "jobcage_runs": [round(x, 3) for x in traced]})
     return {"rounds": rounds, "rows": rows, "ctree_files": CTREE_FILES, "loop_iterations": loop_n,
@@ -1263,7 +1269,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--loop-iterations", type=int, default=300, help="coreutils loop iterations (6 execs each)")
     ap.add_argument("--profile", action="store_true", help="work: a cProfile of each timed pass, to stderr")
     ap.add_argument("--no-peers", action="store_true", help="skip auditd and bpftrace")
-    ap.add_argument("--syscall-hooks", default="auto", choices=("auto", "kprobe", "tracepoint"),
+    ap.add_argument("--syscall-hooks", default="auto", choices=SYSCALL_HOOKS,
                     help="the agent's [tracer] syscall_hooks (default auto, the agent's default)")
     ap.add_argument("--seed", type=int, default=None)
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
