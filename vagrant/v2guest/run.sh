@@ -10,7 +10,7 @@
 # 3. the guest (guest-run.sh, from the shared checkout) runs pytest with CI=true and powers off;
 # 4. exit code, pytest summary, junit XML and the guest's console come back in $JOBCAGE_V2_RESULTS
 #    (default build/v2guest/ in the checkout); this script exits non-zero when the guest suite failed or the
-#    guest did not answer within JOBCAGE_V2_TIMEOUT seconds (default 4200: boot + suite).
+#    guest did not answer within JOBCAGE_V2_TIMEOUT seconds (default 3300: boot + suite).
 set -uo pipefail
 # One brace group: bash reads all of it before running any, so editing (or `git pull`ing) this file
 # while it runs cannot make bash execute a shifted part of the new text.
@@ -18,7 +18,7 @@ set -uo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 top=$(cd "$here/../.." && pwd)
 results=${JOBCAGE_V2_RESULTS:-$top/build/v2guest}
-limit=${JOBCAGE_V2_TIMEOUT:-4200}
+limit=${JOBCAGE_V2_TIMEOUT:-3300}
 log() { printf 'v2-guest: %s\n' "$*" >&2; }
 [ "$(id -u)" = 0 ] || { echo "v2-guest: run as root (sudo make test-v2)" >&2; exit 1; }
 command -v qemu-system-x86_64 >/dev/null || { echo "v2-guest: qemu-system-x86_64 missing: sudo make bootstrap" >&2; exit 1; }
@@ -37,12 +37,19 @@ if (($#)); then
 else
   grep -v '^\s*\(#\|$\)' "$here/guest-tests.txt" | sed 's/\s*#.*//' > "$results/pytest-args"
 fi
-log "booting (qemu -accel tcg -smp 2), timeout ${limit} s; console: $results/console.log"
+# thread=single: one host thread runs both vCPUs. With QEMU 7.2's multi-threaded TCG a vCPU can go on running
+# a stale translation of kernel text the other vCPU has just patched: a syscall tracepoint turned on or off
+# (a static key in syscall_trace_enter) while the other vCPU makes syscalls left both vCPUs looping on the
+# patch's int3 for good (toggling sys_enter_getppid under two syscall spinners: hung within 50 rounds;
+# thread=single: 400 rounds, and the guest list no slower). softlockup_panic=1 turns any such kernel hang
+# into a poweroff within ~30 s, with every CPU's stack in console.log (loglevel=5 lets the stacks through).
+accel=${JOBCAGE_V2_ACCEL:-tcg,thread=single}
+log "booting (qemu -accel $accel -smp 2), timeout ${limit} s; console: $results/console.log"
 # snapshot=on: the guest's writes go to a throw-away overlay, the cached image is never changed.
 timeout --kill-after=20 "$limit" qemu-system-x86_64 \
-  -accel tcg -cpu "${JOBCAGE_V2_CPU:-max}" -smp 2 -m "${JOBCAGE_V2_MEM:-4096}" \
+  -accel "$accel" -cpu "${JOBCAGE_V2_CPU:-max}" -smp 2 -m "${JOBCAGE_V2_MEM:-4096}" \
   -kernel "$img/vmlinuz" -initrd "$img/initrd.img" \
-  -append "root=/dev/vda rw console=ttyS0 panic=-1 systemd.show_status=0 loglevel=4" \
+  -append "root=/dev/vda rw console=ttyS0 panic=-1 softlockup_panic=1 softlockup_all_cpu_backtrace=1 systemd.show_status=0 loglevel=5" \
   -drive "file=$img/root.img,format=raw,if=virtio,snapshot=on" \
   -virtfs "local,path=$top,mount_tag=jcsrc,security_model=none,readonly=on" \
   -virtfs "local,path=$results,mount_tag=jcresults,security_model=none" \
@@ -53,11 +60,15 @@ t2=$(date +%s)
 if [ "$qrc" = 124 ] || [ "$qrc" = 137 ]; then
   log "FAIL: the guest did not finish within ${limit} s (killed); last console lines:"
   tail -n 30 "$results/console.log" >&2
+  log "the guest pytest got as far as: $(tail -c 300 "$results/pytest.log" 2>/dev/null | tail -n 2 | tr '\n' ' ')"
   exit 1
 fi
 if [ ! -s "$results/rc" ]; then
   log "FAIL: the guest powered off without a result (qemu exit $qrc); last console lines:"
   tail -n 30 "$results/console.log" >&2
+  # A kernel hang or oops: its first lines (what, where) matter more than the panic's tail.
+  grep -m 8 -E 'BUG:|Oops|Kernel panic|RIP: 0010' "$results/console.log" | sed 's/^/v2-guest: kernel: /' >&2
+  log "the guest pytest got as far as: $(tail -c 300 "$results/pytest.log" 2>/dev/null | tail -n 2 | tr '\n' ' ')"
   exit 1
 fi
 rc=$(cat "$results/rc")
