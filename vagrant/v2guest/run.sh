@@ -42,14 +42,15 @@ fi
 # (a static key in syscall_trace_enter) while the other vCPU makes syscalls left both vCPUs looping on the
 # patch's int3 for good (toggling sys_enter_getppid under two syscall spinners: hung within 50 rounds;
 # thread=single: 400 rounds, and the guest list no slower). softlockup_panic=1 turns any such kernel hang
-# into a poweroff within ~30 s, with every CPU's stack in console.log (loglevel=5 lets the stacks through).
+# into a poweroff, with every CPU's stack in console.log (loglevel=5 lets the stacks through); after 60 s
+# (watchdog_thresh=30, three times the default) rather than 20, because emulated code is 10-20x slower.
 accel=${JOBCAGE_V2_ACCEL:-tcg,thread=single}
 log "booting (qemu -accel $accel -smp 2), timeout ${limit} s; console: $results/console.log"
 # snapshot=on: the guest's writes go to a throw-away overlay, the cached image is never changed.
 timeout --kill-after=20 "$limit" qemu-system-x86_64 \
   -accel "$accel" -cpu "${JOBCAGE_V2_CPU:-max}" -smp 2 -m "${JOBCAGE_V2_MEM:-4096}" \
   -kernel "$img/vmlinuz" -initrd "$img/initrd.img" \
-  -append "root=/dev/vda rw console=ttyS0 panic=-1 softlockup_panic=1 softlockup_all_cpu_backtrace=1 systemd.show_status=0 loglevel=5" \
+  -append "root=/dev/vda rw console=ttyS0 panic=-1 watchdog_thresh=30 softlockup_panic=1 softlockup_all_cpu_backtrace=1 systemd.show_status=0 loglevel=5" \
   -drive "file=$img/root.img,format=raw,if=virtio,snapshot=on" \
   -virtfs "local,path=$top,mount_tag=jcsrc,security_model=none,readonly=on" \
   -virtfs "local,path=$results,mount_tag=jcresults,security_model=none" \
