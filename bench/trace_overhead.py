@@ -649,7 +649,8 @@ def throughput(b: Bench, rounds: int, secs: float, rng: random.Random, peers: bo
                                        for i, k in enumerate(SPLIT)},
                      "config": name, "median": median(rates[name]), "min": min(rates[name]),
                      "max": max(rates[name]), "runs": len(rates[name]), "ratio": median(rates[name]) / base,
-                     "paired_ratio": paired(rates[name], rates[BASELINE[name]]), "baseline": BASELINE[name], "rates": [round(x) for x in rates[name]]})
+                     "paired_ratio": paired(rates[name], rates[BASELINE[name]]), "baseline": BASELINE[name],
+                     "rates": [round(x) for x in rates[name]]})
     return {"rows": rows, "run_seconds": secs, "rounds": rounds, "workers": b.workers,
             "agent_cpu_us_per_exec": 1e6 * median(agent_cpu_per_exec),
             "agent_cpu_us_per_exec_outside": 1e6 * median(agent_cpu_outside), "events_lost_per_run": lost_per_run}

@@ -40,7 +40,7 @@ fi
 # thread=single: one host thread runs both vCPUs. With QEMU 7.2's multi-threaded TCG a vCPU can go on running
 # a stale translation of kernel text the other vCPU has just patched: a syscall tracepoint turned on or off
 # (a static key in syscall_trace_enter) while the other vCPU makes syscalls left both vCPUs looping on the
-# patch's int3 for good (toggling sys_enter_getppid under two syscall spinners: hung within 50 rounds;
+# patch's int3 for good (toggling sys_enter_getppid under two syscall spinners: hung within 60 rounds;
 # thread=single: 400 rounds, and the guest list no slower). softlockup_panic=1 turns any such kernel hang
 # into a poweroff, with every CPU's stack in console.log (loglevel=5 lets the stacks through); after 60 s
 # (watchdog_thresh=30, three times the default) rather than 20, because emulated code is 10-20x slower.
@@ -58,20 +58,19 @@ timeout --kill-after=20 "$limit" qemu-system-x86_64 \
   -serial "file:$results/console.log" </dev/null
 qrc=$?
 t2=$(date +%s)
-if [ "$qrc" = 124 ] || [ "$qrc" = 137 ]; then
-  log "FAIL: the guest did not finish within ${limit} s (killed); last console lines:"
+# The guest ended without a result: the console's tail, then (last, where a CI excerpt shows them) the first
+# lines of a kernel hang or oops (what and where: more than the panic's tail tells) and pytest's position.
+died() {
+  log "FAIL: $1; last console lines:"
   tail -n 30 "$results/console.log" >&2
-  log "the guest pytest got as far as: $(tail -c 300 "$results/pytest.log" 2>/dev/null | tail -n 2 | tr '\n' ' ')"
-  exit 1
-fi
-if [ ! -s "$results/rc" ]; then
-  log "FAIL: the guest powered off without a result (qemu exit $qrc); last console lines:"
-  tail -n 30 "$results/console.log" >&2
-  # A kernel hang or oops: its first lines (what, where) matter more than the panic's tail.
   grep -m 8 -E 'BUG:|Oops|Kernel panic|RIP: 0010' "$results/console.log" | sed 's/^/v2-guest: kernel: /' >&2
   log "the guest pytest got as far as: $(tail -c 300 "$results/pytest.log" 2>/dev/null | tail -n 2 | tr '\n' ' ')"
   exit 1
+}
+if [ "$qrc" = 124 ] || [ "$qrc" = 137 ]; then
+  died "the guest did not finish within ${limit} s (killed)"
 fi
+[ -s "$results/rc" ] || died "the guest powered off without a result (qemu exit $qrc)"
 rc=$(cat "$results/rc")
 [ -s "$results/timings" ] && log "guest: $(tr '\n' ' ' < "$results/timings")"
 log "guest pytest: $(cat "$results/summary.txt" 2>/dev/null) (exit $rc); junit: $results/junit.xml"
