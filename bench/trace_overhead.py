@@ -48,6 +48,11 @@ setuid calls/s, and the agent's CPU while a job execs 1,000 times a second.
    kernel's mechanism alone), interleaved rounds, paired ratios.  No syscall of the loop is one the tracer
    hooks: what it pays is the slow path every syscall of the node takes while any syscalls:* tracepoint is in
    use, i.e. with `[tracer] syscall_hooks` resolved to tracepoint (the report says which the agent used).
+11. In-job floor (`jobfloor`, not in the default set).  The spawner (2 workers) inside a job with nothing; with
+   the tracer's BPF programs loaded in this process, the job in their maps and the ring read every 250 ms, its
+   records dropped undecoded; with the records decoded into events; with the events also written to a store,
+   one transaction per poll (what the agent's loop does with them).  Paired ratios, the spawner's CPU per exec
+   (where the programs and the syscall slow path run) and the consumer's.
 8. Idle (`idle`, not in the default set).  The agent with the node's default reconcile_interval and one job that
    runs nothing: its CPU over 30 s.
 
@@ -55,7 +60,7 @@ Root only.  Everything is private and removed at the end: a config with its own 
 ``jobcage-ovh<hex>``, state dir and socket in a temp dir; the agent, auditd, bpftrace and spawners this
 script started (by pid); the audit rule; the kernel's audit enabled flag and backlog limit are restored.
 
-    .venv/bin/python bench/trace_overhead.py [--rounds 6] [--run-seconds 2] [--only throughput,setuid,cpu,work,bpf,real,cost,floor,idle]
+    .venv/bin/python bench/trace_overhead.py [--rounds 6] [--run-seconds 2] [--only throughput,setuid,cpu,work,bpf,real,cost,floor,jobfloor,idle]
         [--real-rounds 4] [--loop-iterations 300] [--profile] [--syscall-hooks auto|kprobe|tracepoint] [--json]
 """
 
@@ -853,10 +858,7 @@ def bpf_cost(b: Bench, secs: float) -> dict:
             in_job = where == "in a job"
             p = b.start_gated([str(b.spawner), f"{secs}", str(b.workers), "0"], job if in_job else None)
             if in_job and not tr.jobs():
-                line = next(ln for ln in Path(f"/proc/{p.pid}/cgroup").read_text().splitlines() if ln.startswith("0::"))
-                mount = next(ln.split()[1] for ln in Path("/proc/self/mounts").read_text().splitlines()
-                             if ln.split()[2] == "cgroup2")
-                tr.add_job(job, 0, os.stat(mount + line[3:].rstrip("/")).st_ino, [p.pid])
+                tr.add_job(job, 0, cgroup2_ino(p.pid), [p.pid])
             out: dict[str, list[str]] = {}
             BPF_STATS.write_text("1")
             s0 = _prog_stats(fds)
@@ -965,6 +967,112 @@ def floor_parts(b: Bench, rounds: int, secs: float, rng: random.Random) -> dict:
     return {"rounds": rounds, "run_seconds": secs, "rows": rows}
 
 
+def cgroup2_ino(pid: int) -> int:
+    """The inode of a process's cgroup2 directory: the id the tracer's maps know a job's cgroup by."""
+    line = next(ln for ln in Path(f"/proc/{pid}/cgroup").read_text().splitlines() if ln.startswith("0::"))
+    mount = next(ln.split()[1] for ln in Path("/proc/self/mounts").read_text().splitlines()
+                 if ln.split()[2] == "cgroup2")
+    return os.stat(mount + line[3:].rstrip("/")).st_ino
+
+
+JOB_FLOOR_CONFIGS = ("none", "programs", "+ decode", "+ decode + store", "jobcage agent")
+
+
+def job_floor(b: Bench, rounds: int, secs: float, rng: random.Random) -> dict:
+    """What a job pays, part by part: the spawner (2 workers, saturated) inside a job with no tracer; with the
+    tracer's BPF programs loaded in this process and the job in their maps, the ring buffer read every 250 ms and
+    its records dropped undecoded (the kernel's part: programs, tracepoint wrappers, syscall slow path, the ring);
+    with the records decoded into events as the agent does ("+ decode"); and with each poll's events written to a
+    store in one transaction as the agent does ("+ decode + store"); and the real agent, started for its run
+    (its loop, accounting and control socket besides).  Interleaved rounds, paired ratios against "none"; the
+    spawner's and the consumer's (this process, or the agent) CPU per exec."""
+    from jobcage.agent.lifecycle import JobManager
+    from jobcage.agent.store import Store
+    from jobcage.agent.tracer import Tracer
+
+    job = "jobfloor"
+    b.prologue(job)
+    store = Store(str(b.dir / "jobfloor.db"))
+    jid = store.add_job(job, 0, 0, job, 256, time.time())
+    shim = argparse.Namespace(store=store)   # record_trace needs only the store
+    rates: dict[str, list[float]] = {c: [] for c in JOB_FLOOR_CONFIGS}
+    spawner: dict[str, list[float]] = {c: [] for c in JOB_FLOOR_CONFIGS}
+    consumer: dict[str, list[float]] = {c: [] for c in JOB_FLOOR_CONFIGS}
+    events: dict[str, list[int]] = {c: [] for c in JOB_FLOOR_CONFIGS}
+    try:
+        for r in range(rounds):
+            order = list(JOB_FLOOR_CONFIGS)
+            rng.shuffle(order)
+            for conf in order:
+                evs: list = []
+                tr = Tracer(evs.append, backend="bpf") if conf not in ("none", "jobcage agent") else None
+                if conf == "jobcage agent":
+                    b.agent_start()   # it finds the job at its reconcile
+                    a0 = b.agent_cpu()
+                p = b.start_gated([str(b.spawner), f"{secs}", str(b.workers), "0"], job)
+                if tr is not None:
+                    tr.add_job(job, 0, cgroup2_ino(p.pid), [p.pid])
+                seen = [0]
+                stop = threading.Event()
+
+                def loop(tr: Any = tr, conf: str = conf, evs: list = evs, stop: threading.Event = stop,
+                         seen: list = seen) -> None:
+                    while True:
+                        last = stop.is_set()
+                        if conf == "programs":
+                            seen[0] += len(tr._be.poll(0))   # raw tuples, dropped
+                        else:
+                            tr.poll(0)
+                            seen[0] += len(evs)
+                            if conf == "+ decode + store" and evs:
+                                JobManager.record_trace(shim, evs, {job: (jid, 0)})  # type: ignore[arg-type]
+                            evs.clear()
+                        if last:
+                            return
+                        stop.wait(0.25)
+
+                t = threading.Thread(target=loop, daemon=True) if tr is not None else None
+                c0 = time.process_time()
+                if t is not None:
+                    t.start()
+                try:
+                    n, el, cpu = b.release(p, secs + 300)
+                finally:
+                    stop.set()
+                    if t is not None:
+                        time.sleep(0.1)   # the last exits reach the ring; the loop's final pass reads them
+                        t.join()
+                    c1 = time.process_time()
+                    if tr is not None:
+                        tr.close()
+                    if conf == "jobcage agent":
+                        c0, c1 = 0.0, b.agent_cpu() - a0   # before its drain: what ran beside the spawner
+                        b.settle_agent()
+                        b.show(job)   # a view waits for the agent's next turn, which writes what it holds
+                        seen[0] = b.store_count(job, "exec") - sum(events[conf])
+                        b.agent_stop()
+                n_i = int(n)
+                rates[conf].append(n_i / float(el))
+                spawner[conf].append(1e6 * float(cpu) / n_i)
+                consumer[conf].append(1e6 * (c1 - c0) / n_i)
+                events[conf].append(seen[0])
+                log(f"round {r + 1}/{rounds} job floor {conf:<16} {n_i / float(el):8.0f} exec/s")
+    finally:
+        store.close()
+    rows = []
+    for conf in JOB_FLOOR_CONFIGS:
+        rows.append({"config": conf, "median": median(rates[conf]),
+                     "paired_ratio": paired(rates[conf], rates["none"]),
+                     "spawner_cpu_us_per_exec": median(spawner[conf]),
+                     "spawner_cpu_paired_diff_us": median([a - z for a, z in zip(spawner[conf], spawner["none"],
+                                                                                   strict=True)]),
+                     "consumer_cpu_us_per_exec": median(consumer[conf]),
+                     "events_per_exec": median([e / (rt * secs) for e, rt in zip(events[conf], rates[conf],
+                                                                                 strict=True)]),
+                     "rates": [round(x) for x in rates[conf]]})
+    return {"rounds": rounds, "run_seconds": secs, "rows": rows}
+
+
 def agent_work(b: Bench, secs: float, profile: bool = False, acct_source: str = "kernel") -> dict:
     """The agent's own CPU time per traced exec, in-process and load-robust: the tracer, accounting and store
     the agent uses, fed a batch of execs that waited in the kernel (ring buffer, taskstats socket) while the
@@ -990,10 +1098,7 @@ def agent_work(b: Bench, secs: float, profile: bool = False, acct_source: str = 
         for phase, in_job, run_s in (("warm-up", True, 0.5), ("in a job", True, secs), ("outside any job", False, secs)):
             p = b.start_gated([str(b.spawner), f"{run_s}", str(b.workers), "0"], job if in_job else None)
             if in_job and not tr.jobs():
-                line = next(ln for ln in Path(f"/proc/{p.pid}/cgroup").read_text().splitlines() if ln.startswith("0::"))
-                mount = next(ln.split()[1] for ln in Path("/proc/self/mounts").read_text().splitlines()
-                             if ln.split()[2] == "cgroup2")
-                tr.add_job(job, 0, os.stat(mount + line[3:].rstrip("/")).st_ino, [p.pid])
+                tr.add_job(job, 0, cgroup2_ino(p.pid), [p.pid])
             tr.poll(0)
             acc.poll(0)
             evs.clear()
@@ -1237,6 +1342,15 @@ def report(res: dict) -> None:
         for row in fl["rows"]:
             print(f"  {row['config']:<22}{row['median']:9.0f}{row['paired_ratio']:8.3f}  "
                   f"{row['consumer_cpu_us_per_exec']:.1f}")
+    jf = res.get("jobfloor")
+    if jf:
+        print(f"\nin a job, part by part: {jf['rounds']} interleaved runs of {jf['run_seconds']:g} s, medians")
+        print(f"  {'configuration':<18}{'exec/s':>9}{'paired':>8}{'spawner us/exec':>17}{'(paired diff)':>15}"
+              f"{'consumer us/exec':>18}{'events/exec':>13}")
+        for row in jf["rows"]:
+            print(f"  {row['config']:<18}{row['median']:9.0f}{row['paired_ratio']:8.3f}"
+                  f"{row['spawner_cpu_us_per_exec']:17.1f}{row['spawner_cpu_paired_diff_us']:+15.1f}"
+                  f"{row['consumer_cpu_us_per_exec']:18.1f}{row['events_per_exec']:13.2f}")
     rj = res.get("real")
     if rj:
         print(f"\nreal jobs, {rj['rounds']} interleaved rounds (Debian source {rj['debian_source']} "
@@ -1264,8 +1378,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--exec-rate", type=float, default=1000.0)
     ap.add_argument("--cpu-seconds", type=float, default=10.0)
     ap.add_argument("--only", default="throughput,setuid,cpu,work,bpf,real,syscalls",
-                    help="comma list of throughput, setuid, cpu, work, bpf, real, syscalls; cost, floor, idle (not in "
-                         "the default)")
+                    help="comma list of throughput, setuid, cpu, work, bpf, real, syscalls; cost, floor, jobfloor, idle "
+                         "(not in the default)")
     ap.add_argument("--real-rounds", type=int, default=4, help="interleaved rounds of the real jobs (default 4)")
     ap.add_argument("--loop-iterations", type=int, default=300, help="coreutils loop iterations (6 execs each)")
     ap.add_argument("--profile", action="store_true", help="work: a cProfile of each timed pass, to stderr")
@@ -1309,6 +1423,8 @@ def main(argv: list[str] | None = None) -> int:
             res["idle"] = agent_idle(b, 30.0)
         if "floor" in only:
             res["floor"] = floor_parts(b, args.rounds, args.run_seconds, random.Random(seed + 2))
+        if "jobfloor" in only:
+            res["jobfloor"] = job_floor(b, args.rounds, args.run_seconds, random.Random(seed + 5))
         if "real" in only:
             res["real"] = real_jobs(b, args.real_rounds, args.loop_iterations, random.Random(seed + 1))
     finally:
