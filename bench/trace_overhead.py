@@ -50,7 +50,8 @@ setuid calls/s, and the agent's CPU while a job execs 1,000 times a second.
    use, i.e. with `[tracer] syscall_hooks` resolved to tracepoint (the report says which the agent used).
 11. In-job floor (`jobfloor`, not in the default set).  The spawner (2 workers) inside a job with nothing; with
    the tracer's BPF programs loaded in this process, the job in their maps and the ring read every 250 ms, its
-   records dropped undecoded; with the records decoded into events; with the events also written to a store,
+   records dropped undecoded; with them written undecoded, one row per poll (a prototype of a cheaper trail, not
+   what the agent writes); with the records decoded into events; with the events also written to a store,
    one transaction per poll (what the agent's loop does with them).  Paired ratios, the spawner's CPU per exec
    (where the programs and the syscall slow path run) and the consumer's.
 8. Idle (`idle`, not in the default set).  The agent with the node's default reconcile_interval and one job that
@@ -975,14 +976,40 @@ def cgroup2_ino(pid: int) -> int:
     return os.stat(mount + line[3:].rstrip("/")).st_ino
 
 
-JOB_FLOOR_CONFIGS = ("none", "programs", "+ decode", "+ decode + store", "jobcage agent")
+class _PackedTrail:
+    """A prototype of a cheaper trail, for `jobfloor` only (the agent does not write this): each poll's records as
+    the kernel wrote them (struct jc_event, re-packed from the unpacked tuples: an upper bound on copying the
+    ring's bytes) in one row with the uids they show, to be expanded on read; the store's WAL settings.  What
+    the write side of such a trail costs per exec, against a decoded event and a row of its own."""
+
+    def __init__(self, path: Path, jid: int) -> None:
+        self.jid = jid
+        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)   # the poll thread writes
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS packed(id INTEGER PRIMARY KEY, jid INTEGER, n INTEGER, "
+                        "first_ts INTEGER, last_ts INTEGER, uids TEXT, records BLOB)")
+
+    def write(self, lay: Any, recs: list[tuple]) -> None:
+        pack, i_ts, i_uid = lay.struct.pack, lay.ts_ns, lay.uid
+        uids = ",".join(map(str, sorted({r[i_uid] for r in recs})))
+        self.db.execute("INSERT INTO packed(jid, n, first_ts, last_ts, uids, records) VALUES(?,?,?,?,?,?)",
+                        (self.jid, len(recs), recs[0][i_ts], recs[-1][i_ts], uids,
+                         b"".join(pack(*r) for r in recs)))
+
+    def close(self) -> None:
+        self.db.close()
+
+
+JOB_FLOOR_CONFIGS = ("none", "programs", "+ packed store", "+ decode", "+ decode + store", "jobcage agent")
 
 
 def job_floor(b: Bench, rounds: int, secs: float, rng: random.Random) -> dict:
     """What a job pays, part by part: the spawner (2 workers, saturated) inside a job with no tracer; with the
     tracer's BPF programs loaded in this process and the job in their maps, the ring buffer read every 250 ms and
     its records dropped undecoded (the kernel's part: programs, tracepoint wrappers, syscall slow path, the ring);
-    with the records decoded into events as the agent does ("+ decode"); and with each poll's events written to a
+    with them written undecoded, one row per poll (_PackedTrail, a prototype of a cheaper trail); with the records
+    decoded into events as the agent does ("+ decode"); and with each poll's events written to a
     store in one transaction as the agent does ("+ decode + store"); and the real agent, started for its run
     (its loop, accounting and control socket besides).  Interleaved rounds, paired ratios against "none"; the
     spawner's and the consumer's (this process, or the agent) CPU per exec."""
@@ -995,6 +1022,7 @@ def job_floor(b: Bench, rounds: int, secs: float, rng: random.Random) -> dict:
     store = Store(str(b.dir / "jobfloor.db"))
     jid = store.add_job(job, 0, 0, job, 256, time.time())
     shim = argparse.Namespace(store=store)   # record_trace needs only the store
+    packed = _PackedTrail(b.dir / "jobfloor-packed.db", jid)
     rates: dict[str, list[float]] = {c: [] for c in JOB_FLOOR_CONFIGS}
     spawner: dict[str, list[float]] = {c: [] for c in JOB_FLOOR_CONFIGS}
     consumer: dict[str, list[float]] = {c: [] for c in JOB_FLOOR_CONFIGS}
@@ -1021,6 +1049,11 @@ def job_floor(b: Bench, rounds: int, secs: float, rng: random.Random) -> dict:
                         last = stop.is_set()
                         if conf == "programs":
                             seen[0] += len(tr._be.poll(0))   # raw tuples, dropped
+                        elif conf == "+ packed store":
+                            recs = tr._be.poll(0)
+                            seen[0] += len(recs)
+                            if recs:
+                                packed.write(tr._be.layout, recs)
                         else:
                             tr.poll(0)
                             seen[0] += len(evs)
@@ -1059,6 +1092,7 @@ def job_floor(b: Bench, rounds: int, secs: float, rng: random.Random) -> dict:
                 log(f"round {r + 1}/{rounds} job floor {conf:<16} {n_i / float(el):8.0f} exec/s")
     finally:
         store.close()
+        packed.close()
     rows = []
     for conf in JOB_FLOOR_CONFIGS:
         rows.append({"config": conf, "median": median(rates[conf]),
