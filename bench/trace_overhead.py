@@ -984,7 +984,8 @@ class _PackedTrail:
 
     def __init__(self, path: Path, jid: int) -> None:
         self.jid = jid
-        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)   # the poll thread writes
+        # written by the poll thread
+        self.db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")
         self.db.execute("CREATE TABLE IF NOT EXISTS packed(id INTEGER PRIMARY KEY, jid INTEGER, n INTEGER, "
@@ -1048,7 +1049,8 @@ def job_floor(b: Bench, rounds: int, secs: float, rng: random.Random) -> dict:
                     while True:
                         last = stop.is_set()
                         if conf == "programs":
-                            seen[0] += len(tr._be.poll(0))   # raw tuples, dropped
+                            # the backend's poll: the ring's records as unpacked tuples, no enrichment
+                            seen[0] += len(tr._be.poll(0))
                         elif conf == "+ packed store":
                             recs = tr._be.poll(0)
                             seen[0] += len(recs)
