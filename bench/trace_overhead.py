@@ -970,10 +970,10 @@ def floor_parts(b: Bench, rounds: int, secs: float, rng: random.Random) -> dict:
 
 def cgroup2_ino(pid: int) -> int:
     """The inode of a process's cgroup2 directory: the id the tracer's maps know a job's cgroup by."""
-    line = next(ln for ln in Path(f"/proc/{pid}/cgroup").read_text().splitlines() if ln.startswith("0::"))
-    mount = next(ln.split()[1] for ln in Path("/proc/self/mounts").read_text().splitlines()
-                 if ln.split()[2] == "cgroup2")
-    return os.stat(mount + line[3:].rstrip("/")).st_ino
+    rel, mount = (proc.cgroups(pid) or {}).get(""), proc.cgroup2_mount()
+    if rel is None or mount is None:
+        raise RuntimeError(f"pid {pid}: no cgroup2 directory")
+    return os.stat(mount + rel.rstrip("/")).st_ino
 
 
 class _PackedTrail:
